@@ -1,0 +1,27 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""DMAF-Net objective: segmentation, relation and prototype distillation terms."""
+
+from __future__ import annotations
+
+from .dmaf_loss import DMAFLoss, DMAFLossTerms
+from .prototype import PrototypeDistillationLoss, class_prototypes, label_to_grid
+from .relation import RelationDistillationLoss, channel_covariance
+
+__all__ = [
+    "DMAFLoss",
+    "DMAFLossTerms",
+    "RelationDistillationLoss",
+    "PrototypeDistillationLoss",
+    "channel_covariance",
+    "class_prototypes",
+    "label_to_grid",
+]

@@ -1,0 +1,140 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""U-Net style building blocks of DMAF-Net: one modality encoder and one decoder (shared or fusion)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+__all__ = ["ModalityEncoder", "UNetDecoder", "conv_block"]
+
+_NORM = ("instance", {"affine": True})
+_ACT = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
+
+
+def conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, strides: int = 1) -> nn.Module:
+    """Convolution -> instance norm -> LeakyReLU(0.2), the unit used throughout (as in the mmFormer/PASSION baselines)."""
+    return Convolution(
+        spatial_dims, in_channels, out_channels, strides=strides, kernel_size=kernel_size, norm=_NORM, act=_ACT
+    )
+
+
+class _ResidualStage(nn.Module):
+    """Entry convolution (optionally strided) followed by a two-convolution residual branch."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, strides: int) -> None:
+        super().__init__()
+        self.entry = conv_block(spatial_dims, in_channels, out_channels, strides=strides)
+        self.body = nn.Sequential(
+            conv_block(spatial_dims, out_channels, out_channels), conv_block(spatial_dims, out_channels, out_channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.entry(x)
+        return x + self.body(x)
+
+
+class ModalityEncoder(nn.Module):
+    """Modality-specific encoder E_m: L residual stages, stage l at 1/2^(l-1) of the input resolution.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: feature width of each level, e.g. ``(8, 16, 32, 64, 128)`` (the mmFormer/PASSION baseline widths).
+        in_channels: channels of one modality (1 for MRI).
+
+    Returns (forward):
+        list of L tensors, level l of shape ``(B, channels[l], *spatial / 2^l)``.
+    """
+
+    def __init__(self, spatial_dims: int, channels: Sequence[int], in_channels: int = 1) -> None:
+        super().__init__()
+        stages = []
+        prev = in_channels
+        for level, ch in enumerate(channels):
+            stages.append(_ResidualStage(spatial_dims, prev, ch, strides=1 if level == 0 else 2))
+            prev = ch
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class UNetDecoder(nn.Module):
+    """U-Net decoder with one segmentation head per level (deep supervision).
+
+    Used twice in DMAF-Net: as the shared uni-modal decoder D_s (fed each modality's own encoder features) and as
+    the fusion decoder D_f (fed the fused features f_{n,l} at every level).
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: encoder widths, shallow to deep.
+        out_channels: number of classes.
+        deep_supervision: also return logits of the coarser levels.
+
+    Returns (forward):
+        list of logits ``[z_1, ..., z_L]``, z_l of shape ``(B, out_channels, *spatial_l)`` at the resolution of
+        level l (z_1 is the final output); only ``[z_1]`` when ``deep_supervision`` is False or ``heads`` = 1.
+    """
+
+    def __init__(
+        self, spatial_dims: int, channels: Sequence[int], out_channels: int, deep_supervision: bool = True
+    ) -> None:
+        super().__init__()
+        channels = list(channels)
+        self.deep_supervision = deep_supervision
+        self.up_convs = nn.ModuleList(
+            [conv_block(spatial_dims, channels[i + 1], channels[i]) for i in range(len(channels) - 1)]
+        )
+        self.merge = nn.ModuleList(
+            [
+                nn.Sequential(
+                    conv_block(spatial_dims, 2 * channels[i], channels[i]),
+                    conv_block(spatial_dims, channels[i], channels[i], kernel_size=1),
+                )
+                for i in range(len(channels) - 1)
+            ]
+        )
+        conv = Conv[Conv.CONV, spatial_dims]
+        n_heads = len(channels) if deep_supervision else 1
+        self.heads = nn.ModuleList([conv(channels[i], out_channels, kernel_size=1) for i in range(n_heads)])
+        self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
+
+    def forward(self, feats: Sequence[torch.Tensor], all_levels: bool = True) -> list[torch.Tensor]:
+        """
+        Args:
+            feats: encoder (or fused) features, shallow to deep.
+            all_levels: compute the deep-supervision heads too (False at inference: only z_1 is needed).
+        """
+        levels = len(feats)
+        want = self.deep_supervision and all_levels
+        outputs: list[torch.Tensor] = []
+        x = feats[-1]
+        if want:
+            outputs.append(self.heads[levels - 1](x))
+        for i in range(levels - 2, -1, -1):
+            skip = feats[i]
+            x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
+            x = self.up_convs[i](x)
+            x = self.merge[i](torch.cat([x, skip], dim=1))
+            if want and i > 0:
+                outputs.append(self.heads[i](x))
+        outputs.append(self.heads[0](x))
+        return outputs[::-1]

@@ -1,0 +1,207 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""DMAF-Net: modality-specific encoders, a shared uni-modal decoder and a fusion decoder fed by per-level fusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .blocks import ModalityEncoder, UNetDecoder
+from .fusion import ConcatFusion, DMAFFusion, MeanFusion
+
+__all__ = ["DMAFNet", "DMAFNetOutput", "FUSIONS"]
+
+FUSIONS = ("dmaf", "mean", "concat")
+
+
+class DMAFNetOutput(NamedTuple):
+    """What :class:`DMAFNet` returns in training mode (everything the DMAF objective needs).
+
+    Attributes:
+        logits: final fused logits z_1, ``(B, K, *spatial)``.
+        deep_supervision: fused logits ``[z_1, ..., z_L]``, z_l at the resolution of level l.
+        modality_logits: uni-modal logits z^m from the shared decoder, ``(B, M, K, *spatial)``; zero for a missing
+            modality (never computed).
+        modality_features: last encoder level e^m_{n,L}, ``(B, M, C_L, *spatial_L)``; zero for a missing modality.
+        fused_features: last fused level f_{n,L}, ``(B, C_L, *spatial_L)``.
+        modality_mask: bool ``(B, M)``, True = present.
+    """
+
+    logits: torch.Tensor
+    deep_supervision: list[torch.Tensor]
+    modality_logits: torch.Tensor
+    modality_features: torch.Tensor
+    fused_features: torch.Tensor
+    modality_mask: torch.Tensor
+
+
+def _level_sizes(size: Sequence[int], levels: int) -> list[tuple[int, ...]]:
+    """Spatial size of every encoder level (stride-2, kernel-3, padding-1 convolutions: ceil(n / 2))."""
+    sizes = [tuple(int(s) for s in size)]
+    for _ in range(levels - 1):
+        sizes.append(tuple((s + 1) // 2 for s in sizes[-1]))
+    return sizes
+
+
+class DMAFNet(nn.Module):
+    """DMAF-Net (Lan et al., 2025) for segmentation with missing modalities, 2D or 3D.
+
+    M modality-specific encoders E_m (L levels), one shared uni-modal decoder D_s applied to every present modality
+    (outputs z^m, Eq. 1 L_sep), one fusion module per level (DMAF, Eq. 2-3, or an attention-free baseline) and a
+    fusion decoder D_f with deep supervision (outputs z_l, Eq. 1 L_fuse).
+
+    Missing modalities cost nothing: their encoder and shared-decoder passes are skipped (batch 1) or run only on
+    the samples where the modality is present (batch > 1), and their features are zero at every level.
+
+    Args:
+        spatial_dims: 2 (MyoPS slices) or 3 (BraTS volumes).
+        in_channels: number of modalities M (one channel each).
+        out_channels: number of classes K (incl. background).
+        channels: encoder widths per level; ``(8, 16, 32, 64, 128)`` is the reference baselines' setting.
+        fusion: ``"dmaf"`` (default), ``"mean"`` (masked mean) or ``"concat"`` (concatenation + 1x1 conv).
+        token_grid: S_d of the DMAF modules; default 8 per axis in 3D, 16 per axis in 2D.
+        num_layers: transformer layers K per DMAF module (default 4).
+        num_heads: attention heads (at most; narrow levels use fewer so each head is >= 8 wide).
+        mlp_ratio: FFN width / C in the DMAF transformer.
+        dropout: dropout in the DMAF transformer.
+        deep_supervision: fusion decoder heads at every level (training only).
+
+    Forward:
+        x: ``(B, M, *spatial)`` modalities stacked as channels.
+        modality_mask: optional bool ``(B, M)``, True = present. If None, a modality is present iff its channel has a
+            non-zero voxel (per sample).
+
+    Returns:
+        eval mode: fused logits ``(B, K, *spatial)``; training mode: :class:`DMAFNetOutput`.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        channels: Sequence[int] = (8, 16, 32, 64, 128),
+        fusion: str = "dmaf",
+        token_grid: Sequence[int] | int | None = None,
+        num_layers: int = 4,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}.")
+        if in_channels < 1 or len(channels) < 2:
+            raise ValueError("DMAFNet needs in_channels >= 1 modality and at least 2 levels in channels.")
+        if token_grid is None:
+            token_grid = 8 if spatial_dims == 3 else 16
+        if isinstance(token_grid, int):
+            token_grid = (token_grid,) * spatial_dims
+        self.spatial_dims = spatial_dims
+        self.num_modalities = in_channels
+        self.out_channels = out_channels
+        self.channels = tuple(int(c) for c in channels)
+        self.fusion = fusion
+        self.encoders = nn.ModuleList([ModalityEncoder(spatial_dims, self.channels) for _ in range(in_channels)])
+        if fusion == "dmaf":
+            fusions = [
+                DMAFFusion(spatial_dims, c, in_channels, token_grid, num_layers, num_heads, mlp_ratio, dropout)
+                for c in self.channels
+            ]
+        elif fusion == "concat":
+            fusions = [ConcatFusion(spatial_dims, c, in_channels) for c in self.channels]
+        else:
+            fusions = [MeanFusion() for _ in self.channels]
+        self.fusions = nn.ModuleList(fusions)
+        self.shared_decoder = UNetDecoder(spatial_dims, self.channels, out_channels, deep_supervision=False)
+        self.fusion_decoder = UNetDecoder(spatial_dims, self.channels, out_channels, deep_supervision)
+
+    def resolve_mask(self, x: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
+        """The bool ``(B, M)`` presence mask: the given one, or derived from non-zero voxels."""
+        b, m = x.shape[:2]
+        if m != self.num_modalities:
+            raise ValueError(f"input has {m} channels but DMAFNet was built for {self.num_modalities} modalities.")
+        if modality_mask is None:
+            return x.detach().flatten(2).ne(0).any(dim=2)
+        mask = torch.as_tensor(modality_mask, device=x.device).reshape(b, -1).bool()
+        if mask.shape[1] != m:
+            raise ValueError(f"modality_mask must have shape (B, M) = ({b}, {m}), got {tuple(modality_mask.shape)}.")
+        return mask
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Run each encoder on the samples where its modality is present.
+
+        Returns:
+            L tensors ``(B, M, C_l, *spatial_l)``, zero for missing modalities.
+        """
+        b = x.shape[0]
+        sizes = _level_sizes(x.shape[2:], len(self.channels))
+        per_level: list[list[torch.Tensor]] = [[] for _ in self.channels]
+        tracing = torch.jit.is_tracing()
+        for m, encoder in enumerate(self.encoders):
+            present = mask[:, m]
+            if tracing:  # a traced graph must not depend on the example's mask: compute, then zero
+                keep = present.to(x.dtype)
+                outs = [o * keep.reshape((b,) + (1,) * (o.ndim - 1)) for o in encoder(x[:, m : m + 1])]
+            else:
+                idx = present.nonzero().squeeze(1)
+                if idx.numel() == b:
+                    outs = encoder(x[:, m : m + 1])
+                elif idx.numel() == 0:
+                    outs = [x.new_zeros((b, c) + s) for c, s in zip(self.channels, sizes)]
+                else:
+                    sub = encoder(x[idx, m : m + 1])
+                    outs = [s.new_zeros((b,) + s.shape[1:]).index_copy(0, idx, s) for s in sub]
+            for level, o in enumerate(outs):
+                per_level[level].append(o)
+        return [torch.stack(level, dim=1) for level in per_level]
+
+    def decode_modalities(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Shared decoder D_s on every present (sample, modality) pair in one batched call.
+
+        Returns:
+            ``(B, M, K, *spatial)`` uni-modal logits z^m, zero where the modality is missing.
+        """
+        b_idx, m_idx = mask.nonzero(as_tuple=True)
+        b, m = mask.shape
+        out_shape = (b, m, self.out_channels) + tuple(feats[0].shape[3:])
+        if b_idx.numel() == 0:
+            return feats[0].new_zeros(out_shape)
+        z = self.shared_decoder([f[b_idx, m_idx] for f in feats], all_levels=False)[0]
+        return z.new_zeros(out_shape).index_put((b_idx, m_idx), z)
+
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor | DMAFNetOutput:
+        if hasattr(x, "as_tensor"):  # MONAI MetaTensor: plain tensor math is faster and metadata is not needed
+            x = x.as_tensor()
+        if modality_mask is not None and hasattr(modality_mask, "as_tensor"):
+            modality_mask = modality_mask.as_tensor()
+        mask = self.resolve_mask(x, modality_mask)
+        x = x * mask.to(x.dtype).reshape(mask.shape + (1,) * (x.ndim - 2))
+        feats = self.encode(x, mask)
+        fused = [fuse(f, mask) for fuse, f in zip(self.fusions, feats)]
+        z = self.fusion_decoder(fused, all_levels=self.training)
+        if not self.training:
+            return z[0]
+        return DMAFNetOutput(
+            logits=z[0],
+            deep_supervision=z,
+            modality_logits=self.decode_modalities(feats, mask),
+            modality_features=feats[-1],
+            fused_features=fused[-1],
+            modality_mask=mask,
+        )

@@ -1,0 +1,225 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Fusion of per-modality features: the DMAF module (paper Sec. 3.2, Eq. 2-3) and attention-free baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import TransformerBlock
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+__all__ = [
+    "DMAFFusion",
+    "MeanFusion",
+    "ConcatFusion",
+    "masked_softmax",
+    "grid_to_tokens",
+    "tokens_to_grid",
+    "attention_heads",
+]
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Softmax over modalities in which masked-out entries get weight exactly 0.
+
+    Computed in float32 so that fp16/bf16 autocast cannot overflow; a sample with no modality present gets all-zero
+    weights (never NaN).
+
+    Args:
+        logits: ``(B, M, ...)`` scores.
+        mask: bool ``(B, M)``, True = present.
+        dim: the modality dimension (1).
+
+    Returns:
+        weights of the shape and dtype of ``logits``, summing to 1 over present modalities and 0 elsewhere.
+    """
+    m = mask.reshape(mask.shape + (1,) * (logits.ndim - mask.ndim))
+    scores = logits.float().masked_fill(~m, torch.finfo(torch.float32).min)
+    weights = torch.softmax(scores, dim=dim) * m
+    return weights.to(logits.dtype)
+
+
+def grid_to_tokens(x: torch.Tensor, num_modalities: int) -> torch.Tensor:
+    """Serialise per-modality grids into one modality-major token sequence.
+
+    Args:
+        x: ``(B * M, C, *grid)``, the M modalities of each sample consecutive.
+        num_modalities: M.
+
+    Returns:
+        ``(B, M * N, C)`` with N = prod(grid); token ``m * N + i`` is voxel i (row-major) of modality m.
+    """
+    bm, c = x.shape[:2]
+    tokens = x.flatten(2).transpose(1, 2)  # (B*M, N, C)
+    return tokens.reshape(bm // num_modalities, num_modalities * tokens.shape[1], c)
+
+
+def tokens_to_grid(tokens: torch.Tensor, num_modalities: int, grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`grid_to_tokens`: every modality's tokens go back to their own grid positions.
+
+    Args:
+        tokens: ``(B, M * N, C)`` modality-major.
+        num_modalities: M.
+        grid: the token grid (N = prod(grid)).
+
+    Returns:
+        ``(B, M, C, *grid)``.
+    """
+    b, _, c = tokens.shape
+    t = tokens.reshape(b, num_modalities, -1, c)  # (B, M, N, C): split modality-major, never voxel-major
+    return t.transpose(2, 3).reshape(b, num_modalities, c, *grid)
+
+
+def attention_heads(channels: int, max_heads: int, min_head_dim: int = 8) -> int:
+    """Largest head count <= ``max_heads`` that divides ``channels`` with head width >= ``min_head_dim`` (>= 1 head)."""
+    for h in range(max_heads, 0, -1):
+        if channels % h == 0 and channels // h >= min_head_dim:
+            return h
+    return 1
+
+
+class DMAFFusion(nn.Module):
+    """Dynamic Modality-Aware Fusion of one encoder level (paper Fig. 1, Eq. 2-3).
+
+    Steps: (1) zero missing modalities (dynamic mask C); (2) adaptive convolutional downsampling of each modality
+    to the token grid S_d (adaptive average pooling to ``min(size, S_d)`` per axis, then a 3x3 convolution: works for
+    any patch size, a level already at or below S_d is not downsampled); (3) flatten to tokens, add positional and
+    modality embeddings, concatenate to T_0 of shape ``(S_d * M, C)``; (4) K pre-LN transformer layers (Eq. 2) whose
+    attention mask M_mask removes every token of a missing modality (as key); (5) one score per token, de-serialised
+    to each modality's own grid, upsampled to the level's resolution; (6) softmax across present modalities (a
+    missing modality's weight is exactly 0) and f = sum_m e^m * a_m (Eq. 3).
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: feature width C of this level (the token width).
+        num_modalities: M.
+        token_grid: S_d, e.g. ``(8, 8, 8)`` in 3D, ``(16, 16)`` in 2D.
+        num_layers: K.
+        num_heads: maximum number of heads (reduced so that each head is >= 8 wide, see :func:`attention_heads`).
+        mlp_ratio: FFN width / C.
+        dropout: dropout in attention and FFN.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        num_modalities: int,
+        token_grid: Sequence[int],
+        num_layers: int = 4,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.num_modalities = num_modalities
+        self.token_grid = tuple(int(g) for g in token_grid)
+        if len(self.token_grid) != spatial_dims:
+            raise ValueError(f"token_grid {self.token_grid} must have {spatial_dims} entries (spatial_dims).")
+        self.down = Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels, *self.token_grid))
+        self.modality_embed = nn.Parameter(torch.zeros(1, num_modalities, 1, channels))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.modality_embed, std=0.02)
+        heads = attention_heads(channels, num_heads)
+        self.layers = nn.ModuleList(
+            [
+                TransformerBlock(
+                    hidden_size=channels,
+                    mlp_dim=int(channels * mlp_ratio),
+                    num_heads=heads,
+                    dropout_rate=dropout,
+                    qkv_bias=True,
+                    use_flash_attention=True,  # torch scaled_dot_product_attention
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(channels)
+        self.score = nn.Linear(channels, 1)
+        self.interp = "trilinear" if spatial_dims == 3 else "bilinear"
+
+    def attention_mask(self, mask: torch.Tensor, tokens_per_modality: int) -> torch.Tensor:
+        """M_mask as a boolean SDPA mask ``(B, 1, 1, M * N)`` (True = may be attended).
+
+        A sample with no modality present (e.g. a sliding-window patch outside the head whose mask was derived from
+        its voxels) keeps all keys: its features are all zero and its fusion weights are zeroed afterwards, and a row
+        with every key masked would make softmax NaN.
+        """
+        safe = mask | ~mask.any(dim=1, keepdim=True)
+        keys = safe[:, :, None].expand(-1, -1, tokens_per_modality).reshape(mask.shape[0], -1)
+        return keys[:, None, None, :]
+
+    def spatial_weights(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-modality spatial weight maps a_m.
+
+        Args:
+            feats: ``(B, M, C, *spatial)`` features, missing modalities zero.
+            mask: bool ``(B, M)``.
+
+        Returns:
+            ``(B, M, *spatial)`` weights, 0 for missing modalities, summing to 1 over present ones.
+        """
+        b, m, c = feats.shape[:3]
+        spatial = feats.shape[3:]
+        grid = [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
+        x = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
+        x = self.down(x(feats.reshape(b * m, c, *spatial), grid))
+        pos = self.pos_embed
+        if list(pos.shape[2:]) != grid:
+            pos = F.interpolate(pos, size=grid, mode=self.interp, align_corners=False)
+        tokens = grid_to_tokens(x + pos, m)  # (B, M*N, C)
+        n = tokens.shape[1] // m
+        tokens = (tokens.reshape(b, m, n, c) + self.modality_embed).reshape(b, m * n, c)
+        attn_mask = self.attention_mask(mask, n)
+        for layer in self.layers:
+            tokens = layer(tokens, attn_mask=attn_mask)
+        scores = tokens_to_grid(self.score(self.norm(tokens)), m, grid)[:, :, 0]  # (B, M, *grid)
+        if list(scores.shape[2:]) != list(spatial):
+            scores = F.interpolate(scores, size=spatial, mode=self.interp, align_corners=False)
+        return masked_softmax(scores, mask, dim=1)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            feats: ``(B, M, C, *spatial)`` per-modality features e^m_{n,l}.
+            mask: bool ``(B, M)``, True = present.
+
+        Returns:
+            fused features f_{n,l} of shape ``(B, C, *spatial)``.
+        """
+        weights = self.spatial_weights(feats, mask)
+        return (feats * weights.unsqueeze(2)).sum(dim=1)
+
+
+class MeanFusion(nn.Module):
+    """Attention-free baseline: mean of the present modalities' features (zero when none is present)."""
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
+        return (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ConcatFusion(nn.Module):
+    """Attention-free baseline as in mmFormer/RFNet: concatenate the (zero-filled) modalities, fuse with a 1x1 conv."""
+
+    def __init__(self, spatial_dims: int, channels: int, num_modalities: int) -> None:
+        super().__init__()
+        self.proj = Conv[Conv.CONV, spatial_dims](channels * num_modalities, channels, kernel_size=1)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
+        return self.proj((feats * m).flatten(1, 2))

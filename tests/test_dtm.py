@@ -1,0 +1,161 @@
+"""Dynamic Training Monitoring: Eq. 12-18 by hand, a toy two-modality run, Ignite wiring and state round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+from dmaf_components.handlers import DynamicTrainingMonitor
+from dmaf_components.losses import DMAFLoss
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_eq12_to_16_by_hand():
+    loss = DMAFLoss(3, 2, 4)
+    dtm = DynamicTrainingMonitor(loss, nn.Module())
+    # first observation initialises the EMA
+    dtm.update(torch.tensor([0.4, 0.2]), torch.tensor([0.1, 0.3]), torch.tensor([1.0, 1.0]))
+    assert dtm.ema_relation.tolist() == pytest.approx([0.4, 0.2])
+    # second: adaptive decay from the previous ratio (Eq. 13); counts average the sums
+    dtm.update(torch.tensor([1.0, 0.5]), torch.tensor([0.4, 0.1]), torch.tensor([2.0, 1.0]))
+    eps = 1e-8
+    want_r, want_p = [], []
+    for prev_r, prev_p, g_r, g_p in [(0.4, 0.1, 0.5, 0.2), (0.2, 0.3, 0.5, 0.1)]:
+        a = 0.9 * (1 - _sig((prev_r + eps) / (prev_p + eps)))
+        want_r.append(a * prev_r + (1 - a) * g_r)
+        want_p.append(a * prev_p + (1 - a) * g_p)
+    assert dtm.ema_relation.tolist() == pytest.approx(want_r)
+    assert dtm.ema_prototype.tolist() == pytest.approx(want_p)
+    a2 = (sum(want_r) / 2) / (sum(want_r) / 2 + sum(want_p) / 2)  # Eq. 15
+    assert dtm.alpha2 == pytest.approx(a2)
+    total = [a2 * r + (1 - a2) * p for r, p in zip(want_r, want_p)]  # Eq. 14
+    inv = [1 / t for t in total]
+    w = [i / sum(inv) for i in inv]  # Eq. 16
+    assert dtm.weights().tolist() == pytest.approx(w)
+    assert dtm.gammas().tolist() == pytest.approx([min(max(1 / x, 0.1), 10.0) for x in w])
+    # a modality absent from the batch keeps its EMA
+    before = dtm.ema_relation.clone()
+    dtm.update(torch.tensor([9.0, 0.0]), torch.tensor([9.0, 0.0]), torch.tensor([1.0, 0.0]))
+    assert dtm.ema_relation[1] == before[1] and dtm.ema_relation[0] != before[0]
+
+
+class _TwoEncoders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList([nn.Linear(3, 1, bias=False), nn.Linear(3, 1, bias=False)])
+
+
+def test_eq18_gradient_scaling_and_conflict_factor():
+    net = _TwoEncoders()
+    loss = DMAFLoss(3, 2, 4)
+    dtm = DynamicTrainingMonitor(loss, net)
+    dtm.update(torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.1]), torch.ones(2))
+    gamma = dtm.gammas()
+    g0 = torch.tensor([[1.0, 2.0, 3.0]])
+    net.encoders[0].weight.grad = g0.clone()
+    net.encoders[1].weight.grad = g0.clone()
+    dtm.scale_gradients(net.encoders)
+    assert torch.allclose(net.encoders[0].weight.grad, g0 * gamma[0].float())
+    # next iteration: encoder 0's gradient reverses (cos = -1 < -0.5) -> 0.7 gamma; encoder 1 keeps direction
+    net.encoders[0].weight.grad = -g0.clone()
+    net.encoders[1].weight.grad = 2 * g0.clone()
+    dtm.scale_gradients(net.encoders)
+    assert torch.allclose(net.encoders[0].weight.grad, -g0 * 0.7 * gamma[0].float())
+    assert torch.allclose(net.encoders[1].weight.grad, 2 * g0 * gamma[1].float())
+    assert dtm.similarity[0] == pytest.approx(-1.0) and dtm.similarity[1] == pytest.approx(1.0)
+    # a non-finite gradient (AMP overflow) is left alone and does not become the "previous" one
+    prev = dtm.prev_grads[0].clone()
+    net.encoders[0].weight.grad = torch.tensor([[float("inf"), 1.0, 1.0]])
+    dtm.scale_gradients(net.encoders)
+    assert torch.equal(dtm.prev_grads[0], prev)
+
+
+def _toy_engine(net, loss, dtm, gaps):
+    """An engine whose iterations feed fixed gaps: modality 0 lags (larger gap) behind modality 1."""
+
+    def step(engine, _):
+        g_r, g_p = gaps
+        from dmaf_components.losses import DMAFLossTerms
+
+        z = torch.zeros(())
+        loss.last_terms = DMAFLossTerms(z, z, z, z, z, g_r, g_p, torch.ones(2), torch.tensor(0.6))
+        for enc in net.encoders:
+            enc.weight.grad = torch.ones_like(enc.weight)
+        engine.state.output = {"loss": 0.0}  # as MONAI's SupervisedTrainer: set before BACKWARD_COMPLETED fires
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        return engine.state.output
+
+    engine = Engine(step)
+    engine.register_events(*IterationEvents)
+    dtm.attach(engine)
+    return engine
+
+
+def test_toy_two_modalities_rebalance_and_state_round_trip():
+    net = _TwoEncoders()
+    loss = DMAFLoss(3, 2, 4)
+    dtm = DynamicTrainingMonitor(loss, net, modality_names=["flair", "t1"])
+    assert loss.modality_weights.tolist() == pytest.approx([0.5, 0.5])
+    engine = _toy_engine(net, loss, dtm, (torch.tensor([0.8, 0.2]), torch.tensor([0.6, 0.1])))
+    engine.run(range(5), max_epochs=1)
+    w = loss.modality_weights
+    # Eq. 16: the lagging modality (larger gap) gets the smaller L_sep weight and the larger gradient scale
+    assert w[0] < 0.5 < w[1] and w.sum() == pytest.approx(1.0)
+    assert dtm.gammas()[0] > dtm.gammas()[1]
+    assert net.encoders[0].weight.grad[0, 0] == pytest.approx(float(dtm.gammas()[0]))
+    assert engine.state.dtm["dtm/w/flair"] == pytest.approx(float(w[0]))
+    assert engine.state.output["scalars"]["dtm/gamma/t1"] == pytest.approx(float(dtm.gammas()[1]))
+
+    state = dtm.state_dict()
+    loss2 = DMAFLoss(3, 2, 4)
+    restored = DynamicTrainingMonitor(loss2, net, modality_names=["flair", "t1"])
+    restored.load_state_dict(state)
+    assert torch.equal(restored.ema_relation, dtm.ema_relation) and torch.equal(restored.seen, dtm.seen)
+    assert torch.equal(restored.prev_grads[0], dtm.prev_grads[0])
+    assert torch.allclose(loss2.modality_weights, loss.modality_weights)
+
+
+def test_reweight_off_keeps_unit_weights_and_update_mode_scales_the_step():
+    net = _TwoEncoders()
+    loss = DMAFLoss(3, 2, 4)
+    dtm = DynamicTrainingMonitor(loss, net, reweight=False, scaling_mode="update")
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.0)
+
+    def step(engine, _):
+        from dmaf_components.losses import DMAFLossTerms
+
+        z = torch.zeros(())
+        loss.last_terms = DMAFLossTerms(z, z, z, z, z, torch.tensor([0.8, 0.2]), torch.tensor([0.6, 0.1]),
+                                        torch.ones(2), torch.tensor(0.6))
+        opt.zero_grad()
+        for enc in net.encoders:
+            enc.weight.grad = torch.ones_like(enc.weight)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        opt.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+    engine = Engine(step)
+    engine.register_events(*IterationEvents)
+    dtm.attach(engine)
+    before = [enc.weight.detach().clone() for enc in net.encoders]
+    engine.run(range(1), max_epochs=1)
+    assert loss.modality_weights.tolist() == [1.0, 1.0]
+    # AdamW's first step is lr * sign(grad) whatever the gradient scale; "update" mode scales the step itself
+    for m, enc in enumerate(net.encoders):
+        step_size = (before[m] - enc.weight.detach()).abs().mean()
+        assert float(step_size) == pytest.approx(0.1 * float(dtm.gammas()[m]), rel=1e-4)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scaling_mode"):
+        DynamicTrainingMonitor(DMAFLoss(3, 2, 4), scaling_mode="x")
+    with pytest.raises(ValueError, match="modality_names"):
+        DynamicTrainingMonitor(DMAFLoss(3, 2, 4), modality_names=["a"])

@@ -1,0 +1,167 @@
+"""DMAFNet and the DMAF fusion module: masking, de-serialisation, 2D/3D, mixed precision, export."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from dmaf_components.networks import DMAFFusion, DMAFNet, DMAFNetOutput, grid_to_tokens, masked_softmax, tokens_to_grid
+
+
+def test_tokens_keep_spatial_positions():
+    """Each modality's tokens go back to their own grid positions (the mmFormer reshape scrambles them)."""
+    b, m, c, grid = 2, 3, 5, (2, 3, 4)
+    grids = torch.arange(b * m * c * 24, dtype=torch.float32).reshape(b * m, c, *grid)
+    tokens = grid_to_tokens(grids, m)
+    assert tokens.shape == (b, m * 24, c)
+    # token m * N + i is voxel i (row-major) of modality m
+    n = 24
+    for mod in range(m):
+        for i in (0, 5, 23):
+            z, y, x = i // 12, (i // 4) % 3, i % 4
+            assert torch.equal(tokens[1, mod * n + i], grids[1 * m + mod, :, z, y, x])
+    back = tokens_to_grid(tokens, m, grid)
+    assert torch.equal(back, grids.reshape(b, m, c, *grid))
+    # a voxel-major reading of the same tokens (the bug) would not give the grids back
+    scrambled = tokens.reshape(b, n, m, c).permute(0, 2, 3, 1).reshape(b, m, c, *grid)
+    assert not torch.equal(scrambled, back)
+
+
+def test_dmaf_weights_follow_the_token_positions():
+    """With no transformer layer, the weight map is the per-voxel score of each modality: a bright voxel in one
+    modality must raise that modality's weight at that voxel only."""
+    fusion = DMAFFusion(3, channels=2, num_modalities=2, token_grid=(4, 4, 4), num_layers=0)
+    with torch.no_grad():
+        fusion.down.weight.zero_()
+        fusion.down.bias.zero_()
+        centre = tuple(s // 2 for s in fusion.down.weight.shape[2:])
+        for c in range(2):
+            fusion.down.weight[(c, c) + centre] = 1.0  # identity convolution
+        fusion.pos_embed.zero_()
+        fusion.modality_embed.zero_()
+        fusion.norm = torch.nn.Identity()
+        fusion.score.weight.fill_(1.0)
+        fusion.score.bias.zero_()
+    feats = torch.zeros(1, 2, 2, 4, 4, 4)
+    feats[0, 1, :, 1, 2, 3] = 5.0
+    w = fusion.spatial_weights(feats, torch.ones(1, 2, dtype=torch.bool))
+    assert w[0, 1, 1, 2, 3] > 0.99
+    others = torch.ones_like(w[0, 1], dtype=torch.bool)
+    others[1, 2, 3] = False
+    assert torch.allclose(w[0, 1][others], torch.full_like(w[0, 1][others], 0.5))
+
+
+def test_masked_softmax_zero_for_missing_and_no_nan():
+    logits = torch.randn(3, 4, 5, 5)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    w = masked_softmax(logits, mask)
+    assert torch.isfinite(w).all()
+    assert torch.equal(w[0, 1], torch.zeros(5, 5)) and torch.equal(w[0, 3], torch.zeros(5, 5))
+    assert torch.allclose(w[0].sum(0), torch.ones(5, 5))
+    assert torch.equal(w[1], torch.zeros(4, 5, 5))  # nothing present: all zero, not NaN
+    expected = torch.softmax(logits[0, [0, 2]], dim=0)
+    assert torch.allclose(w[0, [0, 2]], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["dmaf", "mean", "concat"])
+def test_missing_modality_noise_is_ignored_and_gets_no_gradient(fusion, tiny_net_kwargs):
+    net = DMAFNet(3, 4, 3, fusion=fusion, **tiny_net_kwargs)
+    x = torch.randn(1, 4, 32, 32, 32)
+    mask = torch.tensor([[True, False, True, True]])
+    noisy = x.clone()
+    noisy[:, 1] = torch.randn_like(noisy[:, 1]) * 10
+    x[:, 1] = 0
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x, mask), net(noisy, mask))
+    net.train()
+    out = net(noisy, mask)
+    assert isinstance(out, DMAFNetOutput)
+    (out.logits.sum() + out.modality_logits.sum()).backward()
+    for p in net.encoders[1].parameters():
+        assert p.grad is None or not p.grad.any()
+    assert net.encoders[0].stages[0].entry.conv.weight.grad.abs().sum() > 0
+    assert not out.modality_logits[0, 1].any() and not out.modality_features[0, 1].any()
+
+
+def test_batched_masked_path_matches_per_sample(tiny_net_kwargs):
+    """Batch > 1 with different masks gives what each sample gives alone (batch 1 skips encoders entirely)."""
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
+    x = torch.randn(3, 4, 32, 32, 32)
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        batched = net(x, mask)
+        single = torch.cat([net(x[i : i + 1], mask[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_mask_is_derived_from_nonzero_channels(tiny_net_kwargs):
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).train()
+    x = torch.randn(2, 4, 32, 32, 32)
+    x[0, 2] = 0
+    x[1, :3] = 0
+    out = net(x)
+    assert out.modality_mask.tolist() == [[True, True, False, True], [False, False, False, True]]
+
+
+def test_2d_and_3d_shapes(tiny_net_kwargs):
+    net3 = DMAFNet(3, 4, 4, **tiny_net_kwargs).train()
+    out = net3(torch.randn(1, 4, 32, 32, 32))
+    assert [tuple(z.shape[2:]) for z in out.deep_supervision] == [(32,) * 3, (16,) * 3, (8,) * 3, (4,) * 3]
+    assert out.modality_logits.shape == (1, 4, 4, 32, 32, 32)
+    assert out.modality_features.shape == (1, 4, 32, 4, 4, 4) and out.fused_features.shape == (1, 32, 4, 4, 4)
+    net2 = DMAFNet(2, 3, 4, **tiny_net_kwargs).eval()
+    with torch.no_grad():
+        y = net2(torch.randn(2, 3, 48, 40))
+    assert isinstance(y, torch.Tensor) and y.shape == (2, 4, 48, 40)
+
+
+def test_bad_mask_shape_is_one_clear_error(tiny_net_kwargs):
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
+    with pytest.raises(ValueError, match="modality_mask must have shape"):
+        net(torch.randn(1, 4, 16, 16, 16), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="4 modalities"):
+        net(torch.randn(1, 3, 16, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_no_nan_with_fully_masked_tokens(dtype, tiny_net_kwargs):
+    """Inference on a patch outside the head (every channel zero -> every modality's tokens masked) and training on
+    single-modality samples stay finite under fp16/bf16 autocast."""
+    from dmaf_components.losses import DMAFLoss
+
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
+    x = torch.randn(2, 4, 32, 32, 32)
+    x[0] = 0  # no modality at all
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        assert torch.isfinite(net(x)).all()
+        assert torch.isfinite(net(x, torch.zeros(2, 4, dtype=torch.bool))).all()
+    net.train()
+    x = torch.randn(2, 4, 32, 32, 32)
+    x[:, 1:] = 0  # a single modality per sample
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x)
+        loss = DMAFLoss(3, 4, tiny_net_kwargs["channels"][-1])(out, torch.randint(0, 3, (2, 1, 32, 32, 32)))
+    assert torch.isfinite(out.logits).all() and torch.isfinite(loss)
+    loss.backward()
+    for p in net.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+def test_traced_export_matches_eager_for_any_mask(tmp_path, tiny_net_kwargs):
+    """The exported (traced TorchScript) model honours masks it never saw during export."""
+    from monai.networks.utils import convert_to_torchscript
+
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_torchscript(net, str(tmp_path / "net.ts"), use_trace=True, inputs=[torch.randn(1, 4, 32, 32, 32)])
+        loaded = torch.jit.load(str(tmp_path / "net.ts"))
+    x = torch.randn(2, 4, 32, 32, 32)
+    x[0, 1] = 0
+    x[1, :2] = 0
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net(x), atol=1e-5)
