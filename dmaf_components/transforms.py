@@ -1,0 +1,238 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""MONAI dictionary transforms for incomplete multi-modal MRI: loading, label checks and modality dropping."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform, RandomizableTransform
+
+from .data.constants import DMAFDataError
+
+__all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "AVAILABLE_POSTFIX"]
+
+AVAILABLE_POSTFIX = "_available"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class LoadModalitiesd(MapTransform):
+    """Load the modalities of a study into channels in a fixed order; absent modalities become zero channels.
+
+    ``data[key]`` may be:
+
+    - a mapping ``{modality: path}`` (a modality whose key is absent or None is missing: in clinical data missing
+      sequences are missing files), or a list of paths in the canonical order (None = missing);
+    - one path to a 4-D file holding all modalities in the canonical order (MSD Task01 / MONAI Label studies).
+
+    Output: ``data[key]`` a MetaTensor ``(M, *spatial)`` with the affine of the first file, and
+    ``data[key + "_available"]`` a bool tensor ``(M,)`` (file present and not all zero). Relative paths are taken
+    relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN voxels, modalities of
+    different shape or affine, wrong channel count) raises :class:`DMAFDataError` with one line naming the file.
+
+    Args:
+        keys: the image key(s).
+        modalities: canonical channel order, e.g. ``("flair", "t1", "t1ce", "t2")``.
+        label_keys: keys of single-file labels loaded alongside (channel first), with the same one-line errors.
+        base_dir: folder that relative paths are relative to.
+        dtype: dtype of the loaded image.
+        affine_atol: tolerance when comparing the affines of one study's files.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        modalities: Sequence[str],
+        label_keys: KeysCollection | None = None,
+        base_dir: str | None = None,
+        dtype: torch.dtype | np.dtype | None = np.float32,
+        affine_atol: float = 1e-3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modalities = tuple(modalities)
+        self.label_keys = () if label_keys is None else ((label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
+        self.base_dir = base_dir
+        self.affine_atol = affine_atol
+        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
+
+    def _path(self, path: str) -> str:
+        path = os.fspath(path)
+        if self.base_dir and not os.path.isabs(path):
+            path = os.path.join(self.base_dir, path)
+        return path
+
+    def read(self, path: str) -> MetaTensor:
+        """Read one file, with one-line errors."""
+        if not os.path.isfile(path):
+            raise DMAFDataError(f"{path}: file not found")
+        try:
+            img = self.loader(path)
+        except Exception as exc:  # nibabel / gzip / MONAI reader errors
+            raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
+        if torch.isnan(img).any():
+            raise DMAFDataError(f"{path}: contains NaN voxels")
+        return img
+
+    def _as_mapping(self, value: Any, key: Hashable) -> dict[str, str]:
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(self.modalities)
+            if unknown:
+                raise DMAFDataError(f"{key}: unknown modality {sorted(unknown)}; expected {list(self.modalities)}")
+            return {m: value[m] for m in self.modalities if value.get(m)}
+        if len(value) != len(self.modalities):
+            raise DMAFDataError(f"{key}: expected {len(self.modalities)} paths ({', '.join(self.modalities)})")
+        return {m: p for m, p in zip(self.modalities, value) if p}
+
+    def load(self, value: Any, key: Hashable = "image", case: str | None = None) -> tuple[MetaTensor, torch.Tensor]:
+        """Load one study. Returns ``(image (M, *spatial), available (M,))``."""
+        if isinstance(value, (str, os.PathLike)):
+            path = self._path(value)
+            img = self.read(path)
+            if img.shape[0] != len(self.modalities):
+                raise DMAFDataError(
+                    f"{path}: has {img.shape[0]} channel(s), expected {len(self.modalities)} "
+                    f"({', '.join(self.modalities)})"
+                )
+            return img, img.flatten(1).ne(0).any(1)
+        files = {m: self._path(p) for m, p in self._as_mapping(value, key).items()}
+        if not files:
+            raise DMAFDataError(f"{case or key}: no modality file at all")
+        loaded: dict[str, MetaTensor] = {}
+        ref_mod, ref = None, None
+        for modality, path in files.items():
+            img = self.read(path)
+            if img.shape[0] != 1:
+                raise DMAFDataError(f"{path}: has {img.shape[0]} channels, expected one modality")
+            if ref is None:
+                ref_mod, ref = modality, img
+            else:
+                if img.shape != ref.shape:
+                    raise DMAFDataError(
+                        f"{path}: shape {tuple(img.shape[1:])} differs from {files[ref_mod]} {tuple(ref.shape[1:])}"
+                    )
+                if not np.allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=self.affine_atol):
+                    raise DMAFDataError(f"{path}: affine differs from {files[ref_mod]}")
+            loaded[modality] = img
+        channels = [loaded[m] if m in loaded else torch.zeros_like(ref) for m in self.modalities]
+        image = torch.cat(channels, dim=0)
+        if not isinstance(image, MetaTensor):
+            image = MetaTensor(image, meta=ref.meta)
+        first = files[ref_mod]
+        name = case or os.path.basename(os.path.dirname(first)) or os.path.basename(first)
+        image.meta["filename_or_obj"] = os.path.join(os.path.dirname(first), name + ".nii.gz")
+        available = torch.tensor([m in loaded and bool(loaded[m].ne(0).any()) for m in self.modalities])
+        return image, available
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key], d[f"{key}{AVAILABLE_POSTFIX}"] = self.load(d[key], key, d.get("case"))
+        for key in self.label_keys:
+            if d.get(key) is not None:
+                d[key] = self.read(self._path(d[key]))
+        return d
+
+
+class CheckLabelValuesd(MapTransform):
+    """Raise a one-line :class:`DMAFDataError` when a label holds values outside ``allowed`` (names the file)."""
+
+    def __init__(self, keys: KeysCollection, allowed: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.allowed = torch.as_tensor(sorted(int(v) for v in allowed))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.unique(torch.as_tensor(d[key]))
+            bad = values[~torch.isin(values, self.allowed.to(values.dtype))]
+            if bad.numel():
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise DMAFDataError(
+                    f"{source}: label values {[int(v) for v in bad[:5]]} outside the expected set "
+                    f"{self.allowed.tolist()}"
+                )
+        return d
+
+
+class ModalityDropd(RandomizableTransform, MapTransform):
+    """Decide which modalities a sample shows, zero the others and write the bool ``(M,)`` ``modality_mask``.
+
+    A modality is shown only if it is available (its file exists and is not all zero, ``image_available`` from
+    :class:`LoadModalitiesd`, else the channel is checked) and:
+
+    - ``mode="idt"``: the case's persistent presence vector ``data[mask_key]`` from the datalist allows it (imperfect
+      data training; a case without one keeps all available modalities);
+    - ``mode="pdt"``: it belongs to the combination drawn for this call, uniformly among the 2^M - 1 non-empty ones
+      (perfect data training); a draw disjoint from the available modalities is drawn again;
+    - ``mode="none"``: always (evaluation and inference: what is there is used).
+
+    Place it last in the chain, after intensity augmentation, so that dropped channels are exactly zero.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mode: str = "idt",
+        mask_key: str = "modality_mask",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        if mode not in ("idt", "pdt", "none"):
+            raise ValueError(f"ModalityDropd mode must be idt, pdt or none, got {mode!r}.")
+        self.mode = mode
+        self.mask_key = mask_key
+
+    def _draw(self, available: torch.Tensor) -> torch.Tensor:
+        m = available.numel()
+        patterns = [p for p in itertools.product((False, True), repeat=m) if any(p)]
+        while True:
+            choice = torch.tensor(patterns[self.R.randint(len(patterns))])
+            if (choice & available).any():
+                return choice & available
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            available = d.get(f"{key}{AVAILABLE_POSTFIX}")
+            if available is None:
+                available = torch.as_tensor(img).flatten(1).ne(0).any(1)
+            available = torch.as_tensor(available).bool().cpu()
+            mask = available.clone()
+            if self.mode == "idt" and d.get(self.mask_key) is not None:
+                persistent = torch.as_tensor(d[self.mask_key]).bool().flatten().cpu()
+                if persistent.numel() != available.numel():
+                    raise DMAFDataError(
+                        f"{d.get('case', key)}: modality_mask has {persistent.numel()} entries, "
+                        f"expected {available.numel()}"
+                    )
+                mask = available & persistent
+            elif self.mode == "pdt" and available.any():
+                mask = self._draw(available)
+            if not mask.any():
+                raise DMAFDataError(f"{d.get('case', key)}: no modality present (all files missing or all zero)")
+            shape = (-1,) + (1,) * (img.ndim - 1)
+            d[key] = img * mask.to(device=img.device, dtype=img.dtype).reshape(shape)
+            d[self.mask_key] = mask
+        return d
