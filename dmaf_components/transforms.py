@@ -25,7 +25,7 @@ from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
 from .data.constants import DMAFDataError
 
-__all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "AVAILABLE_POSTFIX"]
+__all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "LabelToRegionsd", "AVAILABLE_POSTFIX"]
 
 AVAILABLE_POSTFIX = "_available"
 
@@ -235,4 +235,31 @@ class ModalityDropd(RandomizableTransform, MapTransform):
             shape = (-1,) + (1,) * (img.ndim - 1)
             d[key] = img * mask.to(device=img.device, dtype=img.dtype).reshape(shape)
             d[self.mask_key] = mask
+        return d
+
+
+class LabelToRegionsd(MapTransform):
+    """Class-index label map ``(1, *spatial)`` -> binary region channels ``(R, *spatial)`` for region metrics.
+
+    Example (BraTS, trained classes 1 NCR, 2 edema, 3 ET): ``{"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}``; MyoPS:
+    ``{"LVB": [1], "RVB": [2], "MYO": [3]}``. A key holding logits/probabilities with more than one channel is
+    reduced by argmax first.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, regions: Mapping[str, Sequence[int]], allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.regions = {name: [int(c) for c in classes] for name, classes in regions.items()}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            if lab.shape[0] > 1:
+                lab = lab.argmax(0, keepdim=True)
+            channels = [torch.isin(lab[0], torch.as_tensor(c, device=lab.device)) for c in self.regions.values()]
+            d[key] = torch.stack(channels).to(torch.float32)
+            if isinstance(lab, MetaTensor) and not isinstance(d[key], MetaTensor):
+                d[key] = MetaTensor(d[key], meta=lab.meta)
         return d

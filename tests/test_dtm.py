@@ -112,7 +112,7 @@ def test_toy_two_modalities_rebalance_and_state_round_trip():
     assert dtm.gammas()[0] > dtm.gammas()[1]
     assert net.encoders[0].weight.grad[0, 0] == pytest.approx(float(dtm.gammas()[0]))
     assert engine.state.dtm["dtm/w/flair"] == pytest.approx(float(w[0]))
-    assert engine.state.output["scalars"]["dtm/gamma/t1"] == pytest.approx(float(dtm.gammas()[1]))
+    assert engine.state.dtm["dtm/gamma/t1"] == pytest.approx(float(dtm.gammas()[1]))
 
     state = dtm.state_dict()
     loss2 = DMAFLoss(3, 2, 4)

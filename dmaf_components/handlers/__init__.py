@@ -13,6 +13,6 @@
 from __future__ import annotations
 
 from .dtm import SCALING_MODES, DynamicTrainingMonitor
-from .utils import output_scalars
+from .utils import TrainingOutputHandler, output_scalars
 
-__all__ = ["DynamicTrainingMonitor", "SCALING_MODES", "output_scalars"]
+__all__ = ["DynamicTrainingMonitor", "SCALING_MODES", "output_scalars", "TrainingOutputHandler"]

@@ -83,8 +83,8 @@ class DynamicTrainingMonitor:
     ) -> None:
         if scaling_mode not in SCALING_MODES:
             raise ValueError(f"scaling_mode must be one of {SCALING_MODES}, got {scaling_mode!r}.")
-        m = loss.num_modalities
-        self.loss = loss
+        m = getattr(loss, "module", loss).num_modalities
+        self.loss = getattr(loss, "module", loss)  # a DDP-wrapped loss (multi-GPU config)
         self.network = network
         self.names = list(modality_names) if modality_names is not None else [f"m{i}" for i in range(m)]
         if len(self.names) != m:
@@ -214,11 +214,7 @@ class DynamicTrainingMonitor:
         if self.scaling_mode != "none":
             self.scale_gradients(self._encoders(engine))
         self._apply_weights()
-        scalars = self.scalars()
-        scalars.update(terms.scalars())
-        engine.state.dtm = scalars
-        if isinstance(engine.state.output, dict):
-            engine.state.output["scalars"] = scalars
+        engine.state.dtm = self.scalars()
 
     def scalars(self) -> dict[str, float]:
         """Current DTM state as named floats (for TensorBoard / MLflow)."""

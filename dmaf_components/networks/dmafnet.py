@@ -138,8 +138,12 @@ class DMAFNet(nn.Module):
             raise ValueError(f"input has {m} channels but DMAFNet was built for {self.num_modalities} modalities.")
         if modality_mask is None:
             return x.detach().flatten(2).ne(0).any(dim=2)
-        mask = torch.as_tensor(modality_mask, device=x.device).reshape(b, -1).bool()
-        if mask.shape[1] != m:
+        mask = torch.as_tensor(modality_mask, device=x.device).bool()
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape[0] == 1 and b > 1:  # one study, several sliding windows / slices
+            mask = mask.expand(b, -1)
+        if mask.shape != (b, m):
             raise ValueError(f"modality_mask must have shape (B, M) = ({b}, {m}), got {tuple(modality_mask.shape)}.")
         return mask
 
