@@ -159,3 +159,36 @@ def test_bad_arguments():
         DynamicTrainingMonitor(DMAFLoss(3, 2, 4), scaling_mode="x")
     with pytest.raises(ValueError, match="modality_names"):
         DynamicTrainingMonitor(DMAFLoss(3, 2, 4), modality_names=["a"])
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from dmaf_components.losses import DMAFLossTerms
+
+    net = _TwoEncoders()
+    loss = DMAFLoss(3, 2, 4)
+    dtm = DynamicTrainingMonitor(loss, net)
+    z = torch.zeros(())
+    # each rank sees different samples: rank 0 only modality 0, rank 1 both with other gaps
+    local = [(torch.tensor([0.8, 0.0]), torch.tensor([0.4, 0.0]), torch.tensor([1.0, 0.0])),
+             (torch.tensor([0.2, 0.3]), torch.tensor([0.2, 0.1]), torch.tensor([1.0, 1.0]))][rank]
+    loss.last_terms = DMAFLossTerms(z, z, z, z, z, local[0], local[1], local[2], torch.tensor(0.6))
+    engine = Engine(lambda e, b: None)
+    engine.state.output = {}
+    dtm(engine)
+    torch.save(loss.modality_weights.clone(), f"{out_dir}/w{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_compute_identical_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
+    assert torch.equal(w0, w1)
+    # the reduced gaps: modality 0 mean of (0.8, 0.2) / (0.4, 0.2); modality 1 only from rank 1
+    single = DynamicTrainingMonitor(DMAFLoss(3, 2, 4), _TwoEncoders())
+    single.update(torch.tensor([1.0, 0.3]), torch.tensor([0.6, 0.1]), torch.tensor([2.0, 1.0]))
+    assert torch.allclose(w0.double(), single.weights(), atol=1e-6)
