@@ -10,7 +10,10 @@ STAMP := $(VENV)/.dmaf-installed
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= data/synthetic_brats
 
-.PHONY: env demo test clean-env
+MLVENV ?= .venv-monailabel
+ML_STAMP := $(MLVENV)/.dmaf-installed
+
+.PHONY: env demo test clean-env monailabel-env monailabel-check
 
 env: $(STAMP)
 
@@ -24,10 +27,26 @@ $(STAMP): setup.cfg pyproject.toml
 	@echo "environment ready: $(VENV) ($$(cat $(VENV)/torch-constraint.txt))"
 
 demo: $(STAMP)
-	$(VENV)/bin/dmaf demo --data_dir $(DEMO_DIR)
+	$(VENV)/bin/dmaf demo --data_dir $(DEMO_DIR) --work_dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean-env:
 	rm -rf $(VENV)
+
+# MONAI Label 0.8.5 needs its own environment (numpy<2, jsonschema 3, torch>=2.14 through torchvision); see
+# docs/monailabel.md. The project package goes in without its dependencies, which monailabel's already provide.
+monailabel-env: $(ML_STAMP)
+
+$(ML_STAMP): setup.cfg pyproject.toml
+	@test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
+	@$(MLVENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(MLVENV)/bin/python -m pip install --quiet --disable-pip-version-check monailabel==0.8.5 pydicom==2.4.4 \
+		pynetdicom==2.0.2 "dicomweb-client[gcp]==0.59.1"
+	@$(MLVENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(ML_STAMP)
+	@echo "MONAI Label environment ready: $(MLVENV)"
+
+monailabel-check: $(STAMP) $(ML_STAMP)
+	$(PY) scripts/monailabel_check.py --monailabel-python $(MLVENV)/bin/python --work $(CURDIR)/runs/monailabel-check

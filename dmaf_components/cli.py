@@ -125,11 +125,17 @@ class DMAF:
 
         return __version__
 
-    def demo(self, data_dir: str = "data/synthetic_brats") -> None:
-        """Run the end-to-end demo on the embedded synthetic dataset (see README)."""
+    def demo(self, data_dir: str = "data/synthetic_brats", work_dir: str = "runs/demo", epochs: int = 12) -> None:
+        """Run the end-to-end demo on the embedded synthetic dataset (see README).
+
+        Args:
+            data_dir: where the synthetic dataset is (generated when missing).
+            work_dir: where weights, logs, tables and the segmentation go.
+            epochs: training epochs.
+        """
         from .demo import run_demo
 
-        run_demo(data_dir)
+        run_demo(data_dir, work_dir, epochs=epochs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

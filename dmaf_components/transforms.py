@@ -105,6 +105,14 @@ class LoadModalitiesd(MapTransform):
 
     def load(self, value: Any, key: Hashable = "image", case: str | None = None) -> tuple[MetaTensor, torch.Tensor]:
         """Load one study. Returns ``(image (M, *spatial), available (M,))``."""
+        if isinstance(value, (torch.Tensor, np.ndarray)):  # already loaded (e.g. by MONAI Label): channel first
+            img = value if isinstance(value, MetaTensor) else MetaTensor(torch.as_tensor(value))
+            m = len(self.modalities)
+            if img.ndim >= 3 and img.shape[0] != m and img.shape[-1] == m:
+                img = img.movedim(-1, 0)
+            if img.shape[0] != m:
+                raise DMAFDataError(f"{key}: loaded image has shape {tuple(img.shape)}, expected {m} channels")
+            return img, img.flatten(1).ne(0).any(1)
         if isinstance(value, (str, os.PathLike)):
             path = self._path(value)
             img = self.read(path)

@@ -195,3 +195,33 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     ckpt = torch.load(tmp_path / "models" / "checkpoint_final.pt", weights_only=False)
     assert ckpt["trainer"]["iteration"] == 2  # 4 cases shared by 2 ranks
     assert not any(k.startswith("module.") for k in torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+
+
+ABLATIONS = {  # (DMAF, distillation, DTM) -> overrides of train.json (docs/method.md, paper Table 3)
+    (False, False, False): {"fusion": "concat", "distillation": False, "dtm_reweight": False, "dtm_scaling": "none"},
+    (True, False, False): {"distillation": False, "dtm_reweight": False, "dtm_scaling": "none"},
+    (False, True, False): {"fusion": "concat", "dtm_reweight": False, "dtm_scaling": "none"},
+    (False, False, True): {"fusion": "concat", "distillation": False},
+    (True, True, False): {"dtm_reweight": False, "dtm_scaling": "none"},
+    (True, False, True): {"distillation": False},
+    (False, True, True): {"fusion": "concat"},
+    (True, True, True): {},
+}
+
+
+@pytest.mark.parametrize("setting", list(ABLATIONS))
+def test_table3_ablations_from_configuration_alone(setting):
+    from monai.bundle import ConfigParser
+
+    from dmaf_components.networks.fusion import ConcatFusion, DMAFFusion
+
+    dmaf, distill, dtm_on = setting
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    parser.update({"channels": [4, 8, 16, 32], "num_layers": 1, "device": "$torch.device('cpu')", **ABLATIONS[setting]})
+    net = parser.get_parsed_content("network_def")
+    loss = parser.get_parsed_content("loss")
+    dtm = parser.get_parsed_content("train#dtm")
+    assert isinstance(net.fusions[0], DMAFFusion if dmaf else ConcatFusion)
+    assert loss.distillation is distill
+    assert dtm.reweight is dtm_on and (dtm.scaling_mode == "gradient") is dtm_on

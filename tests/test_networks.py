@@ -165,3 +165,49 @@ def test_traced_export_matches_eager_for_any_mask(tmp_path, tiny_net_kwargs):
     x[1, :2] = 0
     with torch.no_grad():
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
+
+
+def test_dropping_missing_tokens_equals_masking_them(monkeypatch):
+    """The batch-uniform fast path (missing modalities' tokens left out) gives the masked path's weights."""
+    fusion = DMAFFusion(3, channels=8, num_modalities=4, token_grid=(4, 4, 4), num_layers=2, num_heads=2).eval()
+    feats = torch.randn(2, 4, 8, 8, 8, 8)
+    feats[:, 1] = 0
+    mask = torch.tensor([[True, False, True, True]] * 2)
+    with torch.no_grad():
+        fast = fusion.spatial_weights(feats, mask)
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # forces the attention-mask path
+        masked = fusion.spatial_weights(feats, mask)
+    assert torch.allclose(fast, masked, atol=1e-5)
+    assert torch.equal(fast[:, 1], torch.zeros_like(fast[:, 1]))
+
+
+def test_sliding_window_inferer_hands_the_study_mask_to_background_windows(tiny_net_kwargs):
+    """A window of pure background must be segmented with the study's modalities, not as 'no modality'."""
+    from dmaf_components.inferers import ModalitySlidingWindowInferer
+
+    net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
+    x = torch.zeros(1, 4, 64, 32, 32)
+    x[:, [0, 2], :32] = torch.randn(1, 2, 32, 32, 32)  # brain in the first half, FLAIR and T1ce only
+    inferer = ModalitySlidingWindowInferer(roi_size=(32, 32, 32), sw_batch_size=2, overlap=0.0)
+    with torch.no_grad():
+        out = inferer(x, net)
+        background = net(x[:, :, 32:], torch.tensor([[True, False, True, False]]))
+        as_if_empty = net(x[:, :, 32:])  # per-window derivation: every modality "missing"
+    assert torch.allclose(out[:, :, 32:], background, atol=1e-4)
+    assert not torch.allclose(background, as_if_empty, atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_kwargs):
+    torch.manual_seed(0)
+    plain = DMAFNet(3, 4, 3, **tiny_net_kwargs).train()
+    ckpt = DMAFNet(3, 4, 3, gradient_checkpointing=True, **tiny_net_kwargs).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 4, 32, 32, 32)
+    mask = torch.tensor([[True, False, True, True]])
+    for net in (plain, ckpt):
+        out = net(x, mask)
+        (out.logits.square().mean() + out.modality_logits.square().mean()).backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name

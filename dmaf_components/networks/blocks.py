@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
+from torch.utils.checkpoint import checkpoint
 from monai.networks.layers.factories import Conv
 from torch import nn
 
@@ -55,13 +56,18 @@ class ModalityEncoder(nn.Module):
         spatial_dims: 2 or 3.
         channels: feature width of each level, e.g. ``(8, 16, 32, 64, 128)`` (the mmFormer/PASSION baseline widths).
         in_channels: channels of one modality (1 for MRI).
+        gradient_checkpointing: in training, recompute each stage's activations in backward instead of storing them
+            (less memory, about one more forward of compute).
 
     Returns (forward):
         list of L tensors, level l of shape ``(B, channels[l], *spatial / 2^l)``.
     """
 
-    def __init__(self, spatial_dims: int, channels: Sequence[int], in_channels: int = 1) -> None:
+    def __init__(
+        self, spatial_dims: int, channels: Sequence[int], in_channels: int = 1, gradient_checkpointing: bool = False
+    ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         stages = []
         prev = in_channels
         for level, ch in enumerate(channels):
@@ -71,8 +77,9 @@ class ModalityEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages:
-            x = stage(x)
+            x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
             feats.append(x)
         return feats
 
@@ -88,6 +95,7 @@ class UNetDecoder(nn.Module):
         channels: encoder widths, shallow to deep.
         out_channels: number of classes.
         deep_supervision: also return logits of the coarser levels.
+        gradient_checkpointing: recompute each decoder stage in backward (training only).
 
     Returns (forward):
         list of logits ``[z_1, ..., z_L]``, z_l of shape ``(B, out_channels, *spatial_l)`` at the resolution of
@@ -95,11 +103,17 @@ class UNetDecoder(nn.Module):
     """
 
     def __init__(
-        self, spatial_dims: int, channels: Sequence[int], out_channels: int, deep_supervision: bool = True
+        self,
+        spatial_dims: int,
+        channels: Sequence[int],
+        out_channels: int,
+        deep_supervision: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         channels = list(channels)
         self.deep_supervision = deep_supervision
+        self.gradient_checkpointing = gradient_checkpointing
         self.up_convs = nn.ModuleList(
             [conv_block(spatial_dims, channels[i + 1], channels[i]) for i in range(len(channels) - 1)]
         )
@@ -129,12 +143,15 @@ class UNetDecoder(nn.Module):
         x = feats[-1]
         if want:
             outputs.append(self.heads[levels - 1](x))
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(levels - 2, -1, -1):
             skip = feats[i]
-            x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
-            x = self.up_convs[i](x)
-            x = self.merge[i](torch.cat([x, skip], dim=1))
+            x = checkpoint(self._up, i, x, skip, use_reentrant=False) if ckpt else self._up(i, x, skip)
             if want and i > 0:
                 outputs.append(self.heads[i](x))
         outputs.append(self.heads[0](x))
         return outputs[::-1]
+
+    def _up(self, i: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
+        return self.merge[i](torch.cat([self.up_convs[i](x), skip], dim=1))

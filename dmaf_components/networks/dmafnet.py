@@ -77,6 +77,8 @@ class DMAFNet(nn.Module):
         mlp_ratio: FFN width / C in the DMAF transformer.
         dropout: dropout in the DMAF transformer.
         deep_supervision: fusion decoder heads at every level (training only).
+        gradient_checkpointing: recompute encoder and decoder stages in backward instead of storing their activations
+            (training memory down, compute up by about one forward pass); see docs/performance.md.
 
     Forward:
         x: ``(B, M, *spatial)`` modalities stacked as channels.
@@ -100,6 +102,7 @@ class DMAFNet(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         deep_supervision: bool = True,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -117,7 +120,9 @@ class DMAFNet(nn.Module):
         self.out_channels = out_channels
         self.channels = tuple(int(c) for c in channels)
         self.fusion = fusion
-        self.encoders = nn.ModuleList([ModalityEncoder(spatial_dims, self.channels) for _ in range(in_channels)])
+        self.encoders = nn.ModuleList(
+            [ModalityEncoder(spatial_dims, self.channels, 1, gradient_checkpointing) for _ in range(in_channels)]
+        )
         if fusion == "dmaf":
             fusions = [
                 DMAFFusion(spatial_dims, c, in_channels, token_grid, num_layers, num_heads, mlp_ratio, dropout)
@@ -128,8 +133,13 @@ class DMAFNet(nn.Module):
         else:
             fusions = [MeanFusion() for _ in self.channels]
         self.fusions = nn.ModuleList(fusions)
-        self.shared_decoder = UNetDecoder(spatial_dims, self.channels, out_channels, deep_supervision=False)
-        self.fusion_decoder = UNetDecoder(spatial_dims, self.channels, out_channels, deep_supervision)
+        self.shared_decoder = UNetDecoder(
+            spatial_dims, self.channels, out_channels, deep_supervision=False,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.fusion_decoder = UNetDecoder(
+            spatial_dims, self.channels, out_channels, deep_supervision, gradient_checkpointing
+        )
 
     def resolve_mask(self, x: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
         """The bool ``(B, M)`` presence mask: the given one, or derived from non-zero voxels."""

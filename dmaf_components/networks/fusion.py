@@ -166,6 +166,10 @@ class DMAFFusion(nn.Module):
     def spatial_weights(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-modality spatial weight maps a_m.
 
+        When every sample of the batch has the same modalities (always at batch 1), the missing modalities' tokens
+        are left out of the sequence instead of being masked: the result is identical (masked keys get zero
+        attention, and missing queries are discarded by the zero weights) at (present / M)^2 of the attention cost.
+
         Args:
             feats: ``(B, M, C, *spatial)`` features, missing modalities zero.
             mask: bool ``(B, M)``.
@@ -176,18 +180,28 @@ class DMAFFusion(nn.Module):
         b, m, c = feats.shape[:3]
         spatial = feats.shape[3:]
         grid = [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
-        x = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
-        x = self.down(x(feats.reshape(b * m, c, *spatial), grid))
+        keep = None
+        if not torch.jit.is_tracing():
+            shared = mask[0]
+            if bool(shared.any()) and not bool(shared.all()) and bool((mask == shared).all()):
+                keep = shared.nonzero().squeeze(1)
+        sub = feats if keep is None else feats.index_select(1, keep)
+        mod_embed = self.modality_embed if keep is None else self.modality_embed.index_select(1, keep)
+        ms = sub.shape[1]
+        pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
+        x = self.down(pool(sub.reshape(b * ms, c, *spatial), grid))
         pos = self.pos_embed
         if list(pos.shape[2:]) != grid:
             pos = F.interpolate(pos, size=grid, mode=self.interp, align_corners=False)
-        tokens = grid_to_tokens(x + pos, m)  # (B, M*N, C)
-        n = tokens.shape[1] // m
-        tokens = (tokens.reshape(b, m, n, c) + self.modality_embed).reshape(b, m * n, c)
-        attn_mask = self.attention_mask(mask, n)
+        tokens = grid_to_tokens(x + pos, ms)  # (B, ms*N, C)
+        n = tokens.shape[1] // ms
+        tokens = (tokens.reshape(b, ms, n, c) + mod_embed).reshape(b, ms * n, c)
+        attn_mask = self.attention_mask(mask, n) if keep is None else None
         for layer in self.layers:
             tokens = layer(tokens, attn_mask=attn_mask)
-        scores = tokens_to_grid(self.score(self.norm(tokens)), m, grid)[:, :, 0]  # (B, M, *grid)
+        scores = tokens_to_grid(self.score(self.norm(tokens)), ms, grid)[:, :, 0]  # (B, ms, *grid)
+        if keep is not None:
+            scores = scores.new_zeros((b, m) + tuple(grid)).index_copy(1, keep, scores)
         if list(scores.shape[2:]) != list(spatial):
             scores = F.interpolate(scores, size=spatial, mode=self.interp, align_corners=False)
         return masked_softmax(scores, mask, dim=1)

@@ -1,0 +1,224 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""End-to-end check that MONAI Label 0.8.5 serves the DMAF-Net bundle (run by ``make monailabel-check`` / CI).
+
+1. makes synthetic 4-channel studies (MSD channel order, one all-zero channel = a missing modality) with labels in
+   a MONAI Label datastore layout, and a small trained ``model.pt`` (one short training run of the bundle);
+2. copies MONAI Label's ``monaibundle`` app and places the bundle at ``<app>/model/dmaf_brats``;
+3. starts ``monailabel start_server`` (its own virtual environment) on a free 127.0.0.1 port;
+4. ``GET /info/``: the model and its labels (value -> name from ``metadata.json``);
+5. ``POST /infer/dmaf_brats?image=<id>``: the label map has values in {0, 1, 2, 4}, the study's shape and affine,
+   and equals what the bundle's own ``inference.json`` writes with the same weights (a silently unloaded
+   ``model.pt`` would differ);
+6. ``POST /train/dmaf_brats`` for one epoch, polled until it finishes;
+7. stops the server by its PID. Every wait is bounded.
+
+Usage: python scripts/monailabel_check.py --monailabel-python .venv-monailabel/bin/python --work /tmp/mlcheck
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(ROOT, "bundle")
+MODEL = "dmaf_brats"
+#: the check runs on 2 CPU cores: smaller patches than the paper's 128^3 (the network itself is the default one)
+SMALL = {"roi_size": [64, 64, 64]}
+
+
+def log(msg: str) -> None:
+    print(f"[monailabel-check] {msg}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 600):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return resp.status, resp.headers, resp.read()
+
+
+def make_studies(work: str) -> tuple[str, list[str]]:
+    """Four 4-D studies (64 x 64 x 48, MSD order) in a MONAI Label datastore, labels in labels/final."""
+    sys.path.insert(0, ROOT)
+    from dmaf_components.data import BRATS_AFFINE, brats_case
+
+    studies = os.path.join(work, "studies")
+    os.makedirs(os.path.join(studies, "labels", "final"), exist_ok=True)
+    names = []
+    for i in range(4):
+        images, label = brats_case((64, 64, 48), seed=100 + i)
+        data = np.stack([images[m] for m in ("flair", "t1", "t1ce", "t2")], axis=-1)
+        if i % 2 == 1:
+            data[..., 1] = 0  # T1 missing
+        name = f"study_{i:02d}"
+        nib.save(nib.Nifti1Image(data, BRATS_AFFINE), os.path.join(studies, f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, BRATS_AFFINE), os.path.join(studies, "labels", "final", f"{name}.nii.gz"))
+        names.append(name)
+    return studies, names
+
+
+def patch_configs(bundle_dir: str) -> None:
+    """Smaller sliding-window patches for a 2-core check; everything else is the shipped bundle."""
+    for cfg in ("train.json", "inference.json"):
+        path = os.path.join(bundle_dir, "configs", cfg)
+        config = json.load(open(path))
+        config.update(SMALL)
+        json.dump(config, open(path, "w"), indent=4)
+
+
+def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
+    """One short training run of the bundle (main environment) so that model.pt holds trained weights."""
+    data = [{"image": os.path.join(studies, f"{n}.nii.gz"), "label": os.path.join(studies, "labels", "final",
+                                                                                   f"{n}.nii.gz")} for n in names]
+    datalist = os.path.join(bundle_dir, "check_datalist.json")
+    json.dump({"training": data[:3], "validation": data[3:], "testing": []}, open(datalist, "w"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--max_epochs", "2",
+           "--val_interval", "1", "--num_workers", "0", "--learning_rate", "0.001"]
+    subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    for f in os.listdir(os.path.join(bundle_dir, "models")):
+        if f.startswith("checkpoint"):
+            os.remove(os.path.join(bundle_dir, "models", f))  # keep model.pt only, as a released bundle
+    os.remove(datalist)
+    shutil.rmtree(os.path.join(bundle_dir, "eval"), ignore_errors=True)
+
+
+def bundle_inference(bundle_dir: str, study: str, out_dir: str) -> str:
+    """The bundle's own inference (main environment) on one study: the reference for MONAI Label's answer."""
+    in_dir = os.path.join(out_dir, "in")
+    os.makedirs(in_dir, exist_ok=True)
+    shutil.copy(study, in_dir)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
+           in_dir, "--bundle_root", bundle_dir, "--output_dir", os.path.join(out_dir, "seg"), "--num_workers", "0"]
+    subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=600)
+    name = os.path.basename(study).replace(".nii.gz", "_seg.nii.gz")
+    return os.path.join(out_dir, "seg", name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--monailabel-python", required=True, help="python of the MONAI Label environment")
+    parser.add_argument("--work", default="/tmp/dmaf_monailabel_check")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for the server to start or train")
+    args = parser.parse_args()
+    ml_bin = os.path.dirname(os.path.abspath(args.monailabel_python))
+    monailabel = os.path.join(ml_bin, "monailabel")
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    studies, names = make_studies(args.work)
+    log(f"studies: {len(names)} 4-channel NIfTI in {studies}")
+
+    apps = os.path.join(args.work, "apps")
+    subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", apps], check=True,
+                   stdout=subprocess.DEVNULL, timeout=300)
+    app = os.path.join(apps, "monaibundle")
+    bundle_dir = os.path.join(app, "model", MODEL)
+    shutil.copytree(BUNDLE, bundle_dir, ignore=shutil.ignore_patterns("models", "eval", "runs", "outputs"))
+    os.makedirs(os.path.join(bundle_dir, "models"))
+    patch_configs(bundle_dir)
+    log("training a small model.pt (main environment)")
+    train_small_model(bundle_dir, studies, names)
+    reference = bundle_inference(bundle_dir, os.path.join(studies, f"{names[1]}.nii.gz"), args.work)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_log = open(os.path.join(args.work, "server.log"), "w")
+    cmd = [monailabel, "start_server", "--app", app, "--studies", studies, "--host", "127.0.0.1", "--port", str(port),
+           "--conf", "models", MODEL, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
+    env = dict(os.environ, PATH=ml_bin + os.pathsep + os.environ.get("PATH", ""))
+    server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log(f"server PID {server.pid} on {url}")
+    try:
+        deadline = time.time() + args.timeout
+        info = None
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with {server.returncode}; see {server_log.name}")
+            try:
+                info = json.loads(http("GET", f"{url}/info/", timeout=10)[2])
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(3)
+        if info is None:
+            raise RuntimeError("server did not answer /info/ in time")
+        model = info["models"][MODEL]
+        labels = {k.lower(): int(v) for k, v in model["labels"].items()}
+        log(f"/info/: {MODEL} labels {labels}")
+        assert set(labels.values()) == {1, 2, 4}, labels
+        assert labels["enhancing tumour"] == 4, labels
+
+        study = names[1]  # T1 channel all zero: a missing modality
+        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=image", body=b"",
+                                     timeout=600)
+        out = os.path.join(args.work, "infer_result.nii.gz")
+        with open(out, "wb") as f:
+            f.write(body)
+        pred, ref = nib.load(out), nib.load(os.path.join(studies, f"{study}.nii.gz"))
+        values = set(np.unique(np.asarray(pred.dataobj)).tolist())
+        log(f"/infer/: shape {pred.shape}, values {sorted(values)}")
+        assert pred.shape == ref.shape[:3], (pred.shape, ref.shape)
+        assert np.allclose(pred.affine, ref.affine, atol=1e-4), (pred.affine, ref.affine)
+        assert values <= {0, 1, 2, 4}, values
+        mine = np.asarray(nib.load(reference).dataobj)
+        agree = float((np.asarray(pred.dataobj) == mine).mean())
+        log(f"/infer/ agrees with the bundle's own inference on {agree * 100:.2f} % of voxels")
+        assert agree > 0.999, "MONAI Label's output differs from the bundle's: were the weights loaded?"
+        assert len(set(np.unique(mine).tolist())) > 1, "the trained model segments nothing: the check would be void"
+
+        request = {"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
+        http("POST", f"{url}/train/{MODEL}?run_sync=false", body=json.dumps(request).encode(),
+             headers={"Content-Type": "application/json"}, timeout=60)
+        deadline = time.time() + args.timeout
+        state = None
+        while time.time() < deadline:
+            time.sleep(5)
+            state = json.loads(http("GET", f"{url}/train/?check_if_running=false", timeout=30)[2])
+            if state.get("status") not in ("RUNNING", "SUBMITTED"):
+                break
+        log(f"/train/: {state.get('status') if state else None}")
+        assert state and state.get("status") == "DONE", state
+        with open(server_log.name) as f:
+            text = f.read()
+        assert "Epoch: 1/1" in text or "Epoch[1]" in text, "no training epoch in the server log"
+        log("all checks passed")
+        return 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        server_log.close()
+        log(f"server {server.pid} stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
