@@ -130,6 +130,8 @@ def main() -> int:
     args = parser.parse_args()
     ml_bin = os.path.dirname(os.path.abspath(args.monailabel_python))
     monailabel = os.path.join(ml_bin, "monailabel")
+    # the `monailabel` launcher runs `python -m monailabel.main`: its environment must come first on PATH
+    env = dict(os.environ, PATH=ml_bin + os.pathsep + os.environ.get("PATH", ""), VIRTUAL_ENV=os.path.dirname(ml_bin))
 
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
@@ -138,7 +140,7 @@ def main() -> int:
 
     apps = os.path.join(args.work, "apps")
     subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", apps], check=True,
-                   stdout=subprocess.DEVNULL, timeout=300)
+                   stdout=subprocess.DEVNULL, timeout=300, env=env)
     app = os.path.join(apps, "monaibundle")
     bundle_dir = os.path.join(app, "model", MODEL)
     shutil.copytree(BUNDLE, bundle_dir, ignore=shutil.ignore_patterns("models", "eval", "runs", "outputs"))
@@ -153,7 +155,6 @@ def main() -> int:
     server_log = open(os.path.join(args.work, "server.log"), "w")
     cmd = [monailabel, "start_server", "--app", app, "--studies", studies, "--host", "127.0.0.1", "--port", str(port),
            "--conf", "models", MODEL, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
-    env = dict(os.environ, PATH=ml_bin + os.pathsep + os.environ.get("PATH", ""))
     server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log(f"server PID {server.pid} on {url}")
     try:

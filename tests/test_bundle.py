@@ -84,7 +84,7 @@ def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(traine
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    dtm = wf.parser.get_parsed_content("train#dtm")
+    dtm = wf.parser.get_parsed_content("dtm")
     seen = {}
 
     @trainer.on(Events.ITERATION_STARTED(once=5))
@@ -221,7 +221,8 @@ def test_table3_ablations_from_configuration_alone(setting):
     parser.update({"channels": [4, 8, 16, 32], "num_layers": 1, "device": "$torch.device('cpu')", **ABLATIONS[setting]})
     net = parser.get_parsed_content("network_def")
     loss = parser.get_parsed_content("loss")
-    dtm = parser.get_parsed_content("train#dtm")
+    index = next(i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith("DynamicTrainingMonitor"))
+    dtm = parser.get_parsed_content(f"train#handlers#{index}")
     assert isinstance(net.fusions[0], DMAFFusion if dmaf else ConcatFusion)
     assert loss.distillation is distill
     assert dtm.reweight is dtm_on and (dtm.scaling_mode == "gradient") is dtm_on
