@@ -226,3 +226,22 @@ def test_table3_ablations_from_configuration_alone(setting):
     assert isinstance(net.fusions[0], DMAFFusion if dmaf else ConcatFusion)
     assert loss.distillation is distill
     assert dtm.reweight is dtm_on and (dtm.scaling_mode == "gradient") is dtm_on
+
+
+def test_myops_2d_trains_and_evaluates_its_7_combinations(tiny_myops, tmp_path):
+    from dmaf_components.data import build_datalist, write_datalist
+
+    data = tmp_path / "myops"
+    shutil.copytree(tiny_myops, data)
+    write_datalist(build_datalist(str(data), "myops", split=(3, 1, 1), seed=0), str(data / "datalist.json"))
+    configs = "['configs/train.json','configs/train_myops.json']"
+    small = ["--roi_size", "[48,48]", "--crop_size", "[56,56,-1]", "--channels", "[8,16,32]", "--num_layers", "1",
+             "--num_workers", "0", "--dataset_dir", str(data), "--bundle_root", str(tmp_path / "root")]
+    log = _bundle(["run", "training", "--config_file", configs, "--max_epochs", "1", "--val_interval", "1"] + small)
+    assert "val_mean_dice" in log
+    net_state = torch.load(tmp_path / "root" / "models" / "model.pt", weights_only=True)
+    assert net_state["encoders.0.stages.0.entry.conv.weight"].ndim == 4  # a 2-D network
+    log = _bundle(["run", "--config_file", configs[:-1] + ",'configs/evaluate.json']"] + small)
+    rows = list(open(tmp_path / "root" / "eval" / "evaluation.csv"))
+    assert len(rows) == 1 + 7 + 1 and rows[0].startswith("combination,dice_LVB")
+    assert "bssfp+lge+t2" in log

@@ -181,6 +181,14 @@ def _case(root, i=1):
     return root / "MICCAI_BraTS2020_TrainingData" / name, name
 
 
+def _case_file(tiny_brats, tmp_path, suffix, case=1):
+    """A fresh copy of the dataset and one of its files, loaded for corruption: (folder, name, path, image, data)."""
+    folder, name = _case(_brats_copy(tiny_brats, tmp_path), case)
+    path = folder / f"{name}_{suffix}.nii.gz"
+    img = nib.load(str(path))
+    return folder, name, path, img, np.asarray(img.dataobj).copy()
+
+
 def test_missing_segmentation_names_the_case(tiny_brats, tmp_path):
     root = _brats_copy(tiny_brats, tmp_path)
     folder, name = _case(root, 2)
@@ -201,11 +209,7 @@ def test_case_without_any_modality_file(tiny_brats, tmp_path):
 
 
 def test_shape_and_affine_mismatch(tiny_brats, tmp_path):
-    root = _brats_copy(tiny_brats, tmp_path)
-    folder, name = _case(root, 1)
-    t1 = folder / f"{name}_t1.nii.gz"
-    img = nib.load(str(t1))
-    data = np.asarray(img.dataobj).copy()
+    folder, name, t1, img, data = _case_file(tiny_brats, tmp_path, "t1")
     nib.save(nib.Nifti1Image(data[:40], img.affine), str(t1))
     files = {m: str(folder / f"{name}_{m}.nii.gz") for m in BRATS_MODALITIES}
     with pytest.raises(DMAFDataError, match=rf"{name}_t1.nii.gz: shape \(40, 48, 32\) differs"):
@@ -218,11 +222,7 @@ def test_shape_and_affine_mismatch(tiny_brats, tmp_path):
 
 
 def test_label_values_outside_the_set(tiny_brats, tmp_path):
-    root = _brats_copy(tiny_brats, tmp_path)
-    folder, name = _case(root, 1)
-    seg = folder / f"{name}_seg.nii.gz"
-    img = nib.load(str(seg))
-    data = np.asarray(img.dataobj).copy()
+    folder, name, seg, img, data = _case_file(tiny_brats, tmp_path, "seg")
     data[0, 0, 0] = 3
     nib.save(nib.Nifti1Image(data, img.affine), str(seg))
     from monai.transforms import LoadImaged
@@ -233,11 +233,8 @@ def test_label_values_outside_the_set(tiny_brats, tmp_path):
 
 
 def test_nan_voxels_and_truncated_file(tiny_brats, tmp_path):
-    root = _brats_copy(tiny_brats, tmp_path)
-    folder, name = _case(root, 1)
-    flair = folder / f"{name}_flair.nii.gz"
-    img = nib.load(str(flair))
-    data = np.asarray(img.dataobj).astype(np.float32)
+    folder, name, flair, img, data = _case_file(tiny_brats, tmp_path, "flair")
+    data = data.astype(np.float32)
     data[5, 5, 5] = np.nan
     nib.save(nib.Nifti1Image(data, img.affine), str(flair))
     loader = LoadModalitiesd("image", BRATS_MODALITIES)

@@ -1,0 +1,57 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Layouts, modality orders and label sets of the supported datasets, and the error type of the data tools."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DMAFDataError",
+    "BRATS_MODALITIES",
+    "MYOPS_MODALITIES",
+    "BRATS_LABELS",
+    "BRATS_REGIONS",
+    "MYOPS_RAW_LABELS",
+    "MYOPS_LABELS",
+    "BRATS_FILE_SUFFIX",
+    "MYOPS_FILE_SUFFIX",
+    "modalities_of",
+]
+
+
+class DMAFDataError(ValueError):
+    """Bad input data: the message is one line naming the case, file or field and what is wrong."""
+
+
+#: canonical channel order for BraTS (the MSD Task01 order)
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+#: canonical channel order for MyoPS2020
+MYOPS_MODALITIES = ("bssfp", "lge", "t2")
+#: file-name suffix of each modality in the raw releases
+BRATS_FILE_SUFFIX = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2"}
+MYOPS_FILE_SUFFIX = {"bssfp": "C0", "lge": "DE", "t2": "T2"}
+#: BraTS label values in the files -> names (label 4 is trained as class 3)
+BRATS_LABELS = {0: "background", 1: "necrotic/non-enhancing core", 2: "edema", 4: "enhancing tumour"}
+#: evaluation regions as sets of file label values
+BRATS_REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+#: MyoPS2020 raw label values: myocardium 200, LV blood pool 500, RV blood pool 600, edema 1220, scar 2221
+MYOPS_RAW_LABELS = (0, 200, 500, 600, 1220, 2221)
+#: trained MyoPS classes (edema and scar merged into myocardium, as the paper)
+MYOPS_LABELS = {0: "background", 1: "LV blood pool", 2: "RV blood pool", 3: "myocardium"}
+
+
+def modalities_of(dataset: str) -> tuple[str, ...]:
+    """Canonical modality order of ``"brats"``/``"msd"`` or ``"myops"``."""
+    key = dataset.lower()
+    if key in ("brats", "msd"):
+        return BRATS_MODALITIES
+    if key == "myops":
+        return MYOPS_MODALITIES
+    raise DMAFDataError(f"dataset: unknown dataset {dataset!r}; expected brats, msd or myops")

@@ -1,0 +1,335 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Decathlon-style datalists for BraTS2020, MSD Task01 and MyoPS2020, with persistent IDT modality masks."""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .constants import (
+    BRATS_FILE_SUFFIX,
+    BRATS_LABELS,
+    BRATS_MODALITIES,
+    MYOPS_FILE_SUFFIX,
+    MYOPS_LABELS,
+    MYOPS_MODALITIES,
+    DMAFDataError,
+)
+
+__all__ = [
+    "PAPER_MISSING_RATES",
+    "find_brats_cases",
+    "find_msd_cases",
+    "find_myops_cases",
+    "split_cases",
+    "idt_masks",
+    "conditional_rates",
+    "missing_rates_of",
+    "build_datalist",
+    "write_datalist",
+]
+
+#: the paper's IDT missing rates (BraTS: Sec. 4 / Table 3; MyoPS: Table 3)
+PAPER_MISSING_RATES = {
+    "brats": {"t1": 0.2, "t1ce": 0.4, "flair": 0.6, "t2": 0.8},
+    "myops": {"bssfp": 0.3, "lge": 0.5, "t2": 0.7},
+}
+_NII = (".nii.gz", ".nii")
+
+
+def _find_file(folder: str, stem: str) -> str | None:
+    for ext in _NII:
+        path = os.path.join(folder, stem + ext)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_brats_cases(data_dir: str, require_label: bool = True) -> list[dict]:
+    """Cases of the raw BraTS2020 training folder (``BraTS20_Training_XXX/BraTS20_Training_XXX_{mod}.nii[.gz]``).
+
+    The folder may be ``data_dir`` itself or ``data_dir/MICCAI_BraTS2020_TrainingData``. The real release names case
+    355's segmentation ``W39_1998.09.19_Segm.nii``: any single ``*Segm.nii[.gz]`` in a case folder is accepted.
+    Returns entries ``{"case", "image": {modality: path or absent}, "label"}`` with absolute paths.
+    """
+    root = data_dir
+    nested = os.path.join(data_dir, "MICCAI_BraTS2020_TrainingData")
+    if os.path.isdir(nested):
+        root = nested
+    folders = sorted(d for d in glob.glob(os.path.join(root, "BraTS20_*")) if os.path.isdir(d))
+    cases = []
+    for folder in folders:
+        case = os.path.basename(folder)
+        image = {}
+        for modality in BRATS_MODALITIES:
+            path = _find_file(folder, f"{case}_{BRATS_FILE_SUFFIX[modality]}")
+            if path is not None:
+                image[modality] = path
+        label = _find_file(folder, f"{case}_seg")
+        if label is None:
+            quirks = sorted(glob.glob(os.path.join(folder, "*Segm.nii*")))
+            label = quirks[0] if len(quirks) == 1 else None
+        if not image:
+            raise DMAFDataError(f"{folder}: case {case} has no modality file ({case}_{{flair,t1,t1ce,t2}}.nii.gz)")
+        if label is None and require_label:
+            raise DMAFDataError(f"{folder}: case {case} has no segmentation file ({case}_seg.nii.gz)")
+        entry = {"case": case, "image": image}
+        if label is not None:
+            entry["label"] = label
+        cases.append(entry)
+    return cases
+
+
+def find_msd_cases(data_dir: str, require_label: bool = True) -> list[dict]:
+    """Cases of the MSD Task01 layout: 4-D images in ``imagesTr`` (FLAIR, T1, T1ce, T2), labels in ``labelsTr``."""
+    images = sorted(
+        p for p in glob.glob(os.path.join(data_dir, "imagesTr", "*.nii*")) if not os.path.basename(p).startswith(".")
+    )
+    cases = []
+    for path in images:
+        name = os.path.basename(path)
+        label = os.path.join(data_dir, "labelsTr", name)
+        case = re.sub(r"\.nii(\.gz)?$", "", name)
+        entry = {"case": case, "image": path}
+        if os.path.isfile(label):
+            entry["label"] = label
+        elif require_label:
+            raise DMAFDataError(f"{path}: case {case} has no label file labelsTr/{name}")
+        cases.append(entry)
+    return cases
+
+
+def find_myops_cases(data_dir: str, require_label: bool = True) -> list[dict]:
+    """Cases of MyoPS2020: ``myops_training_1XX_{C0,DE,T2}.nii.gz`` with ``myops_training_1XX_gd.nii.gz`` labels
+    anywhere below ``data_dir`` (the release keeps them in ``train25`` and ``train25_myops_gd``)."""
+    files = glob.glob(os.path.join(data_dir, "**", "myops_*.nii*"), recursive=True)
+    by_case: dict[str, dict] = {}
+    pattern = re.compile(r"^(myops_\w+?_\d+)_(C0|DE|T2|gd)\.nii(\.gz)?$")
+    suffix_to_mod = {v: k for k, v in MYOPS_FILE_SUFFIX.items()}
+    for path in sorted(files):
+        match = pattern.match(os.path.basename(path))
+        if not match:
+            continue
+        case, suffix = match.group(1), match.group(2)
+        entry = by_case.setdefault(case, {"case": case, "image": {}})
+        if suffix == "gd":
+            entry["label"] = path
+        else:
+            entry["image"][suffix_to_mod[suffix]] = path
+    cases = []
+    for case in sorted(by_case):
+        entry = by_case[case]
+        if not entry["image"]:
+            raise DMAFDataError(f"{entry.get('label', case)}: case {case} has no modality file (C0/DE/T2)")
+        if "label" not in entry and require_label:
+            raise DMAFDataError(f"{data_dir}: case {case} has no label file {case}_gd.nii.gz")
+        cases.append(entry)
+    return cases
+
+
+def _detect_layout(data_dir: str) -> str:
+    if not os.path.isdir(data_dir):
+        raise DMAFDataError(f"{data_dir}: no such directory")
+    if glob.glob(os.path.join(data_dir, "BraTS20_*")) or glob.glob(
+        os.path.join(data_dir, "MICCAI_BraTS2020_TrainingData", "BraTS20_*")
+    ):
+        return "brats"
+    if os.path.isdir(os.path.join(data_dir, "imagesTr")):
+        return "msd"
+    if glob.glob(os.path.join(data_dir, "**", "myops_*.nii*"), recursive=True):
+        return "myops"
+    raise DMAFDataError(
+        f"{data_dir}: unknown dataset layout; expected BraTS20_Training_XXX folders, an MSD imagesTr/labelsTr "
+        "folder, or MyoPS2020 myops_training_XXX_{C0,DE,T2,gd}.nii.gz files"
+    )
+
+
+def split_cases(
+    n: int, split: Sequence[float], seed: int = 0
+) -> tuple[list[int], list[int], list[int]]:
+    """Seeded split of n cases into (training, validation, testing) indices.
+
+    ``split`` holds three counts (used as they are when they add up to n, scaled to n otherwise) or three fractions.
+    """
+    if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
+        raise DMAFDataError(f"split: expected three non-negative sizes (train, val, test), got {list(split)}")
+    sizes = np.asarray(split, dtype=np.float64)
+    if not np.isclose(sizes.sum(), n):
+        sizes = sizes / sizes.sum() * n
+    counts = np.floor(sizes).astype(int)
+    for i in np.argsort(-(sizes - counts))[: n - counts.sum()]:  # largest remainders
+        counts[i] += 1
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    a, b = counts[0], counts[0] + counts[1]
+    return sorted(order[:a]), sorted(order[a:b]), sorted(order[b:])
+
+
+def conditional_rates(rates: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """Draw rates q such that P(m missing | not all missing) = rates[m].
+
+    With P = prod(q), that probability is (q_m - P) / (1 - P); the fixed point q_m = r_m (1 - P) + P is found by
+    iteration (it converges for rates in [0, 1)).
+    """
+    q = np.asarray(rates, dtype=np.float64).copy()
+    for _ in range(iterations):
+        p_all = float(np.prod(q))
+        q = rates * (1.0 - p_all) + p_all
+    return q
+
+
+def idt_masks(
+    n: int, missing_rates: Sequence[float], seed: int = 0, exact: bool = False
+) -> np.ndarray:
+    """Persistent modality-presence vectors for imperfect data training (IDT).
+
+    Args:
+        n: number of training cases.
+        missing_rates: per-modality missing rate in the canonical order.
+        seed: random seed (same seed -> same masks, on every rank and every run).
+        exact: instead of independent draws, give each of the 2^M - 1 patterns round(n * P(pattern)) cases, P the
+            product of per-modality probabilities renormalised without the all-missing pattern (the PASSION way),
+            rounding by largest remainders so the counts add up to n.
+
+    Returns:
+        ``(n, M)`` uint8, at least one modality present per row. Excluding the all-missing pattern would pull every
+        realised rate below the asked one (t1: 0.17 instead of 0.2 at the paper's rates), so the draws use rates q
+        whose missing rates *given at least one modality present* equal the asked ones (:func:`conditional_rates`).
+    """
+    rates = np.asarray(missing_rates, dtype=np.float64)
+    if rates.ndim != 1 or ((rates < 0) | (rates >= 1)).any():
+        raise DMAFDataError(f"missing rates must each lie in [0, 1), got {list(missing_rates)}")
+    m = rates.size
+    rates = conditional_rates(rates)
+    rng = np.random.default_rng(seed)
+    if not exact:
+        masks = (rng.random((n, m)) >= rates).astype(np.uint8)
+        empty = masks.sum(1) == 0
+        while empty.any():
+            masks[empty] = (rng.random((int(empty.sum()), m)) >= rates).astype(np.uint8)
+            empty = masks.sum(1) == 0
+        return masks
+    patterns = np.array([p for p in itertools.product((0, 1), repeat=m) if any(p)], dtype=np.uint8)
+    prob = np.prod(np.where(patterns == 1, 1.0 - rates, rates), axis=1)
+    prob = prob / prob.sum()
+    ideal = prob * n
+    counts = np.floor(ideal).astype(int)
+    for i in np.argsort(-(ideal - counts), kind="stable")[: n - counts.sum()]:
+        counts[i] += 1
+    masks = np.repeat(patterns, counts, axis=0)
+    return masks[rng.permutation(n)]
+
+
+def missing_rates_of(masks: np.ndarray, modalities: Sequence[str]) -> dict[str, float]:
+    """Realised missing rate of each modality."""
+    masks = np.asarray(masks)
+    return {mod: float(1.0 - masks[:, i].mean()) if len(masks) else 0.0 for i, mod in enumerate(modalities)}
+
+
+def _rates_vector(missing_rates: Mapping[str, float] | Sequence[float], modalities: Sequence[str]) -> list[float]:
+    if isinstance(missing_rates, Mapping):
+        unknown = set(missing_rates) - set(modalities)
+        if unknown:
+            raise DMAFDataError(f"missing_rates: unknown modality {sorted(unknown)}; expected {list(modalities)}")
+        return [float(missing_rates.get(mod, 0.0)) for mod in modalities]
+    rates = [float(r) for r in missing_rates]
+    if len(rates) != len(modalities):
+        raise DMAFDataError(f"missing_rates: expected {len(modalities)} values ({', '.join(modalities)}), got {rates}")
+    return rates
+
+
+def _relative(entry: dict, base: str) -> dict:
+    out = dict(entry)
+    if isinstance(entry["image"], dict):
+        out["image"] = {k: os.path.relpath(v, base) for k, v in entry["image"].items()}
+    else:
+        out["image"] = os.path.relpath(entry["image"], base)
+    if "label" in entry:
+        out["label"] = os.path.relpath(entry["label"], base)
+    return out
+
+
+def build_datalist(
+    data_dir: str,
+    dataset: str = "auto",
+    split: Sequence[float] | None = None,
+    mode: str = "idt",
+    missing_rates: Mapping[str, float] | Sequence[float] | None = None,
+    exact: bool = False,
+    seed: int = 0,
+) -> dict:
+    """A MONAI decathlon-style datalist with paths relative to ``data_dir``.
+
+    Args:
+        data_dir: dataset folder.
+        dataset: ``brats``, ``msd``, ``myops`` or ``auto`` (detect the layout).
+        split: (train, val, test) counts or fractions; default 219/50/100 for BraTS/MSD (the paper), 0.6/0.2/0.2
+            for MyoPS.
+        mode: ``idt`` (persistent per-case ``modality_mask`` at ``missing_rates``) or ``pdt`` (none stored: one of
+            the 2^M - 1 combinations is drawn per iteration by the transforms).
+        missing_rates: by modality name (or a list in canonical order); default the paper's.
+        exact: exact-count IDT masks (see :func:`idt_masks`).
+        seed: seed of the split and of the masks.
+    """
+    if not os.path.isdir(data_dir):
+        raise DMAFDataError(f"{data_dir}: no such directory")
+    layout = _detect_layout(data_dir) if dataset == "auto" else dataset.lower()
+    finders = {"brats": find_brats_cases, "msd": find_msd_cases, "myops": find_myops_cases}
+    if layout not in finders:
+        raise DMAFDataError(f"dataset: unknown layout {dataset!r}; expected brats, msd, myops or auto")
+    if mode not in ("idt", "pdt"):
+        raise DMAFDataError(f"mode: expected idt or pdt, got {mode!r}")
+    cases = finders[layout](data_dir)
+    if not cases:
+        raise DMAFDataError(f"{data_dir}: no {layout} case found")
+    modalities = MYOPS_MODALITIES if layout == "myops" else BRATS_MODALITIES
+    family = "myops" if layout == "myops" else "brats"
+    if split is None:
+        split = (0.6, 0.2, 0.2) if family == "myops" else (219, 50, 100)
+    train, val, test = split_cases(len(cases), split, seed)
+    base = os.path.abspath(data_dir)
+    rel = [_relative(c, base) for c in cases]
+    training = [rel[i] for i in train]
+    datalist: dict = {
+        "name": f"DMAF-Net {layout} datalist",
+        "dataset": family,
+        "layout": layout,
+        "modalities": list(modalities),
+        "labels": {str(k): v for k, v in (MYOPS_LABELS if family == "myops" else BRATS_LABELS).items()},
+        "mode": mode,
+        "seed": seed,
+    }
+    if mode == "idt":
+        rates = _rates_vector(PAPER_MISSING_RATES[family] if missing_rates is None else missing_rates, modalities)
+        masks = idt_masks(len(training), rates, seed=seed, exact=exact)
+        for entry, mask in zip(training, masks):
+            entry["modality_mask"] = [int(v) for v in mask]
+        datalist["missing_rates"] = dict(zip(modalities, rates))
+        datalist["realised_missing_rates"] = missing_rates_of(masks, modalities)
+        datalist["exact_counts"] = bool(exact)
+    datalist.update({"training": training, "validation": [rel[i] for i in val], "testing": [rel[i] for i in test]})
+    return datalist
+
+
+def write_datalist(datalist: dict, path: str, overwrite: bool = False) -> str:
+    """Write the datalist JSON; an existing file is never replaced unless ``overwrite``."""
+    if os.path.exists(path) and not overwrite:
+        raise DMAFDataError(f"{path}: exists already; pass --overwrite to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(datalist, f, indent=2)
+    return path

@@ -1,0 +1,230 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Deterministic synthetic datasets in the exact BraTS2020 and MyoPS2020 release layouts.
+
+They are the embedded default dataset of the README demo and of the tests. Modality contributions are heterogeneous
+as in the paper's data: edema shows mainly in FLAIR and T2, the enhancing rim in T1ce, the necrotic core in T1ce and
+T2, T1 is the weakest; in MyoPS the blood pools and myocardium show in bSSFP, scar is bright in LGE, edema in T2.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .constants import BRATS_FILE_SUFFIX, BRATS_MODALITIES, MYOPS_FILE_SUFFIX, MYOPS_MODALITIES, DMAFDataError
+
+__all__ = ["synthesize_brats", "synthesize_myops", "brats_case", "myops_case", "BRATS_AFFINE"]
+
+#: the affine of the BraTS2020 release files (1 mm, LPS-like axes)
+BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+
+# mean intensity of each tissue in each modality (arbitrary units, x1000 when saved)
+#            background-brain tissues: WM, GM, CSF; tumour: edema, enhancing, necrotic
+_BRATS_CONTRAST = {
+    "flair": {"wm": 0.45, "gm": 0.55, "csf": 0.10, "edema": 1.15, "et": 0.95, "ncr": 0.60},
+    "t1": {"wm": 0.80, "gm": 0.62, "csf": 0.25, "edema": 0.55, "et": 0.60, "ncr": 0.45},
+    "t1ce": {"wm": 0.78, "gm": 0.60, "csf": 0.22, "edema": 0.58, "et": 1.45, "ncr": 0.28},
+    "t2": {"wm": 0.40, "gm": 0.55, "csf": 1.00, "edema": 0.95, "et": 0.75, "ncr": 1.20},
+}
+_MYOPS_CONTRAST = {
+    "bssfp": {"body": 0.45, "myo": 0.30, "lv": 1.00, "rv": 0.95, "edema": 0.32, "scar": 0.30},
+    "lge": {"body": 0.35, "myo": 0.08, "lv": 0.60, "rv": 0.55, "edema": 0.12, "scar": 1.25},
+    "t2": {"body": 0.40, "myo": 0.35, "lv": 0.20, "rv": 0.20, "edema": 0.95, "scar": 0.50},
+}
+
+
+def _smooth_field(gen: torch.Generator, shape: Sequence[int], coarse: int = 5) -> np.ndarray:
+    """Smooth random field in about [-1, 1]: coarse Gaussian noise upsampled (trilinear/bilinear)."""
+    dims = len(shape)
+    noise = torch.randn((1, 1) + (coarse,) * dims, generator=gen)
+    mode = "trilinear" if dims == 3 else "bilinear"
+    field = F.interpolate(noise, size=tuple(shape), mode=mode, align_corners=True)[0, 0]
+    return (field / field.abs().max().clamp_min(1e-6)).numpy()
+
+
+def _grid(shape: Sequence[int]) -> list[np.ndarray]:
+    axes = [np.linspace(-1.0, 1.0, s, dtype=np.float32) for s in shape]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return float(low + (high - low) * torch.rand((), generator=gen))
+
+
+def brats_case(shape: Sequence[int] = (240, 240, 155), seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One synthetic skull-stripped brain with a glioma.
+
+    Returns:
+        ``({modality: int16 volume}, uint8 label)`` with labels 0/1/2/4 as in BraTS2020.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    shape = tuple(int(s) for s in shape)
+    x, y, z = _grid(shape)
+    radii = (_uniform(gen, 0.70, 0.80), _uniform(gen, 0.80, 0.90), _uniform(gen, 0.75, 0.85))
+    warp = 0.06 * _smooth_field(gen, shape, 4)
+    r = np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2) + warp
+    brain = r < 1.0
+    tissue = np.zeros(shape, dtype=np.uint8)  # 1 WM, 2 GM, 3 CSF
+    tissue[brain] = 1
+    tissue[brain & (r > 0.78 + 0.05 * _smooth_field(gen, shape, 6))] = 2
+    for side in (-1.0, 1.0):  # lateral ventricles
+        v = ((x - side * 0.12) / 0.08) ** 2 + (y / 0.25) ** 2 + ((z - 0.05) / 0.12) ** 2
+        tissue[brain & (v < 1.0)] = 3
+
+    # tumour: a distorted ellipsoid core (enhancing rim + necrosis) inside a larger edema
+    centre = [_uniform(gen, -0.35, 0.35), _uniform(gen, -0.4, 0.4), _uniform(gen, -0.3, 0.3)]
+    core = [_uniform(gen, 0.08, 0.2) for _ in range(3)]
+    t = np.sqrt(sum(((c - c0) / rc) ** 2 for c, c0, rc in zip((x, y, z), centre, core)))
+    t = t * (1.0 + 0.25 * _smooth_field(gen, shape, 6))
+    edema_extent = _uniform(gen, 1.4, 2.2)
+    necrotic_frac = _uniform(gen, 0.0, 0.6)  # some tumours have (almost) no necrotic core
+    label = np.zeros(shape, dtype=np.uint8)
+    label[brain & (t < edema_extent)] = 2
+    label[brain & (t < 1.0)] = 4
+    label[brain & (t < necrotic_frac)] = 1
+
+    images = {}
+    bias = np.exp(0.15 * _smooth_field(gen, shape, 3))
+    regions = {
+        "wm": tissue == 1, "gm": tissue == 2, "csf": tissue == 3, "edema": label == 2, "et": label == 4,
+        "ncr": label == 1,
+    }
+    for modality in BRATS_MODALITIES:
+        contrast = _BRATS_CONTRAST[modality]
+        gain = _uniform(gen, 0.85, 1.15)
+        img = np.zeros(shape, dtype=np.float32)
+        for name in ("wm", "gm", "csf", "edema", "et", "ncr"):  # tumour last: it overrides tissue
+            img[regions[name]] = contrast[name] * _uniform(gen, 0.92, 1.08)
+        texture = 0.04 * _smooth_field(gen, shape, 12)
+        noise = torch.randn(shape, generator=gen).numpy() * 0.03
+        img = np.clip((img + texture + noise) * bias * gain * 1000.0, 1.0, 32767.0)  # brain voxels stay > 0
+        img[~brain] = 0.0
+        images[modality] = img.astype(np.int16)
+    return images, label
+
+
+def myops_case(
+    shape: Sequence[int] = (256, 256, 5), seed: int = 0
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One synthetic short-axis cardiac stack (slices along the last axis) with edema and scar.
+
+    Returns:
+        ``({modality: int16 volume}, uint16 label)`` with the MyoPS2020 raw label values (0/200/500/600/1220/2221).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    h, w, s = (int(v) for v in shape)
+    x, y = _grid((h, w))
+    label = np.zeros((h, w, s), dtype=np.uint16)
+    images = {m: np.zeros((h, w, s), dtype=np.float32) for m in MYOPS_MODALITIES}
+    cx, cy = _uniform(gen, -0.1, 0.1), _uniform(gen, -0.1, 0.1)
+    lv_r = _uniform(gen, 0.12, 0.18)
+    wall = _uniform(gen, 0.05, 0.08)
+    scar_start, scar_len = _uniform(gen, 0, 2 * np.pi), _uniform(gen, 0.5, 1.4)
+    edema_extra = _uniform(gen, 0.2, 0.6)
+    gains = {m: _uniform(gen, 0.85, 1.15) for m in MYOPS_MODALITIES}
+    for k in range(s):
+        shrink = 1.0 - 0.35 * k / max(s - 1, 1)  # base to apex
+        warp = 0.08 * _smooth_field(gen, (h, w), 4)
+        r_lv = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / (lv_r * shrink) + warp
+        angle = np.mod(np.arctan2(y - cy, x - cx) - scar_start, 2 * np.pi)
+        body = (x / 0.9) ** 2 + (y / 0.75) ** 2 < 1.0
+        lv = r_lv < 1.0
+        myo = (r_lv >= 1.0) & (r_lv < 1.0 + wall / (lv_r * shrink))
+        rv_d = np.sqrt(((x - cx + 1.9 * lv_r) / (1.3 * lv_r * shrink)) ** 2 + ((y - cy) / (2.0 * lv_r * shrink)) ** 2)
+        rv = (rv_d < 1.0) & ~lv & ~myo & ~(r_lv < 1.0 + 2 * wall / (lv_r * shrink))
+        edema = myo & (angle < scar_len + edema_extra)
+        scar = myo & (angle < scar_len) & (r_lv < 1.0 + 0.7 * wall / (lv_r * shrink))
+        lab = np.zeros((h, w), dtype=np.uint16)
+        lab[myo] = 200
+        lab[lv] = 500
+        lab[rv] = 600
+        lab[edema] = 1220
+        lab[scar] = 2221
+        label[..., k] = lab
+        regions = {"body": body, "myo": myo, "lv": lv, "rv": rv, "edema": edema, "scar": scar}
+        for m in MYOPS_MODALITIES:
+            img = np.zeros((h, w), dtype=np.float32)
+            for name in ("body", "myo", "lv", "rv", "edema", "scar"):
+                img[regions[name]] = _MYOPS_CONTRAST[m][name]
+            noise = torch.randn((h, w), generator=gen).numpy() * 0.04
+            images[m][..., k] = (img + noise + 0.05 * _smooth_field(gen, (h, w), 10)) * gains[m]
+    out = {m: np.clip(v * 1000.0, 0, 32767).astype(np.int16) for m, v in images.items()}
+    return out, label
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+
+
+def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tuple[int, ...]:
+    if cases < 1:
+        raise DMAFDataError(f"--cases: need at least 1 case, got {cases}")
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != dims or min(shape) < 1:
+        raise DMAFDataError(f"--shape: expected {dims} positive sizes, got {shape}")
+    os.makedirs(out_dir, exist_ok=True)
+    return shape
+
+
+def synthesize_brats(
+    out_dir: str, cases: int = 12, shape: Sequence[int] = (240, 240, 155), seed: int = 0, overwrite: bool = False
+) -> list[str]:
+    """Write ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_XXX/BraTS20_Training_XXX_{mod,seg}.nii.gz``.
+
+    Existing case folders are kept unless ``overwrite``. Returns the case folders.
+    """
+    shape = _check_out(out_dir, cases, shape, 3)
+    root = os.path.join(out_dir, "MICCAI_BraTS2020_TrainingData")
+    folders = []
+    for i in range(1, cases + 1):
+        case = f"BraTS20_Training_{i:03d}"
+        folder = os.path.join(root, case)
+        folders.append(folder)
+        seg = os.path.join(folder, f"{case}_seg.nii.gz")
+        if os.path.exists(seg) and not overwrite:
+            continue
+        os.makedirs(folder, exist_ok=True)
+        images, label = brats_case(shape, seed * 100003 + i)
+        for modality, arr in images.items():
+            _save(arr, BRATS_AFFINE, os.path.join(folder, f"{case}_{BRATS_FILE_SUFFIX[modality]}.nii.gz"))
+        _save(label, BRATS_AFFINE, seg)
+    return folders
+
+
+def synthesize_myops(
+    out_dir: str, cases: int = 10, shape: Sequence[int] = (256, 256, 5), seed: int = 0, overwrite: bool = False
+) -> list[str]:
+    """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``."""
+    shape = _check_out(out_dir, cases, shape, 3)
+    img_dir, gd_dir = os.path.join(out_dir, "train25"), os.path.join(out_dir, "train25_myops_gd")
+    os.makedirs(img_dir, exist_ok=True)
+    os.makedirs(gd_dir, exist_ok=True)
+    affine = np.diag([1.25, 1.25, 12.0, 1.0])
+    written = []
+    for i in range(cases):
+        case = f"myops_training_{101 + i}"
+        gd = os.path.join(gd_dir, f"{case}_gd.nii.gz")
+        written.append(gd)
+        if os.path.exists(gd) and not overwrite:
+            continue
+        images, label = myops_case(shape, seed * 100003 + i)
+        for modality, arr in images.items():
+            _save(arr, affine, os.path.join(img_dir, f"{case}_{MYOPS_FILE_SUFFIX[modality]}.nii.gz"))
+        _save(label, affine, gd)
+    return written
