@@ -213,7 +213,8 @@ class CombinationEvaluation:
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 if np.isfinite(data[i, j]):
-                    ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+                    colour = "k" if data[i, j] > 60 else "w"  # readable on viridis' bright end
+                    ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", color=colour, fontsize=8)
         fig.colorbar(im, ax=ax, label="Dice [%]")
         ax.set_title("Dice per modality combination")
         fig.tight_layout()
