@@ -17,12 +17,9 @@ __all__ = [
     "BRATS_MODALITIES",
     "MYOPS_MODALITIES",
     "BRATS_LABELS",
-    "BRATS_REGIONS",
-    "MYOPS_RAW_LABELS",
     "MYOPS_LABELS",
     "BRATS_FILE_SUFFIX",
     "MYOPS_FILE_SUFFIX",
-    "modalities_of",
 ]
 
 
@@ -39,19 +36,7 @@ BRATS_FILE_SUFFIX = {"flair": "flair", "t1": "t1", "t1ce": "t1ce", "t2": "t2"}
 MYOPS_FILE_SUFFIX = {"bssfp": "C0", "lge": "DE", "t2": "T2"}
 #: BraTS label values in the files -> names (label 4 is trained as class 3)
 BRATS_LABELS = {0: "background", 1: "necrotic/non-enhancing core", 2: "edema", 4: "enhancing tumour"}
-#: evaluation regions as sets of file label values
-BRATS_REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
-#: MyoPS2020 raw label values: myocardium 200, LV blood pool 500, RV blood pool 600, edema 1220, scar 2221
-MYOPS_RAW_LABELS = (0, 200, 500, 600, 1220, 2221)
-#: trained MyoPS classes (edema and scar merged into myocardium, as the paper)
+#: trained MyoPS classes; edema and scar merge into myocardium, as the paper (raw values: myocardium 200,
+#: LV 500, RV 600, edema 1220, scar 2221; the mapping is in bundle/configs/train_myops.json)
 MYOPS_LABELS = {0: "background", 1: "LV blood pool", 2: "RV blood pool", 3: "myocardium"}
 
-
-def modalities_of(dataset: str) -> tuple[str, ...]:
-    """Canonical modality order of ``"brats"``/``"msd"`` or ``"myops"``."""
-    key = dataset.lower()
-    if key in ("brats", "msd"):
-        return BRATS_MODALITIES
-    if key == "myops":
-        return MYOPS_MODALITIES
-    raise DMAFDataError(f"dataset: unknown dataset {dataset!r}; expected brats, msd or myops")
