@@ -33,13 +33,12 @@ BUNDLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 DEMO_OVERRIDES = ["--roi_size", "[48,48,48]", "--num_workers", "2", "--sw_overlap", "0.25", "--learning_rate", "0.001"]
 
 
-def _run(cmd: list[str], cwd: str) -> str:
+def _run(cmd: list[str], cwd: str) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-6000:])
         raise SystemExit(f"[demo] failed: {' '.join(cmd[:6])} ... (exit {proc.returncode})")
-    return proc.stdout
 
 
 def run_demo(
@@ -51,6 +50,7 @@ def run_demo(
 ) -> None:
     """Run the demo; outputs go to ``work_dir`` (weights, TensorBoard logs, evaluation tables, segmentation)."""
     from .data import build_datalist, synthesize_brats, write_datalist
+    from .evaluation import format_table
 
     start = time.time()
     data_dir, work_dir = os.path.abspath(data_dir), os.path.abspath(work_dir)
@@ -72,10 +72,10 @@ def run_demo(
           str(epochs), "--val_interval", str(max(1, epochs // 3))] + common, BUNDLE_DIR)
 
     print("[demo] 4/5 evaluation over all 15 modality combinations of the test split")
-    out = _run([py, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']"]
-               + common, BUNDLE_DIR)
-    table = out[out.find("brats raw"):]
-    table = table[: table.find("brats et_postprocessed")] if "brats et_postprocessed" in table else table
+    _run([py, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']"] + common,
+         BUNDLE_DIR)
+    result = json.load(open(os.path.join(root, "eval", "evaluation.json")))
+    table = format_table(result["tables"]["raw"], result["regions"], f"Dice/HD95 on {result['cases']} test cases")
 
     print("[demo] 5/5 inference on a new study that has only FLAIR and T1ce")
     new_dir = os.path.join(work_dir, "new_studies")

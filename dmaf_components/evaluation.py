@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-__all__ = ["REGIONS", "modality_combinations", "combination_name", "suppress_small_et", "CombinationEvaluation"]
+__all__ = [
+    "REGIONS",
+    "modality_combinations",
+    "combination_name",
+    "suppress_small_et",
+    "format_table",
+    "CombinationEvaluation",
+]
 
 #: evaluation regions in trained class indices (BraTS: 1 NCR, 2 edema, 3 ET; MyoPS: 1 LVB, 2 RVB, 3 MYO)
 REGIONS = {
@@ -54,6 +61,18 @@ def suppress_small_et(label: torch.Tensor, et_class: int = 3, min_voxels: int = 
 def _regions(label: torch.Tensor, regions: Mapping[str, Sequence[int]]) -> torch.Tensor:
     """(B, 1, *s) class indices -> (B, R, *s) binary regions."""
     return torch.cat([torch.isin(label, torch.as_tensor(c, device=label.device)) for c in regions.values()], 1).float()
+
+
+def format_table(rows: Sequence[dict], regions: Sequence[str], title: str) -> str:
+    """The evaluation table as text: one row per combination, Dice and HD95 per region and their averages."""
+    head = f"{'combination':<24}" + "".join(f"{'DSC ' + r:>9}" for r in regions) + f"{'DSC avg':>9}"
+    head += "".join(f"{'HD95 ' + r:>10}" for r in regions) + f"{'HD95 avg':>10}"
+    lines = [title, head, "-" * len(head)]
+    for row in rows:
+        line = f"{row['combination']:<24}" + "".join(f"{row['dice_' + r]:9.2f}" for r in regions)
+        line += f"{row['dice_avg']:9.2f}" + "".join(f"{row['hd95_' + r]:10.2f}" for r in regions)
+        lines.append(line + f"{row['hd95_avg']:10.2f}")
+    return "\n".join(lines)
 
 
 class CombinationEvaluation:
@@ -184,19 +203,8 @@ class CombinationEvaluation:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-            print(self.format_table(rows, f"{self.dataset} {variant} ({result['cases']} cases)"))
+            print(format_table(rows, list(self.regions), f"{self.dataset} {variant} ({result['cases']} cases)"))
         self._heatmap(result["tables"]["raw"], os.path.join(self.output_dir, "evaluation_dice.png"))
-
-    def format_table(self, rows: Sequence[dict], title: str) -> str:
-        regions = list(self.regions)
-        head = f"{'combination':<24}" + "".join(f"{'DSC ' + r:>9}" for r in regions) + f"{'DSC avg':>9}"
-        head += "".join(f"{'HD95 ' + r:>10}" for r in regions) + f"{'HD95 avg':>10}"
-        lines = [title, head, "-" * len(head)]
-        for row in rows:
-            line = f"{row['combination']:<24}" + "".join(f"{row['dice_' + r]:9.2f}" for r in regions)
-            line += f"{row['dice_avg']:9.2f}" + "".join(f"{row['hd95_' + r]:10.2f}" for r in regions)
-            lines.append(line + f"{row['hd95_avg']:10.2f}")
-        return "\n".join(lines)
 
     def _heatmap(self, rows: Sequence[dict], path: str) -> None:
         import matplotlib

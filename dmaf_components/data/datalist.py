@@ -61,7 +61,7 @@ def _find_file(folder: str, stem: str) -> str | None:
 
 
 def find_brats_cases(data_dir: str, require_label: bool = True) -> list[dict]:
-    """Cases of the raw BraTS2020 training folder (``BraTS20_Training_XXX/BraTS20_Training_XXX_{mod}.nii[.gz]``).
+    """Cases of the raw BraTS2020 training folder (``BraTS20_Training_NNN/BraTS20_Training_NNN_{mod}.nii[.gz]``).
 
     The folder may be ``data_dir`` itself or ``data_dir/MICCAI_BraTS2020_TrainingData``. The real release names case
     355's segmentation ``W39_1998.09.19_Segm.nii``: any single ``*Segm.nii[.gz]`` in a case folder is accepted.
@@ -154,8 +154,8 @@ def _detect_layout(data_dir: str) -> str:
     if glob.glob(os.path.join(data_dir, "**", "myops_*.nii*"), recursive=True):
         return "myops"
     raise DMAFDataError(
-        f"{data_dir}: unknown dataset layout; expected BraTS20_Training_XXX folders, an MSD imagesTr/labelsTr "
-        "folder, or MyoPS2020 myops_training_XXX_{C0,DE,T2,gd}.nii.gz files"
+        f"{data_dir}: unknown dataset layout; expected BraTS20_Training_NNN folders, an MSD imagesTr/labelsTr "
+        "folder, or MyoPS2020 myops_training_NNN_{C0,DE,T2,gd}.nii.gz files"
     )
 
 

@@ -185,7 +185,7 @@ def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tup
 def synthesize_brats(
     out_dir: str, cases: int = 12, shape: Sequence[int] = (240, 240, 155), seed: int = 0, overwrite: bool = False
 ) -> list[str]:
-    """Write ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_XXX/BraTS20_Training_XXX_{mod,seg}.nii.gz``.
+    """Write ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{mod,seg}.nii.gz``.
 
     Existing case folders are kept unless ``overwrite``. Returns the case folders.
     """
