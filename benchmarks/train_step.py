@@ -20,6 +20,10 @@ against that peak.
 
     python benchmarks/train_step.py --sizes 64 128 --steps 3
     python benchmarks/train_step.py --device cuda --amp --sizes 128      # on a GPU
+    python benchmarks/train_step.py --sizes 128 --variants full --masks all --channels-last off   # plain layout
+
+The reference peak is a dense matmul in the dtype the convolutions run in: fp32 on CPU, fp16 under --amp on CUDA
+(so the percentage compares like with like).
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ def matmul_peak(device: str, dtype=torch.float32, n: int = 2048, reps: int = 10)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
-def worker(size: int, variant: str, masks: str, steps: int, device: str, amp: bool, ckpt: bool = False) -> dict:
+def worker(
+    size: int, variant: str, masks: str, steps: int, device: str, amp: bool, ckpt: bool = False,
+    channels_last: bool | None = None, count_flops: bool = True,
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dmaf_components.data import idt_masks
@@ -60,7 +67,11 @@ def worker(size: int, variant: str, masks: str, steps: int, device: str, amp: bo
 
     torch.manual_seed(0)
     full = variant == "full"
-    net = DMAFNet(3, 4, 4, fusion="dmaf" if full else "concat", gradient_checkpointing=ckpt).to(device).train()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch size, as in the bundle's training
+    net = DMAFNet(
+        3, 4, 4, fusion="dmaf" if full else "concat", gradient_checkpointing=ckpt, channels_last=channels_last
+    ).to(device).train()
     loss_fn = DMAFLoss(4, 4, 128, distillation=full).to(device)
     params = list(net.parameters()) + (list(loss_fn.parameters()) if full else [])
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
@@ -93,7 +104,11 @@ def worker(size: int, variant: str, masks: str, steps: int, device: str, amp: bo
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step(seq[0])  # warm-up
+    # warm-up: on CUDA every mask of the sequence once (cuDNN autotunes each new shape: the present modalities set the
+    # shared decoder's batch), so that the timed steps are steady-state; on CPU one step
+    warm = list(dict.fromkeys(tuple(r) for r in seq)) if device.startswith("cuda") else [tuple(seq[0])]
+    for row in warm:
+        step(row)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -103,7 +118,7 @@ def worker(size: int, variant: str, masks: str, steps: int, device: str, amp: bo
         times.append(time.perf_counter() - start)
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     total_flops = 0  # counted in separate passes over the same masks, so counting does not slow the timed steps
-    for i in range(steps):
+    for i in range(steps if count_flops else 0):
         counter = FlopCounterMode(display=False)
         with counter:
             step(seq[i + 1])
@@ -115,7 +130,7 @@ def worker(size: int, variant: str, masks: str, steps: int, device: str, amp: bo
         "masks": masks,
         "sec_per_step": mean,
         "times": times,
-        "gflop_per_step": total_flops / steps / 1e9,
+        "gflop_per_step": total_flops / steps / 1e9 if count_flops else float("nan"),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "peak_gpu_gb": peak_gpu,
         "mean_present": float(sum(sum(r) for r in seq[1:]) / steps),
@@ -131,19 +146,26 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="DMAFNet(gradient_checkpointing=True)")
     parser.add_argument("--variants", nargs="+", default=["full", "baseline"])
+    parser.add_argument("--skip-flops", action="store_true", help="time only (no FLOP-counting passes)")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="DMAFNet(channels_last=None/True/False): auto = channels-last convolutions on CPU only")
     parser.add_argument("--masks", nargs="+", default=["all", "idt"])
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "VARIANT", "MASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         size, variant, masks = args.worker
+        cl = {"auto": None, "on": True, "off": False}[args.channels_last]
         print(json.dumps(worker(int(size), variant, masks, args.steps, args.device, args.amp,
-                                args.gradient_checkpointing)))
+                                args.gradient_checkpointing, cl, not args.skip_flops)))
         return
 
-    peak = matmul_peak(args.device)
-    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"amp {args.amp}, gradient checkpointing {args.gradient_checkpointing}; "
-          f"measured fp32 matmul peak {peak:.1f} GFLOP/s")
+    gpu = args.device.startswith("cuda")
+    peak_dtype = torch.float16 if (gpu and args.amp) else torch.float32
+    peak = matmul_peak(args.device, peak_dtype, n=8192 if gpu else 2048)
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({name}), "
+          f"amp {args.amp}, gradient checkpointing {args.gradient_checkpointing}, channels-last {args.channels_last}; "
+          f"measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s")
     results = []
     for size in args.sizes:
         for variant in args.variants:
@@ -151,6 +173,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--worker", str(size), variant, masks, "--steps", str(args.steps),
                        "--device", args.device] + (["--amp"] if args.amp else [])
                 cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+                cmd += ["--channels-last", args.channels_last] + (["--skip-flops"] if args.skip_flops else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(out.stderr[-3000:])
@@ -177,7 +200,8 @@ def main() -> None:
                 print(f"{size:>4}^3 {variant:<8} idt/all = {i['sec_per_step'] / a['sec_per_step']:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"matmul_peak_gflops": peak, "results": results}, fh, indent=2)
+            json.dump({"matmul_peak_gflops": peak, "peak_dtype": str(peak_dtype), "device_name": name,
+                       "channels_last": args.channels_last, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def test_batched_masked_path_matches_per_sample(tiny_net_kwargs):
     with torch.no_grad():
         batched = net(x, mask)
         single = torch.cat([net(x[i : i + 1], mask[i : i + 1]) for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+    # oneDNN picks other convolution algorithms for other batch sizes: float noise ~1e-5 on logits of ~5; a masking
+    # error would differ by O(0.1)
+    assert torch.allclose(batched, single, atol=1e-4)
 
 
 def test_mask_is_derived_from_nonzero_channels(tiny_net_kwargs):
@@ -163,8 +165,8 @@ def test_traced_export_matches_eager_for_any_mask(tmp_path, tiny_net_kwargs):
     x = torch.randn(2, 4, 32, 32, 32)
     x[0, 1] = 0
     x[1, :2] = 0
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), net(x), atol=1e-5)
+    with torch.no_grad():  # float noise only (the traced graph runs every encoder on the full batch, then zeroes)
+        assert torch.allclose(loaded(x), net(x), atol=1e-4)
 
 
 def test_dropping_missing_tokens_equals_masking_them(monkeypatch):
@@ -211,3 +213,67 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_kwargs):
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("fusion", ["dmaf", "mean", "concat"])
+@pytest.mark.parametrize("present", [[True, True, True, True], [True, False, True, False]])
+def test_present_only_path_matches_the_zero_filled_path(fusion, present, tiny_net_kwargs, monkeypatch):
+    """Batch 1 (or a mask shared by the batch) runs only the present modalities, packed; it must give the outputs and
+    gradients of the general zero-filled path."""
+    net = DMAFNet(3, 4, 3, fusion=fusion, **tiny_net_kwargs).train()
+    x = torch.randn(2, 4, 32, 32, 32)
+    mask = torch.tensor([present] * 2)
+    results = []
+    for force_dense in (False, True):
+        if force_dense:
+            monkeypatch.setattr(DMAFNet, "shared_present", staticmethod(lambda mask: None))
+        net.zero_grad()
+        out = net(x, mask)
+        (out.logits.square().mean() + out.modality_logits.square().mean() + out.modality_features.square().mean()
+         ).backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (packed, g_packed), (dense, g_dense) = results
+    for a, b in zip(packed.deep_supervision, dense.deep_supervision):
+        assert torch.allclose(a, b, atol=1e-4)
+    for field in ("modality_logits", "modality_features", "fused_features"):
+        assert torch.allclose(getattr(packed, field), getattr(dense, field), atol=1e-4), field
+    assert g_packed.keys() == g_dense.keys()
+    for name in g_packed:
+        assert torch.allclose(g_packed[name], g_dense[name], atol=1e-4, rtol=1e-3), name
+    missing = [m for m, p in enumerate(present) if not p]
+    assert not any(n.startswith(f"encoders.{m}.") for m in missing for n in g_packed)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_channels_last_convolution_matches_the_plain_one(spatial_dims):
+    """The CPU channels-last convolution gives nn.ConvNd's values and gradients and hands back a channels-first
+    tensor (instance norm and the rest of the network run on that layout)."""
+    from torch import nn
+
+    from dmaf_components.networks.blocks import conv_block
+
+    block = conv_block(spatial_dims, 6, 8, strides=2)
+    ref = (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(6, 8, 3, stride=2, padding=1)
+    ref.load_state_dict(block.conv.state_dict())
+    x = torch.randn((2, 6) + (9, 8, 7)[:spatial_dims], requires_grad=True)
+    grads = []
+    for conv in (ref, block.conv):
+        y = conv(x)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        grads.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), g)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert grads[1][0].is_contiguous()
+    # under CPU bf16 autocast the backward runs in bf16 like the reference's, and returns fp32 gradients
+    grads = []
+    for conv in (ref, block.conv):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        grads.append((y.float(), *torch.autograd.grad(y.float().square().sum(), (x, conv.weight, conv.bias))))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.abs().max()))
+    # a convolution of cat([a, b]) computed as two partial convolutions
+    parts = [torch.randn((2, 2) + (9, 8, 7)[:spatial_dims]), torch.randn((2, 4) + (9, 8, 7)[:spatial_dims])]
+    assert torch.allclose(block.conv.forward_split(parts), ref(torch.cat(parts, 1)), atol=1e-5)

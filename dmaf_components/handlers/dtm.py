@@ -238,10 +238,11 @@ class DynamicTrainingMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ema_relation = torch.as_tensor(state["ema_relation"], dtype=torch.float64).clone()
-        self.ema_prototype = torch.as_tensor(state["ema_prototype"], dtype=torch.float64).clone()
-        self.seen = torch.as_tensor(state["seen"], dtype=torch.bool).clone()
-        self.prev_grads = [None if g is None else torch.as_tensor(g).clone() for g in state["prev_grads"]]
+        # the monitor keeps its state on the CPU; a checkpoint loaded with map_location="cuda" brings it elsewhere
+        self.ema_relation = torch.as_tensor(state["ema_relation"]).to("cpu", torch.float64).clone()
+        self.ema_prototype = torch.as_tensor(state["ema_prototype"]).to("cpu", torch.float64).clone()
+        self.seen = torch.as_tensor(state["seen"]).to("cpu", torch.bool).clone()
+        self.prev_grads = [None if g is None else torch.as_tensor(g).detach().cpu().clone() for g in state["prev_grads"]]
         if len(self.prev_grads) != len(self.names) or self.seen.numel() != len(self.names):
             raise ValueError(f"DTM state is for {self.seen.numel()} modalities, this monitor has {len(self.names)}.")
         self._apply_weights()

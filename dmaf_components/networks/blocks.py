@@ -17,21 +17,144 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
-from torch.utils.checkpoint import checkpoint
-from monai.networks.layers.factories import Conv
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ModalityEncoder", "UNetDecoder", "conv_block"]
+__all__ = [
+    "ChannelsLastConv2d",
+    "ChannelsLastConv3d",
+    "ModalityEncoder",
+    "UNetDecoder",
+    "channels_last_conv",
+    "conv_block",
+    "set_channels_last",
+]
 
 _NORM = ("instance", {"affine": True})
 _ACT = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
+def _cl(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+
+
+class _ChannelsLastConvFunction(torch.autograd.Function):
+    """Convolution on a channels-last copy of ``x``, output channels-first; saves ``x`` itself (not the copy).
+
+    Autograd would otherwise keep the channels-last copy of every convolution input alive until backward, beside the
+    channels-first original that the preceding activation already keeps: one more activation-sized tensor per
+    convolution. Backward re-makes the copy instead (a memory copy, cheap next to the convolution).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # type: ignore[override]
+        conv = F.conv3d if x.ndim == 5 else F.conv2d
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (bias is not None, stride, padding, dilation, groups)
+        return conv(_cl(x), weight, bias, stride, padding, dilation, groups).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        has_bias, stride, padding, dilation, groups = ctx.conf
+        dtype = grad.dtype  # under autocast the forward ran in lower precision: backward in the same dtype
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            _cl(grad), _cl(x.to(dtype)), weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
+            dilation, False, [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]],
+        )
+        gx = gx.contiguous().to(x.dtype) if gx is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(weight.dtype) if gb is not None else None
+        return gx, gw, gb, None, None, None, None
+
+
+class _ChannelsLastConv:
+    """Convolution computed on a channels-last copy of its input, result returned channels-first.
+
+    oneDNN's CPU convolutions with the 8-16 channels of the full-resolution levels are 2-5x faster (forward and
+    backward) on channels-last (NDHWC) tensors than on NCDHW ones. Everything around the convolutions (instance norm,
+    whose CPU kernel computes the statistics of a constant input, e.g. a background window, exactly and batch
+    independently, interpolation, concatenation) stays channels-first; the layout copies cost a few percent of what
+    the convolution saves, and no extra memory (:class:`_ChannelsLastConvFunction`). docs/performance.md has the
+    measurements.
+
+    ``channels_last``: None (default) = on CPU only (cuDNN chooses its own layouts); True/False forces it.
+    Parameters are those of the ``nn.ConvNd`` it extends, so state dicts are unchanged.
+    """
+
+    channels_last: bool | None = None
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, C_in, *spatial)``.
+            weight: optional replacement of ``self.weight``, e.g. a slice of its input channels.
+            bias: add ``self.bias`` (False: e.g. for all but one of several partial convolutions that are summed).
+        """
+        w = self.weight if weight is None else weight  # type: ignore[attr-defined]
+        b = self.bias if bias else None  # type: ignore[attr-defined]
+        use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
+        if not use or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return self._conv_forward(x, w, b)  # type: ignore[attr-defined]
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # type: ignore[attr-defined]
+            return self._conv_forward(_cl(x), w, b).contiguous()  # type: ignore[attr-defined]
+        return _ChannelsLastConvFunction.apply(
+            x, w, b, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]
+        )
+
+    def forward_split(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The convolution of ``torch.cat(parts, dim=1)`` without building the concatenation: the sum of each part's
+        convolution with its slice of the weight's input channels (bias added once). Saves the memory of the
+        concatenated tensor, which autograd would keep until backward."""
+        out = None
+        start = 0
+        for i, part in enumerate(parts):
+            c = part.shape[1]
+            y = self(part, weight=self.weight[:, start : start + c], bias=i == 0)  # type: ignore[attr-defined]
+            out = y if out is None else out + y
+            start += c
+        return out
+
+
+class ChannelsLastConv3d(_ChannelsLastConv, nn.Conv3d):
+    """``nn.Conv3d`` run channels-last on CPU (see :class:`_ChannelsLastConv`)."""
+
+
+class ChannelsLastConv2d(_ChannelsLastConv, nn.Conv2d):
+    """``nn.Conv2d`` run channels-last on CPU (see :class:`_ChannelsLastConv`)."""
+
+
+def channels_last_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1) -> nn.Module:
+    """A ``ChannelsLastConv{2,3}d`` with 'same' padding (odd ``kernel_size``)."""
+    cls = ChannelsLastConv3d if spatial_dims == 3 else ChannelsLastConv2d
+    return cls(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2)
+
+
+def set_channels_last(module: nn.Module, channels_last: bool | None) -> None:
+    """Set the layout policy of every channels-last convolution in ``module`` (None: CPU only)."""
+    for m in module.modules():
+        if isinstance(m, _ChannelsLastConv):
+            m.channels_last = channels_last
+
+
 def conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 3, strides: int = 1) -> nn.Module:
-    """Convolution -> instance norm -> LeakyReLU(0.2), the unit used throughout (as in the mmFormer/PASSION baselines)."""
-    return Convolution(
+    """Convolution -> instance norm -> LeakyReLU(0.2), the unit used throughout (as in the mmFormer/PASSION baselines).
+
+    MONAI's ``Convolution`` (parameter names ``conv``, ``adn.N``), its convolution computed channels-last on CPU.
+    """
+    block = Convolution(
         spatial_dims, in_channels, out_channels, strides=strides, kernel_size=kernel_size, norm=_NORM, act=_ACT
     )
+    conv = block.conv
+    cls = ChannelsLastConv3d if spatial_dims == 3 else ChannelsLastConv2d
+    fast = cls(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        conv.bias is not None,
+    )
+    fast.load_state_dict(conv.state_dict())
+    block.conv = fast  # replaces MONAI's in place (same key and position)
+    return block
 
 
 class _ResidualStage(nn.Module):
@@ -126,9 +249,10 @@ class UNetDecoder(nn.Module):
                 for i in range(len(channels) - 1)
             ]
         )
-        conv = Conv[Conv.CONV, spatial_dims]
         n_heads = len(channels) if deep_supervision else 1
-        self.heads = nn.ModuleList([conv(channels[i], out_channels, kernel_size=1) for i in range(n_heads)])
+        self.heads = nn.ModuleList(
+            [channels_last_conv(spatial_dims, channels[i], out_channels) for i in range(n_heads)]
+        )
         self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
 
     def forward(self, feats: Sequence[torch.Tensor], all_levels: bool = True) -> list[torch.Tensor]:
@@ -154,4 +278,7 @@ class UNetDecoder(nn.Module):
 
     def _up(self, i: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
-        return self.merge[i](torch.cat([self.up_convs[i](x), skip], dim=1))
+        merge = self.merge[i]
+        # merge[0] on cat([up, skip]): computed as two partial convolutions, so the concatenation is never stored
+        y = merge[0].adn(merge[0].conv.forward_split([self.up_convs[i](x), skip]))
+        return merge[1](y)

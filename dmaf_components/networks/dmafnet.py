@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .blocks import ModalityEncoder, UNetDecoder
+from .blocks import ModalityEncoder, UNetDecoder, set_channels_last
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion
 
 __all__ = ["DMAFNet", "DMAFNetOutput", "FUSIONS"]
@@ -78,7 +78,12 @@ class DMAFNet(nn.Module):
         dropout: dropout in the DMAF transformer.
         deep_supervision: fusion decoder heads at every level (training only).
         gradient_checkpointing: recompute encoder and decoder stages in backward instead of storing their activations
-            (training memory down, compute up by about one forward pass); see docs/performance.md.
+            (training memory down, compute up by about one forward pass); the shared decoder then also runs one
+            modality at a time, so that its recomputation in backward holds one modality's activations, not all of
+            them. See docs/performance.md.
+        channels_last: compute the encoder/decoder convolutions on channels-last (NDHWC) copies of their inputs
+            (:class:`~dmaf_components.networks.blocks.ChannelsLastConv3d`); None (default): on CPU, where oneDNN's
+            convolutions are several times faster on that layout, and not on CUDA.
 
     Forward:
         x: ``(B, M, *spatial)`` modalities stacked as channels.
@@ -103,6 +108,7 @@ class DMAFNet(nn.Module):
         dropout: float = 0.0,
         deep_supervision: bool = True,
         gradient_checkpointing: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -140,6 +146,8 @@ class DMAFNet(nn.Module):
         self.fusion_decoder = UNetDecoder(
             spatial_dims, self.channels, out_channels, deep_supervision, gradient_checkpointing
         )
+        self.gradient_checkpointing = gradient_checkpointing
+        set_channels_last(self, channels_last)
 
     def resolve_mask(self, x: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
         """The bool ``(B, M)`` presence mask: the given one, or derived from non-zero voxels."""
@@ -185,6 +193,52 @@ class DMAFNet(nn.Module):
                 per_level[level].append(o)
         return [torch.stack(level, dim=1) for level in per_level]
 
+    @staticmethod
+    def shared_present(mask: torch.Tensor) -> torch.Tensor | None:
+        """Indices ``(P,)`` of the present modalities when every sample has the same ones and at least one (always
+        the case at batch 1), else None. Not used while tracing: an exported graph must not depend on the mask."""
+        if torch.jit.is_tracing():
+            return None
+        shared = mask[0]
+        if bool(shared.any()) and bool((mask == shared).all()):
+            return shared.nonzero().squeeze(1)
+        return None
+
+    def encode_present(self, x: torch.Tensor, present: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoders of the modalities ``present`` (every sample has exactly these).
+
+        Returns:
+            L tensors ``(P * B, C_l, *spatial_l)``, modality-major (row ``p * B + b`` is modality ``present[p]`` of
+            sample b): the shared decoder's batch as it is, and :func:`unpack` gives the fusion's ``(B, P, ...)``.
+        """
+        outs = [self.encoders[int(m)](x[:, int(m) : int(m) + 1]) for m in present]
+        return [level[0] if len(level) == 1 else torch.cat(level, dim=0) for level in zip(*outs)]
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, num_present: int) -> torch.Tensor:
+        """``(P * B, ...)`` modality-major -> ``(B, P, ...)`` (a view, no copy)."""
+        return packed.reshape((num_present, -1) + tuple(packed.shape[1:])).transpose(0, 1)
+
+    def decode_present(self, packed: Sequence[torch.Tensor], present: torch.Tensor) -> torch.Tensor:
+        """Shared decoder D_s on the present modalities' packed features (see :meth:`encode_present`).
+
+        With gradient checkpointing it runs one modality at a time, so that backward recomputes one modality's
+        decoder activations at a time.
+
+        Returns:
+            ``(B, M, K, *spatial)`` uni-modal logits z^m, zero where the modality is missing.
+        """
+        p = int(present.numel())
+        b = packed[0].shape[0] // p
+        if self.gradient_checkpointing and self.training and p > 1:
+            z = torch.cat([self.shared_decoder([f[i * b : (i + 1) * b] for f in packed], False)[0] for i in range(p)])
+        else:
+            z = self.shared_decoder(list(packed), all_levels=False)[0]
+        z = self.unpack(z, p)  # (B, P, K, *spatial)
+        if p == self.num_modalities:
+            return z
+        return z.new_zeros((b, self.num_modalities) + tuple(z.shape[2:])).index_copy(1, present, z)
+
     def decode_modalities(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """Shared decoder D_s on every present (sample, modality) pair in one batched call.
 
@@ -206,16 +260,31 @@ class DMAFNet(nn.Module):
             modality_mask = modality_mask.as_tensor()
         mask = self.resolve_mask(x, modality_mask)
         x = x * mask.to(x.dtype).reshape(mask.shape + (1,) * (x.ndim - 2))
-        feats = self.encode(x, mask)
-        fused = [fuse(f, mask) for fuse, f in zip(self.fusions, feats)]
+        present = self.shared_present(mask)
+        if present is not None:  # every sample has the same modalities (batch 1): only theirs are computed
+            packed = self.encode_present(x, present)
+            feats = [self.unpack(f, present.numel()) for f in packed]
+            fused = [fuse(f, mask, present) for fuse, f in zip(self.fusions, feats)]
+        else:
+            feats = self.encode(x, mask)
+            fused = [fuse(f, mask) for fuse, f in zip(self.fusions, feats)]
         z = self.fusion_decoder(fused, all_levels=self.training)
         if not self.training:
             return z[0]
+        if present is not None:
+            modality_logits = self.decode_present(packed, present)
+            last = feats[-1]
+            if present.numel() < self.num_modalities:
+                last = last.new_zeros((last.shape[0], self.num_modalities) + tuple(last.shape[2:])).index_copy(
+                    1, present, last
+                )
+        else:
+            modality_logits, last = self.decode_modalities(feats, mask), feats[-1]
         return DMAFNetOutput(
             logits=z[0],
             deep_supervision=z,
-            modality_logits=self.decode_modalities(feats, mask),
-            modality_features=feats[-1],
+            modality_logits=modality_logits,
+            modality_features=last,
             fused_features=fused[-1],
             modality_mask=mask,
         )

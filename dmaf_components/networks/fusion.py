@@ -20,6 +20,8 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.layers.factories import Conv
 from torch import nn
 
+from .blocks import channels_last_conv
+
 __all__ = [
     "DMAFFusion",
     "MeanFusion",
@@ -163,66 +165,97 @@ class DMAFFusion(nn.Module):
         keys = safe[:, :, None].expand(-1, -1, tokens_per_modality).reshape(mask.shape[0], -1)
         return keys[:, None, None, :]
 
-    def spatial_weights(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def spatial_weights(
+        self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-modality spatial weight maps a_m.
 
-        When every sample of the batch has the same modalities (always at batch 1), the missing modalities' tokens
-        are left out of the sequence instead of being masked: the result is identical (masked keys get zero
+        When every sample of the batch has the same modalities (always at batch 1), only the present modalities'
+        tokens enter the sequence instead of masking the missing ones: the result is identical (masked keys get zero
         attention, and missing queries are discarded by the zero weights) at (present / M)^2 of the attention cost.
 
         Args:
-            feats: ``(B, M, C, *spatial)`` features, missing modalities zero.
+            feats: ``(B, M, C, *spatial)`` features, missing modalities zero; or, when ``present`` is given,
+                ``(B, P, C, *spatial)`` holding only the modalities ``present`` (shared by every sample).
             mask: bool ``(B, M)``.
+            present: optional ``(P,)`` indices of the modalities ``feats`` holds.
 
         Returns:
-            ``(B, M, *spatial)`` weights, 0 for missing modalities, summing to 1 over present ones.
+            ``(B, M, *spatial)`` weights, 0 for missing modalities, summing to 1 over present ones; with ``present``,
+            ``(B, P, *spatial)`` weights of the modalities in ``feats``.
         """
-        b, m, c = feats.shape[:3]
-        spatial = feats.shape[3:]
-        grid = [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
-        keep = None
+        if present is not None:
+            return self._present_weights(feats, present)
+        b, m = feats.shape[:2]
         if not torch.jit.is_tracing():
             shared = mask[0]
             if bool(shared.any()) and not bool(shared.all()) and bool((mask == shared).all()):
                 keep = shared.nonzero().squeeze(1)
-        sub = feats if keep is None else feats.index_select(1, keep)
-        mod_embed = self.modality_embed if keep is None else self.modality_embed.index_select(1, keep)
-        ms = sub.shape[1]
+                weights = self._present_weights(feats.index_select(1, keep), keep)
+                return weights.new_zeros((b, m) + tuple(weights.shape[2:])).index_copy(1, keep, weights)
+        scores = self._scores(feats, self.modality_embed, self.attention_mask(mask, self._tokens(feats)))
+        return masked_softmax(scores, mask, dim=1)
+
+    def _present_weights(self, feats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Weights of the modalities ``present`` from their features ``(B, P, C, *spatial)``: no masking needed."""
+        scores = self._scores(feats, self.modality_embed.index_select(1, present), None)
+        return torch.softmax(scores.float(), dim=1).to(scores.dtype)
+
+    def _grid(self, spatial: Sequence[int]) -> list[int]:
+        return [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
+
+    def _tokens(self, feats: torch.Tensor) -> int:
+        """Tokens per modality N = prod(grid) for features ``(B, M, C, *spatial)``."""
+        n = 1
+        for g in self._grid(feats.shape[3:]):
+            n *= g
+        return n
+
+    def _scores(
+        self, feats: torch.Tensor, mod_embed: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One score per voxel and modality, ``(B, M', *spatial)``, for the M' modalities of ``feats``."""
+        b, ms, c = feats.shape[:3]
+        spatial = feats.shape[3:]
+        grid = self._grid(spatial)
         pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
-        x = self.down(pool(sub.reshape(b * ms, c, *spatial), grid))
+        x = self.down(pool(feats.reshape(b * ms, c, *spatial), grid))
         pos = self.pos_embed
         if list(pos.shape[2:]) != grid:
             pos = F.interpolate(pos, size=grid, mode=self.interp, align_corners=False)
         tokens = grid_to_tokens(x + pos, ms)  # (B, ms*N, C)
         n = tokens.shape[1] // ms
         tokens = (tokens.reshape(b, ms, n, c) + mod_embed).reshape(b, ms * n, c)
-        attn_mask = self.attention_mask(mask, n) if keep is None else None
         for layer in self.layers:
             tokens = layer(tokens, attn_mask=attn_mask)
         scores = tokens_to_grid(self.score(self.norm(tokens)), ms, grid)[:, :, 0]  # (B, ms, *grid)
-        if keep is not None:
-            scores = scores.new_zeros((b, m) + tuple(grid)).index_copy(1, keep, scores)
         if list(scores.shape[2:]) != list(spatial):
             scores = F.interpolate(scores, size=spatial, mode=self.interp, align_corners=False)
-        return masked_softmax(scores, mask, dim=1)
+        return scores
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
-            feats: ``(B, M, C, *spatial)`` per-modality features e^m_{n,l}.
+            feats: ``(B, M, C, *spatial)`` per-modality features e^m_{n,l} (missing ones zero), or
+                ``(B, P, C, *spatial)`` holding only the modalities ``present``.
             mask: bool ``(B, M)``, True = present.
+            present: optional ``(P,)`` indices of the modalities in ``feats`` (every sample has exactly these).
 
         Returns:
             fused features f_{n,l} of shape ``(B, C, *spatial)``.
         """
-        weights = self.spatial_weights(feats, mask)
+        weights = self.spatial_weights(feats, mask, present)
         return (feats * weights.unsqueeze(2)).sum(dim=1)
 
 
 class MeanFusion(nn.Module):
     """Attention-free baseline: mean of the present modalities' features (zero when none is present)."""
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``feats`` ``(B, M, C, *spatial)`` (missing zero), or ``(B, P, C, *spatial)`` holding the modalities
+        ``present``; returns ``(B, C, *spatial)``."""
+        if present is not None:
+            return feats.mean(1)
         m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
         return (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -232,8 +265,17 @@ class ConcatFusion(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, num_modalities: int) -> None:
         super().__init__()
-        self.proj = Conv[Conv.CONV, spatial_dims](channels * num_modalities, channels, kernel_size=1)
+        self.num_modalities = num_modalities
+        self.proj = channels_last_conv(spatial_dims, channels * num_modalities, channels, kernel_size=1)
 
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``feats`` ``(B, M, C, *spatial)`` (missing zero), or ``(B, P, C, *spatial)`` holding the modalities
+        ``present`` (the missing modalities' zero channels are then left out of the 1x1 convolution together with
+        their weights: the same result); returns ``(B, C, *spatial)``."""
+        if present is not None:
+            w = self.proj.weight
+            c_out, m_c = w.shape[:2]
+            w = w.reshape(c_out, self.num_modalities, m_c // self.num_modalities, *w.shape[2:]).index_select(1, present)
+            return self.proj(feats.flatten(1, 2), weight=w.flatten(1, 2))
         m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
         return self.proj((feats * m).flatten(1, 2))
