@@ -117,6 +117,7 @@ def worker(
         step(seq[i + 1])
         times.append(time.perf_counter() - start)
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before FLOP counting, which adds its own
     total_flops = 0  # counted in separate passes over the same masks, so counting does not slow the timed steps
     for i in range(steps if count_flops else 0):
         counter = FlopCounterMode(display=False)
@@ -131,7 +132,7 @@ def worker(
         "sec_per_step": mean,
         "times": times,
         "gflop_per_step": total_flops / steps / 1e9 if count_flops else float("nan"),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "peak_rss_gb": peak_rss,
         "peak_gpu_gb": peak_gpu,
         "mean_present": float(sum(sum(r) for r in seq[1:]) / steps),
     }
