@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
+from .inferers import study_modality_mask
+
 __all__ = [
     "REGIONS",
     "modality_combinations",
@@ -140,7 +142,8 @@ class CombinationEvaluation:
         for batch in self.dataloader:
             image = torch.as_tensor(batch["image"]).to(self.device)
             label = torch.as_tensor(batch["label"]).to(self.device)
-            available = torch.as_tensor(batch.get("image_available", image.flatten(2).ne(0).any(2))).bool()
+            available = batch.get("image_available")  # the loader's record; else scan the voxels (once)
+            available = study_modality_mask(image) if available is None else torch.as_tensor(available).bool()
             available = available.to(self.device).reshape(1, -1)
             spacing = getattr(batch["image"], "pixdim", None)
             if isinstance(spacing, (list, tuple)):  # batched MetaTensor: one per case

@@ -24,6 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
 from .data.constants import DMAFDataError
+from .inferers import study_modality_mask
 
 __all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "LabelToRegionsd", "AVAILABLE_POSTFIX"]
 
@@ -112,7 +113,7 @@ class LoadModalitiesd(MapTransform):
                 img = img.movedim(-1, 0)
             if img.shape[0] != m:
                 raise DMAFDataError(f"{key}: loaded image has shape {tuple(img.shape)}, expected {m} channels")
-            return img, img.flatten(1).ne(0).any(1)
+            return img, study_modality_mask(img[None])[0]
         if isinstance(value, (str, os.PathLike)):
             path = self._path(value)
             img = self.read(path)
@@ -121,7 +122,7 @@ class LoadModalitiesd(MapTransform):
                     f"{path}: has {img.shape[0]} channel(s), expected {len(self.modalities)} "
                     f"({', '.join(self.modalities)})"
                 )
-            return img, img.flatten(1).ne(0).any(1)
+            return img, study_modality_mask(img[None])[0]
         files = {m: self._path(p) for m, p in self._as_mapping(value, key).items()}
         if not files:
             raise DMAFDataError(f"{case or key}: no modality file at all")
@@ -225,7 +226,7 @@ class ModalityDropd(RandomizableTransform, MapTransform):
             img = d[key]
             available = d.get(f"{key}{AVAILABLE_POSTFIX}")
             if available is None:
-                available = torch.as_tensor(img).flatten(1).ne(0).any(1)
+                available = study_modality_mask(torch.as_tensor(img)[None])[0]
             available = torch.as_tensor(available).bool().cpu()
             mask = available.clone()
             if self.mode == "idt" and d.get(self.mask_key) is not None:

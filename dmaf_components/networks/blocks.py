@@ -95,10 +95,8 @@ class _ChannelsLastConv:
         w = self.weight if weight is None else weight  # type: ignore[attr-defined]
         b = self.bias if bias else None  # type: ignore[attr-defined]
         use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        if not use or torch.jit.is_tracing() or torch.jit.is_scripting():
+        if not use or torch.jit.is_tracing():  # (a traced export records the plain convolution)
             return self._conv_forward(x, w, b)  # type: ignore[attr-defined]
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):  # type: ignore[attr-defined]
-            return self._conv_forward(_cl(x), w, b).contiguous()  # type: ignore[attr-defined]
         return _ChannelsLastConvFunction.apply(
             x, w, b, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]
         )
@@ -125,10 +123,12 @@ class ChannelsLastConv2d(_ChannelsLastConv, nn.Conv2d):
     """``nn.Conv2d`` run channels-last on CPU (see :class:`_ChannelsLastConv`)."""
 
 
-def channels_last_conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1) -> nn.Module:
-    """A ``ChannelsLastConv{2,3}d`` with 'same' padding (odd ``kernel_size``)."""
+def channels_last_conv(
+    spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 1, strides: int = 1
+) -> nn.Module:
+    """A ``ChannelsLastConv{2,3}d`` with 'same' padding (odd ``kernel_size``; with stride s: ceil(n / s) outputs)."""
     cls = ChannelsLastConv3d if spatial_dims == 3 else ChannelsLastConv2d
-    return cls(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2)
+    return cls(in_channels, out_channels, kernel_size=kernel_size, stride=strides, padding=kernel_size // 2)
 
 
 def set_channels_last(module: nn.Module, channels_last: bool | None) -> None:
@@ -146,14 +146,8 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_si
     block = Convolution(
         spatial_dims, in_channels, out_channels, strides=strides, kernel_size=kernel_size, norm=_NORM, act=_ACT
     )
-    conv = block.conv
-    cls = ChannelsLastConv3d if spatial_dims == 3 else ChannelsLastConv2d
-    fast = cls(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        conv.bias is not None,
-    )
-    fast.load_state_dict(conv.state_dict())
-    block.conv = fast  # replaces MONAI's in place (same key and position)
+    # replaces MONAI's plain convolution in place (same key and position, same shape and default initialisation)
+    block.conv = channels_last_conv(spatial_dims, in_channels, out_channels, kernel_size, strides)
     return block
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .blocks import ModalityEncoder, UNetDecoder, set_channels_last
-from .fusion import ConcatFusion, DMAFFusion, MeanFusion
+from .fusion import ConcatFusion, DMAFFusion, MeanFusion, shared_present
 
 __all__ = ["DMAFNet", "DMAFNetOutput", "FUSIONS"]
 
@@ -193,17 +193,6 @@ class DMAFNet(nn.Module):
                 per_level[level].append(o)
         return [torch.stack(level, dim=1) for level in per_level]
 
-    @staticmethod
-    def shared_present(mask: torch.Tensor) -> torch.Tensor | None:
-        """Indices ``(P,)`` of the present modalities when every sample has the same ones and at least one (always
-        the case at batch 1), else None. Not used while tracing: an exported graph must not depend on the mask."""
-        if torch.jit.is_tracing():
-            return None
-        shared = mask[0]
-        if bool(shared.any()) and bool((mask == shared).all()):
-            return shared.nonzero().squeeze(1)
-        return None
-
     def encode_present(self, x: torch.Tensor, present: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoders of the modalities ``present`` (every sample has exactly these).
 
@@ -234,10 +223,13 @@ class DMAFNet(nn.Module):
             z = torch.cat([self.shared_decoder([f[i * b : (i + 1) * b] for f in packed], False)[0] for i in range(p)])
         else:
             z = self.shared_decoder(list(packed), all_levels=False)[0]
-        z = self.unpack(z, p)  # (B, P, K, *spatial)
-        if p == self.num_modalities:
-            return z
-        return z.new_zeros((b, self.num_modalities) + tuple(z.shape[2:])).index_copy(1, present, z)
+        return self._fill_missing(self.unpack(z, p), present)
+
+    def _fill_missing(self, t: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """``(B, P, ...)`` for the modalities ``present`` -> ``(B, M, ...)``, zero for the others."""
+        if present.numel() == self.num_modalities:
+            return t
+        return t.new_zeros((t.shape[0], self.num_modalities) + tuple(t.shape[2:])).index_copy(1, present, t)
 
     def decode_modalities(self, feats: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """Shared decoder D_s on every present (sample, modality) pair in one batched call.
@@ -260,7 +252,7 @@ class DMAFNet(nn.Module):
             modality_mask = modality_mask.as_tensor()
         mask = self.resolve_mask(x, modality_mask)
         x = x * mask.to(x.dtype).reshape(mask.shape + (1,) * (x.ndim - 2))
-        present = self.shared_present(mask)
+        present = shared_present(mask)
         if present is not None:  # every sample has the same modalities (batch 1): only theirs are computed
             packed = self.encode_present(x, present)
             feats = [self.unpack(f, present.numel()) for f in packed]
@@ -273,11 +265,7 @@ class DMAFNet(nn.Module):
             return z[0]
         if present is not None:
             modality_logits = self.decode_present(packed, present)
-            last = feats[-1]
-            if present.numel() < self.num_modalities:
-                last = last.new_zeros((last.shape[0], self.num_modalities) + tuple(last.shape[2:])).index_copy(
-                    1, present, last
-                )
+            last = self._fill_missing(feats[-1], present)
         else:
             modality_logits, last = self.decode_modalities(feats, mask), feats[-1]
         return DMAFNetOutput(

@@ -23,6 +23,7 @@ from torch import nn
 from .blocks import channels_last_conv
 
 __all__ = [
+    "shared_present",
     "DMAFFusion",
     "MeanFusion",
     "ConcatFusion",
@@ -51,6 +52,21 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> to
     scores = logits.float().masked_fill(~m, torch.finfo(torch.float32).min)
     weights = torch.softmax(scores, dim=dim) * m
     return weights.to(logits.dtype)
+
+
+def shared_present(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices ``(P,)`` of the present modalities when every sample has the same ones and at least one (always the
+    case at batch 1), else None. None while tracing too: an exported graph must not depend on the example's mask.
+
+    Args:
+        mask: bool ``(B, M)``, True = present.
+    """
+    if torch.jit.is_tracing():
+        return None
+    shared = mask[0]
+    if bool(shared.any()) and bool((mask == shared).all()):
+        return shared.nonzero().squeeze(1)
+    return None
 
 
 def grid_to_tokens(x: torch.Tensor, num_modalities: int) -> torch.Tensor:
@@ -186,38 +202,23 @@ class DMAFFusion(nn.Module):
         """
         if present is not None:
             return self._present_weights(feats, present)
-        b, m = feats.shape[:2]
-        if not torch.jit.is_tracing():
-            shared = mask[0]
-            if bool(shared.any()) and not bool(shared.all()) and bool((mask == shared).all()):
-                keep = shared.nonzero().squeeze(1)
-                weights = self._present_weights(feats.index_select(1, keep), keep)
-                return weights.new_zeros((b, m) + tuple(weights.shape[2:])).index_copy(1, keep, weights)
-        scores = self._scores(feats, self.modality_embed, self.attention_mask(mask, self._tokens(feats)))
-        return masked_softmax(scores, mask, dim=1)
+        keep = shared_present(mask)
+        if keep is not None:
+            weights = self._present_weights(feats.index_select(1, keep), keep)
+            return weights.new_zeros(feats.shape[:2] + weights.shape[2:]).index_copy(1, keep, weights)
+        return masked_softmax(self._scores(feats, self.modality_embed, mask), mask, dim=1)
 
     def _present_weights(self, feats: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """Weights of the modalities ``present`` from their features ``(B, P, C, *spatial)``: no masking needed."""
         scores = self._scores(feats, self.modality_embed.index_select(1, present), None)
         return torch.softmax(scores.float(), dim=1).to(scores.dtype)
 
-    def _grid(self, spatial: Sequence[int]) -> list[int]:
-        return [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
-
-    def _tokens(self, feats: torch.Tensor) -> int:
-        """Tokens per modality N = prod(grid) for features ``(B, M, C, *spatial)``."""
-        n = 1
-        for g in self._grid(feats.shape[3:]):
-            n *= g
-        return n
-
-    def _scores(
-        self, feats: torch.Tensor, mod_embed: torch.Tensor, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One score per voxel and modality, ``(B, M', *spatial)``, for the M' modalities of ``feats``."""
+    def _scores(self, feats: torch.Tensor, mod_embed: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One score per voxel and modality, ``(B, M', *spatial)``, for the M' modalities of ``feats``; ``mask``
+        (bool ``(B, M')``) masks the missing modalities' tokens as keys, None attends to every token."""
         b, ms, c = feats.shape[:3]
         spatial = feats.shape[3:]
-        grid = self._grid(spatial)
+        grid = [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
         pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
         x = self.down(pool(feats.reshape(b * ms, c, *spatial), grid))
         pos = self.pos_embed
@@ -226,6 +227,7 @@ class DMAFFusion(nn.Module):
         tokens = grid_to_tokens(x + pos, ms)  # (B, ms*N, C)
         n = tokens.shape[1] // ms
         tokens = (tokens.reshape(b, ms, n, c) + mod_embed).reshape(b, ms * n, c)
+        attn_mask = None if mask is None else self.attention_mask(mask, n)
         for layer in self.layers:
             tokens = layer(tokens, attn_mask=attn_mask)
         scores = tokens_to_grid(self.score(self.norm(tokens)), ms, grid)[:, :, 0]  # (B, ms, *grid)
