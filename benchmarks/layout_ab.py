@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Interleaved A/B timing of one training step: channels-last convolutions on vs off, in one process.
+"""Interleaved A/B timing of one training step: the channels-last network (oneDNN convolutions, fused norm) on vs off.
 
 The shared CPU drifts by tens of percent over minutes, so configurations timed one after the other can be compared
 only roughly. Here the two networks (same weights, same input) take turns step by step, and the script prints the

@@ -64,6 +64,7 @@ def worker(
     from dmaf_components.handlers import DynamicTrainingMonitor
     from dmaf_components.losses import DMAFLoss
     from dmaf_components.networks import DMAFNet
+    from dmaf_components.networks.blocks import set_channels_last
 
     torch.manual_seed(0)
     full = variant == "full"
@@ -118,7 +119,11 @@ def worker(
         times.append(time.perf_counter() - start)
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before FLOP counting, which adds its own
-    total_flops = 0  # counted in separate passes over the same masks, so counting does not slow the timed steps
+    # FLOPs are counted in separate passes over the same masks, so counting does not slow the timed steps, and with
+    # the plain convolutions: the model's arithmetic, not the zero sample that the channels-last backward pads
+    # batch-1 coarse-level convolutions with to get oneDNN
+    total_flops = 0
+    set_channels_last(net, False)
     for i in range(steps if count_flops else 0):
         counter = FlopCounterMode(display=False)
         with counter:

@@ -184,19 +184,22 @@ def test_dropping_missing_tokens_equals_masking_them(monkeypatch):
 
 
 def test_sliding_window_inferer_hands_the_study_mask_to_background_windows(tiny_net_kwargs):
-    """A window of pure background must be segmented with the study's modalities, not as 'no modality'."""
+    """A window where a present modality happens to be all zero must be segmented with the study's modalities, not
+    as if that modality were missing. (A window where every modality is zero gives the same output under any mask:
+    instance norm maps every constant map to its bias, so only a partly empty window tells the two apart.)"""
     from dmaf_components.inferers import ModalitySlidingWindowInferer
 
     net = DMAFNet(3, 4, 3, **tiny_net_kwargs).eval()
     x = torch.zeros(1, 4, 64, 32, 32)
     x[:, [0, 2], :32] = torch.randn(1, 2, 32, 32, 32)  # brain in the first half, FLAIR and T1ce only
+    x[:, 0, 32:] = 0.1 * torch.randn(32, 32, 32)  # second half: FLAIR signal only, T1ce zero
     inferer = ModalitySlidingWindowInferer(roi_size=(32, 32, 32), sw_batch_size=2, overlap=0.0)
     with torch.no_grad():
         out = inferer(x, net)
-        background = net(x[:, :, 32:], torch.tensor([[True, False, True, False]]))
-        as_if_empty = net(x[:, :, 32:])  # per-window derivation: every modality "missing"
-    assert torch.allclose(out[:, :, 32:], background, atol=1e-4)
-    assert not torch.allclose(background, as_if_empty, atol=1e-3)
+        with_study_mask = net(x[:, :, 32:], torch.tensor([[True, False, True, False]]))
+        as_if_missing = net(x[:, :, 32:])  # per-window derivation: T1ce "missing"
+    assert torch.allclose(out[:, :, 32:], with_study_mask, atol=1e-4)
+    assert not torch.allclose(with_study_mask, as_if_missing, atol=1e-3)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_kwargs):
@@ -245,18 +248,20 @@ def test_present_only_path_matches_the_zero_filled_path(fusion, present, tiny_ne
     assert not any(n.startswith(f"encoders.{m}.") for m in missing for n in g_packed)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_channels_last_convolution_matches_the_plain_one(spatial_dims):
-    """The CPU channels-last convolution gives nn.ConvNd's values and gradients and hands back a channels-first
-    tensor (instance norm and the rest of the network run on that layout)."""
+def test_channels_last_convolution_matches_the_plain_one(spatial_dims, batch):
+    """The CPU channels-last convolution gives nn.ConvNd's values and gradients and hands back a channels-last
+    tensor (the rest of the network keeps that layout, so no copy is made between convolutions). Batch 1 takes the
+    backward that pads a zero sample to get oneDNN."""
     from torch import nn
 
-    from dmaf_components.networks.blocks import conv_block
+    from dmaf_components.networks.blocks import conv_block, is_channels_last
 
     block = conv_block(spatial_dims, 6, 8, strides=2)
     ref = (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(6, 8, 3, stride=2, padding=1)
     ref.load_state_dict(block.conv.state_dict())
-    x = torch.randn((2, 6) + (9, 8, 7)[:spatial_dims], requires_grad=True)
+    x = torch.randn((batch, 6) + (9, 8, 7)[:spatial_dims], requires_grad=True)
     grads = []
     for conv in (ref, block.conv):
         y = conv(x)
@@ -264,7 +269,7 @@ def test_channels_last_convolution_matches_the_plain_one(spatial_dims):
         grads.append((y, *torch.autograd.grad(y, (x, conv.weight, conv.bias), g)))
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-4)
-    assert grads[1][0].is_contiguous()
+    assert is_channels_last(grads[1][0])
     # under CPU bf16 autocast the backward runs in bf16 like the reference's, and returns fp32 gradients
     grads = []
     for conv in (ref, block.conv):
@@ -274,6 +279,74 @@ def test_channels_last_convolution_matches_the_plain_one(spatial_dims):
     for a, b in zip(*grads):
         assert a.dtype == b.dtype
         assert torch.allclose(a, b, rtol=0.05, atol=0.05 * float(a.abs().max()))
+    # FLOP counters see the direct oneDNN call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for conv in (ref, block.conv):
+        with FlopCounterMode(display=False) as counter:
+            conv(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
     # a convolution of cat([a, b]) computed as two partial convolutions
     parts = [torch.randn((2, 2) + (9, 8, 7)[:spatial_dims]), torch.randn((2, 4) + (9, 8, 7)[:spatial_dims])]
     assert torch.allclose(block.conv.forward_split(parts), ref(torch.cat(parts, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_fused_norm_act_matches_monai_and_is_exact_on_constant_windows(spatial_dims):
+    """On channels-last fp32 CPU input, conv_block's norm + activation run as one fused function: it must give MONAI's
+    instance norm + LeakyReLU values and gradients, keep the layout, give a constant window exactly the norm's bias
+    (PyTorch's channels-last batch norm does not: ~0.2 off), and give a sample the same result whatever else is in its
+    batch (what sliding-window inference relies on)."""
+    from monai.networks.blocks import ADN
+
+    from dmaf_components.networks.blocks import _cl, conv_block, is_channels_last
+
+    block = conv_block(spatial_dims, 3, 5)
+    with torch.no_grad():
+        block.adn.N.weight.uniform_(0.5, 1.5)
+        block.adn.N.bias.normal_()
+    ref = ADN("NA", 5, act=("leakyrelu", {"negative_slope": 0.2}), norm=("instance", {"affine": True}),
+              norm_dim=spatial_dims)
+    ref.load_state_dict(block.adn.state_dict())
+    shape = (3, 5) + (6, 7, 8)[:spatial_dims]
+    x = _cl(torch.randn(shape) * 3 + 1).requires_grad_()
+    g = torch.randn(shape)
+    outs = []
+    for adn in (ref, block.adn):
+        y = adn(x)
+        outs.append((y, *torch.autograd.grad(y, (x, adn.N.weight, adn.N.bias), g)))
+    assert is_channels_last(outs[1][0]) and is_channels_last(outs[1][1])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # a constant window (background) -> exactly the bias (after LeakyReLU), in a batch or alone
+    const = torch.full(shape, 0.3712)
+    const[1] = torch.randn(shape[1:])
+    with torch.no_grad():
+        y = block.adn(_cl(const))
+        alone = block.adn(_cl(const[:1].clone()))
+        bias = torch.nn.functional.leaky_relu(block.adn.N.bias, 0.2).reshape((1, 5) + (1,) * spatial_dims)
+    assert torch.equal(y[:1], alone)
+    assert torch.allclose(y[0:1], bias.expand_as(alone), atol=1e-5)
+
+
+def test_training_forward_stays_channels_last_on_cpu():
+    """Every encoder/decoder convolution and norm output of a CPU training forward is channels-last: a layer that
+    handed back channels-first would make every following convolution copy its input (what this layout saves)."""
+    from dmaf_components.networks.blocks import _ChannelsLastConv, _NormAct, is_channels_last
+
+    net = DMAFNet(3, 4, 3, channels=(8, 16, 16)).train()
+    wrong = []
+
+    def check(module, _inp, out):
+        if not is_channels_last(out):
+            wrong.append(type(module).__name__ + str(tuple(out.shape)))
+
+    for module in net.modules():
+        if isinstance(module, (_ChannelsLastConv, _NormAct)):
+            module.register_forward_hook(check)
+    for mask in ([[1, 1, 0, 1]], [[1, 0, 0, 0]]):
+        out = net(torch.randn(1, 4, 16, 16, 16), torch.tensor(mask, dtype=torch.bool))
+    assert not wrong, wrong
+    assert all(is_channels_last(z) for z in out.deep_supervision)

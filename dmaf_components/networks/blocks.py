@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "UNetDecoder",
     "channels_last_conv",
     "conv_block",
+    "is_channels_last",
     "set_channels_last",
 ]
 
@@ -35,48 +37,176 @@ _ACT = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
 def _cl(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    """``x`` in channels-last layout, no copy when it already is. Size-1 dimensions (batch 1, one channel) can carry
+    any stride in a contiguous tensor, and oneDNN then answers channels-first: they get the canonical strides."""
+    x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    if x.ndim < 4:
+        return x
+    c, spatial = x.shape[1], x.shape[2:]
+    strides = [c] * len(spatial)
+    for i in range(len(spatial) - 2, -1, -1):
+        strides[i] = strides[i + 1] * spatial[i + 1]
+    canonical = (strides[0] * spatial[0], 1, *strides)
+    return x if x.stride() == canonical else x.as_strided(x.shape, canonical, x.storage_offset())
+
+
+def _register_flop_formula() -> None:
+    """Let ``torch.utils.flop_counter.FlopCounterMode`` count the oneDNN convolution this module calls directly (it
+    knows ``aten.convolution`` only), so that FLOP counts of the network stay right."""
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten.mkldnn_convolution
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _mkldnn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+_register_flop_formula()
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when ``x`` is stored channels-last and not (also) channels-first."""
+    if x.ndim not in (4, 5) or x.is_contiguous():
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
 
 
 class _ChannelsLastConvFunction(torch.autograd.Function):
-    """Convolution on a channels-last copy of ``x``, output channels-first; saves ``x`` itself (not the copy).
+    """oneDNN convolution of ``x`` in channels-last layout; the output stays channels-last.
 
-    Autograd would otherwise keep the channels-last copy of every convolution input alive until backward, beside the
-    channels-first original that the preceding activation already keeps: one more activation-sized tensor per
-    convolution. Backward re-makes the copy instead (a memory copy, cheap next to the convolution).
+    The input is converted only if it is not channels-last already (in DMAF-Net only the one-channel modality
+    inputs, where the conversion is free), and what is saved for backward is ``x`` as given. oneDNN is called
+    directly: PyTorch's own choice sends batch-1 convolutions with N*C*D*H <= 20480 (the coarse levels) to a slower
+    im2col path that also returns channels-first. Backward goes through ``aten.convolution_backward``, made to choose
+    oneDNN for those shapes too (see there).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):  # type: ignore[override]
-        conv = F.conv3d if x.ndim == 5 else F.conv2d
         ctx.save_for_backward(x, weight)
         ctx.conf = (bias is not None, stride, padding, dilation, groups)
-        return conv(_cl(x), weight, bias, stride, padding, dilation, groups).contiguous()
+        if torch.is_autocast_enabled("cpu"):  # a custom function is outside autocast's table: cast as F.conv would
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            conv = F.conv3d if x.ndim == 5 else F.conv2d
+            return _cl(conv(_cl(x), weight, bias, stride, padding, dilation, groups))
+        return torch.ops.aten.mkldnn_convolution(
+            _cl(x), weight.contiguous(), bias, list(padding), list(stride), list(dilation), groups
+        )
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         has_bias, stride, padding, dilation, groups = ctx.conf
         dtype = grad.dtype  # under autocast the forward ran in lower precision: backward in the same dtype
+        grad, xc = _cl(grad), _cl(x.to(dtype))
+        # PyTorch runs the backward of a batch-1 fp32 convolution with N*C*D*H <= 20480 on its im2col path, 2-9x
+        # slower here than oneDNN (at 64^3 patches: 16 channels at 32^3, and every coarser level; the one-channel
+        # stems). A zero second sample makes it choose oneDNN, and adds nothing to the weight and bias gradients.
+        pad = xc.dtype == torch.float32 and xc.shape[0] == 1 and xc.shape[1] * xc.shape[2] * xc.shape[3] <= 20480
+        if pad:
+            grad, xc = torch.cat([grad, torch.zeros_like(grad)]), torch.cat([xc, torch.zeros_like(xc)])
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            _cl(grad), _cl(x.to(dtype)), weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
+            grad, xc, weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
             dilation, False, [0] * len(stride), groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]],
         )
-        gx = gx.contiguous().to(x.dtype) if gx is not None else None
+        if pad and gx is not None:
+            gx = gx[:1]
+        gx = gx.to(x.dtype) if gx is not None else None
         gw = gw.to(weight.dtype) if gw is not None else None
         gb = gb.to(weight.dtype) if gb is not None else None
         return gx, gw, gb, None, None, None, None
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last ``(B, C, *spatial)`` tensor as ``(B, n, C)`` rows (a view)."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-(sample, channel) dot product over the spatial axes of two channels-last tensors, ``(B, C)``: the diagonal of
+    one small batched matmul, which reads each tensor once (an elementwise product and a sum would write and re-read a
+    temporary); its fp32 accumulation agrees with a float64 reference to ~1e-6 relative."""
+    return torch.bmm(_rows(a).transpose(1, 2), _rows(b)).diagonal(dim1=1, dim2=2)
+
+
+class _InstanceNormActFunction(torch.autograd.Function):
+    """Instance norm + LeakyReLU in one autograd node, for channels-last fp32 tensors on CPU.
+
+    PyTorch's CPU batch norm (which instance norm calls) is exact and fast only channels-first: on channels-last input
+    its statistics of a constant window are off (variance ~1e-6 instead of 0, i.e. outputs off by ~0.2 after the
+    1/sqrt(eps) gain) and its backward is 6x slower. Here the variance is computed about a first estimate of the mean
+    (d = x - mean_0; var = E[d^2] - E[d]^2, which has no cancellation because E[d] ~ 0, and gives a constant window
+    exactly 0), and the normalisation is one ``addcmul`` into d's memory, so the layout is kept. Backward recomputes
+    the normalised input from ``x`` and the saved statistics: the node keeps ``x`` and two ``(B, C)`` vectors (MONAI's
+    ADN with its in-place activation kept ``x`` and the output).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, slope):  # type: ignore[override]
+        dims = tuple(range(2, x.ndim))
+        n = x[0, 0].numel()
+        shape = (1, -1) + (1,) * len(dims)
+        mean0 = x.mean(dims, keepdim=True)
+        d = x - mean0
+        mean_d = d.sum(dims, keepdim=True) / n
+        var = (_channel_dot(d, d).reshape(mean_d.shape) / n - mean_d * mean_d).clamp_min(0)
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd * weight.reshape(shape)
+        y = torch.addcmul(bias.reshape(shape) - mean_d * scale, d, scale, out=d)
+        F.leaky_relu(y, slope, inplace=True)
+        ctx.save_for_backward(x, mean0 + mean_d, rstd, weight, bias)
+        ctx.slope = slope
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        n = x[0, 0].numel()
+        grad = _cl(grad)
+        xhat = torch.addcmul(-mean * rstd, x, rstd)
+        g = torch.addcmul(bias.reshape(shape), xhat, weight.reshape(shape))  # the pre-activation ...
+        torch.ops.aten.leaky_relu_backward.grad_input(grad, g, ctx.slope, False, grad_input=g)  # ... becomes its grad
+        sum_g = _rows(g).sum(1).reshape(rstd.shape)
+        sum_gx = _channel_dot(g, xhat).reshape(rstd.shape)
+        scale = rstd * weight.reshape(shape)
+        # dx = scale * (g - mean(g) - xhat * mean(g * xhat)), written into xhat's memory
+        gx = torch.addcmul(-scale * sum_g / n, xhat, -scale * sum_gx / n, out=xhat).addcmul_(g, scale)
+        gw = sum_gx.sum(0).flatten() if ctx.needs_input_grad[1] else None
+        gb = sum_g.sum(0).flatten() if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+class _NormAct(nn.Sequential):
+    """MONAI's ADN (children ``N`` instance norm, ``A`` LeakyReLU: the same parameter names) that runs both as one
+    :class:`_InstanceNormActFunction` on channels-last fp32 CPU input, and as MONAI's modules otherwise.
+
+    Other channels-last CPU input (bf16 under CPU autocast) is normalised channels-first, where PyTorch's kernel is
+    exact on constant windows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        norm, act = self.N, self.A
+        if x.device.type == "cpu" and is_channels_last(x) and not torch.jit.is_tracing():
+            if x.dtype == torch.float32:
+                return _InstanceNormActFunction.apply(x, norm.weight, norm.bias, norm.eps, act.negative_slope)
+            x = x.contiguous()
+        return act(norm(x))
+
+
 class _ChannelsLastConv:
-    """Convolution computed on a channels-last copy of its input, result returned channels-first.
+    """Convolution computed by oneDNN in channels-last layout, result returned channels-last.
 
     oneDNN's CPU convolutions with the 8-16 channels of the full-resolution levels are 2-5x faster (forward and
-    backward) on channels-last (NDHWC) tensors than on NCDHW ones. Everything around the convolutions (instance norm,
-    whose CPU kernel computes the statistics of a constant input, e.g. a background window, exactly and batch
-    independently, interpolation, concatenation) stays channels-first; the layout copies cost a few percent of what
-    the convolution saves, and no extra memory (:class:`_ChannelsLastConvFunction`). docs/performance.md has the
+    backward) on channels-last (NDHWC) tensors than on NCDHW ones. The layout is kept from one convolution to the next:
+    instance norm + LeakyReLU run fused on it (:class:`_NormAct`), and residual additions, interpolation and the
+    fusions keep it, so after the one-channel modality inputs no layout copy is made. docs/performance.md has the
     measurements.
 
     ``channels_last``: None (default) = on CPU only (cuDNN chooses its own layouts); True/False forces it.
@@ -101,15 +231,21 @@ class _ChannelsLastConv:
             x, w, b, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]
         )
 
-    def forward_split(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_split(self, parts: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of ``torch.cat(parts, dim=1)`` without building the concatenation: the sum of each part's
         convolution with its slice of the weight's input channels (bias added once). Saves the memory of the
-        concatenated tensor, which autograd would keep until backward."""
+        concatenated tensor, which autograd would keep until backward.
+
+        Args:
+            parts: ``(B, C_i, *spatial)`` tensors, in the order of the weight's input channels.
+            weight: optional replacement of ``self.weight`` (with ``sum(C_i)`` input channels).
+        """
+        w = self.weight if weight is None else weight  # type: ignore[attr-defined]
         out = None
         start = 0
         for i, part in enumerate(parts):
             c = part.shape[1]
-            y = self(part, weight=self.weight[:, start : start + c], bias=i == 0)  # type: ignore[attr-defined]
+            y = self(part, weight=w[:, start : start + c], bias=i == 0)
             out = y if out is None else out + y
             start += c
         return out
@@ -148,6 +284,7 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_si
     )
     # replaces MONAI's plain convolution in place (same key and position, same shape and default initialisation)
     block.conv = channels_last_conv(spatial_dims, in_channels, out_channels, kernel_size, strides)
+    block.adn = _NormAct(OrderedDict(block.adn.named_children()))  # same modules and keys, fused on channels-last
     return block
 
 

@@ -81,9 +81,10 @@ class DMAFNet(nn.Module):
             (training memory down, compute up by about one forward pass); the shared decoder then also runs one
             modality at a time, so that its recomputation in backward holds one modality's activations, not all of
             them. See docs/performance.md.
-        channels_last: compute the encoder/decoder convolutions on channels-last (NDHWC) copies of their inputs
-            (:class:`~dmaf_components.networks.blocks.ChannelsLastConv3d`); None (default): on CPU, where oneDNN's
-            convolutions are several times faster on that layout, and not on CUDA.
+        channels_last: run the encoders and decoders in channels-last (NDHWC) layout with oneDNN convolutions and a
+            fused instance norm + LeakyReLU (:class:`~dmaf_components.networks.blocks.ChannelsLastConv3d`); the
+            logits come out channels-last. None (default): on CPU, where oneDNN's convolutions are several times
+            faster on that layout, and not on CUDA.
 
     Forward:
         x: ``(B, M, *spatial)`` modalities stacked as channels.

@@ -247,7 +247,15 @@ class DMAFFusion(nn.Module):
             fused features f_{n,l} of shape ``(B, C, *spatial)``.
         """
         weights = self.spatial_weights(feats, mask, present)
-        return (feats * weights.unsqueeze(2)).sum(dim=1)
+        # sum_m e^m * a_m one modality at a time: no (B, M, C, ...) product is built, and the result keeps the
+        # features' memory layout (channels-last on CPU)
+        # (unbind, not indexing: its backward stacks the gradients once instead of zero-filling the whole stack per
+        # modality)
+        parts, w = feats.unbind(1), weights.unsqueeze(2).unbind(1)
+        out = parts[0] * w[0]
+        for part, a in zip(parts[1:], w[1:]):
+            out = out.addcmul(part, a)
+        return out
 
 
 class MeanFusion(nn.Module):
@@ -278,6 +286,7 @@ class ConcatFusion(nn.Module):
             w = self.proj.weight
             c_out, m_c = w.shape[:2]
             w = w.reshape(c_out, self.num_modalities, m_c // self.num_modalities, *w.shape[2:]).index_select(1, present)
-            return self.proj(feats.flatten(1, 2), weight=w.flatten(1, 2))
+            # one partial convolution per modality (no concatenated copy of the features)
+            return self.proj.forward_split(list(feats.unbind(1)), weight=w.flatten(1, 2))
         m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
         return self.proj((feats * m).flatten(1, 2))
