@@ -304,22 +304,25 @@ def test_fused_norm_act_matches_monai_and_is_exact_on_constant_windows(spatial_d
     from dmaf_components.networks.blocks import _cl, conv_block, is_channels_last
 
     block = conv_block(spatial_dims, 3, 5)
-    with torch.no_grad():
-        block.adn.N.weight.uniform_(0.5, 1.5)
-        block.adn.N.bias.normal_()
     ref = ADN("NA", 5, act=("leakyrelu", {"negative_slope": 0.2}), norm=("instance", {"affine": True}),
               norm_dim=spatial_dims)
-    ref.load_state_dict(block.adn.state_dict())
     shape = (3, 5) + (6, 7, 8)[:spatial_dims]
     x = _cl(torch.randn(shape) * 3 + 1).requires_grad_()
     g = torch.randn(shape)
-    outs = []
-    for adn in (ref, block.adn):
-        y = adn(x)
-        outs.append((y, *torch.autograd.grad(y, (x, adn.N.weight, adn.N.bias), g)))
-    assert is_channels_last(outs[1][0]) and is_channels_last(outs[1][1])
-    for a, b in zip(*outs):
-        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    # weights away from 0: backward recovers x_hat from the output; one weight near 0: from the saved input
+    for small_weight in (False, True):
+        with torch.no_grad():
+            block.adn.N.weight.uniform_(0.5, 1.5)
+            block.adn.N.weight[2] = 1e-3 if small_weight else 0.7
+            block.adn.N.bias.normal_()
+        ref.load_state_dict(block.adn.state_dict())
+        outs = []
+        for adn in (ref, block.adn):
+            y = adn(x)
+            outs.append((y, *torch.autograd.grad(y, (x, adn.N.weight, adn.N.bias), g)))
+        assert is_channels_last(outs[1][0]) and is_channels_last(outs[1][1])
+        for a, b in zip(*outs):
+            assert torch.allclose(a, b, atol=1e-5), (small_weight, (a - b).abs().max())
     # a constant window (background) -> exactly the bias (after LeakyReLU), in a batch or alone
     const = torch.full(shape, 0.3712)
     const[1] = torch.randn(shape[1:])

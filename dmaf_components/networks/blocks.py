@@ -92,7 +92,8 @@ class _ChannelsLastConvFunction(torch.autograd.Function):
             dtype = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        if x.dtype not in (torch.float32, torch.bfloat16):
+        if x.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+            # (bf16 under autocast: PyTorch picks oneDNN itself where the CPU supports it)
             conv = F.conv3d if x.ndim == 5 else F.conv2d
             return _cl(conv(_cl(x), weight, bias, stride, padding, dilation, groups))
         return torch.ops.aten.mkldnn_convolution(
@@ -109,6 +110,7 @@ class _ChannelsLastConvFunction(torch.autograd.Function):
         # slower here than oneDNN (at 64^3 patches: 16 channels at 32^3, and every coarser level; the one-channel
         # stems). A zero second sample makes it choose oneDNN, and adds nothing to the weight and bias gradients.
         pad = xc.dtype == torch.float32 and xc.shape[0] == 1 and xc.shape[1] * xc.shape[2] * xc.shape[3] <= 20480
+        pad = pad and torch.backends.mkldnn.is_available()
         if pad:
             grad, xc = torch.cat([grad, torch.zeros_like(grad)]), torch.cat([xc, torch.zeros_like(xc)])
         gx, gw, gb = torch.ops.aten.convolution_backward(
@@ -143,9 +145,14 @@ class _InstanceNormActFunction(torch.autograd.Function):
     its statistics of a constant window are off (variance ~1e-6 instead of 0, i.e. outputs off by ~0.2 after the
     1/sqrt(eps) gain) and its backward is 6x slower. Here the variance is computed about a first estimate of the mean
     (d = x - mean_0; var = E[d^2] - E[d]^2, which has no cancellation because E[d] ~ 0, and gives a constant window
-    exactly 0), and the normalisation is one ``addcmul`` into d's memory, so the layout is kept. Backward recomputes
-    the normalised input from ``x`` and the saved statistics: the node keeps ``x`` and two ``(B, C)`` vectors (MONAI's
-    ADN with its in-place activation kept ``x`` and the output).
+    exactly 0), and the normalisation is one ``addcmul`` into d's memory, so the layout is kept.
+
+    Backward needs the normalised input x_hat. It is recovered from the output y, which the next convolution keeps for
+    its own backward anyway: the pre-activation is y with the negative part divided by the slope, and
+    x_hat = (pre - bias) / weight. The node then keeps no tensor of its own, where MONAI's ADN kept its input (one
+    activation-sized tensor per block: ~0.9 GB at 128^3). Dividing by the weight turns rounding of ``pre`` (~1e-7
+    relative) into an x_hat error of ~1e-7 / |weight|, so a channel with |weight| < 1e-2 (or a slope <= 0) makes the
+    node keep ``x`` and recompute x_hat from it instead.
     """
 
     @staticmethod
@@ -161,19 +168,31 @@ class _InstanceNormActFunction(torch.autograd.Function):
         scale = rstd * weight.reshape(shape)
         y = torch.addcmul(bias.reshape(shape) - mean_d * scale, d, scale, out=d)
         F.leaky_relu(y, slope, inplace=True)
-        ctx.save_for_backward(x, mean0 + mean_d, rstd, weight, bias)
+        ctx.from_output = slope > 0 and bool(weight.detach().abs().min() >= 1e-2)
+        if ctx.from_output:
+            ctx.save_for_backward(y, rstd, weight, bias)
+        else:
+            ctx.save_for_backward(x, mean0 + mean_d, rstd, weight, bias)
         ctx.slope = slope
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        n = x[0, 0].numel()
         grad = _cl(grad)
-        xhat = torch.addcmul(-mean * rstd, x, rstd)
-        g = torch.addcmul(bias.reshape(shape), xhat, weight.reshape(shape))  # the pre-activation ...
-        torch.ops.aten.leaky_relu_backward.grad_input(grad, g, ctx.slope, False, grad_input=g)  # ... becomes its grad
+        if ctx.from_output:
+            y, rstd, weight, bias = ctx.saved_tensors
+            shape = (1, -1) + (1,) * (y.ndim - 2)
+            g = torch.ops.aten.leaky_relu_backward(grad, y, ctx.slope, True)
+            xhat = F.leaky_relu(y, 1.0 / ctx.slope)  # the pre-activation ...
+            inv_w = 1.0 / weight.reshape(shape)
+            torch.addcmul(-bias.reshape(shape) * inv_w, xhat, inv_w, out=xhat)  # ... normalised: x_hat
+        else:
+            x, mean, rstd, weight, bias = ctx.saved_tensors
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            xhat = torch.addcmul(-mean * rstd, x, rstd)
+            g = torch.addcmul(bias.reshape(shape), xhat, weight.reshape(shape))  # the pre-activation ...
+            torch.ops.aten.leaky_relu_backward.grad_input(grad, g, ctx.slope, False, grad_input=g)  # ... its grad
+        n = xhat[0, 0].numel()
         sum_g = _rows(g).sum(1).reshape(rstd.shape)
         sum_gx = _channel_dot(g, xhat).reshape(rstd.shape)
         scale = rstd * weight.reshape(shape)
