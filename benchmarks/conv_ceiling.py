@@ -33,16 +33,7 @@ from torch.utils.flop_counter import conv_flop_count
 
 from dmaf_components.networks import DMAFNet
 from dmaf_components.networks.blocks import _ChannelsLastConv, _ChannelsLastConvFunction, _cl
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+from train_step import matmul_peak  # (benchmarks/ is the script's directory, first on sys.path)
 
 
 def record_convolutions(size: int, channels: list[int]) -> Counter:
@@ -96,7 +87,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    peak = matmul_peak()
+    peak = matmul_peak("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s; "
           f"DMAFNet widths {args.channels}, {args.size}^3, all modalities, training step's convolutions")
     total_t = total_f = 0.0

@@ -69,11 +69,8 @@ def main() -> None:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x, mask), y).backward()
-        if dtm is not None:
-            t = loss_fn.last_terms
-            dtm.update(t.relation_gap_sum, t.prototype_gap_sum, t.modality_count)
-            dtm.scale_gradients(net.encoders)
-            loss_fn.modality_weights.copy_(dtm.weights().to(loss_fn.modality_weights))
+        if dtm is not None:  # between backward and the optimizer step, as the bundle's handler
+            dtm.step(net.encoders)
         opt.step()
         return time.perf_counter() - start
 

@@ -92,11 +92,8 @@ def worker(
             scaler.scale(loss).backward()
         else:
             loss.backward()
-        if dtm is not None:
-            t = loss_fn.last_terms
-            dtm.update(t.relation_gap_sum, t.prototype_gap_sum, t.modality_count)
-            dtm.scale_gradients(net.encoders)
-            loss_fn.modality_weights.copy_(dtm.weights().to(loss_fn.modality_weights))
+        if dtm is not None:  # between backward and the optimizer step, as the bundle's handler
+            dtm.step(net.encoders)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

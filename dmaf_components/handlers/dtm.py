@@ -204,6 +204,14 @@ class DynamicTrainingMonitor:
             engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self._rescale_updates)
 
     def __call__(self, engine: Engine) -> None:
+        self.step(self._encoders(engine))
+        engine.state.dtm = self.scalars()
+
+    def step(self, encoders: Sequence[nn.Module]) -> None:
+        """One iteration of DTM between backward and the optimizer step, for a hand-written training loop (the
+        Ignite handler calls it at ``BACKWARD_COMPLETED``): gaps from ``loss.last_terms`` (reduced across DDP ranks)
+        -> EMA update -> gradient scaling of ``encoders`` (Eq. 18) -> w(m) written to the loss for the next
+        iteration (Eq. 16-17)."""
         terms = self.loss.last_terms
         if terms is None:
             raise RuntimeError("DynamicTrainingMonitor: the loss has not been called in this iteration.")
@@ -212,9 +220,8 @@ class DynamicTrainingMonitor:
             stats = idist.all_reduce(stats)
         self.update(stats[0], stats[1], stats[2])
         if self.scaling_mode != "none":
-            self.scale_gradients(self._encoders(engine))
+            self.scale_gradients(encoders)
         self._apply_weights()
-        engine.state.dtm = self.scalars()
 
     def scalars(self) -> dict[str, float]:
         """Current DTM state as named floats (for TensorBoard / MLflow)."""

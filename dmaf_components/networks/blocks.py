@@ -36,10 +36,14 @@ _NORM = ("instance", {"affine": True})
 _ACT = ("leakyrelu", {"negative_slope": 0.2, "inplace": True})
 
 
+def _cl_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.ndim == 5 else torch.channels_last
+
+
 def _cl(x: torch.Tensor) -> torch.Tensor:
     """``x`` in channels-last layout, no copy when it already is. Size-1 dimensions (batch 1, one channel) can carry
     any stride in a contiguous tensor, and oneDNN then answers channels-first: they get the canonical strides."""
-    x = x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    x = x.contiguous(memory_format=_cl_format(x))
     if x.ndim < 4:
         return x
     c, spatial = x.shape[1], x.shape[2:]
@@ -71,7 +75,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
     """True when ``x`` is stored channels-last and not (also) channels-first."""
     if x.ndim not in (4, 5) or x.is_contiguous():
         return False
-    return x.is_contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    return x.is_contiguous(memory_format=_cl_format(x))
 
 
 class _ChannelsLastConvFunction(torch.autograd.Function):

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..inferers import study_modality_mask
 from .blocks import ModalityEncoder, UNetDecoder, set_channels_last
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, shared_present
 
@@ -156,7 +157,7 @@ class DMAFNet(nn.Module):
         if m != self.num_modalities:
             raise ValueError(f"input has {m} channels but DMAFNet was built for {self.num_modalities} modalities.")
         if modality_mask is None:
-            return x.detach().flatten(2).ne(0).any(dim=2)
+            return study_modality_mask(x)
         mask = torch.as_tensor(modality_mask, device=x.device).bool()
         if mask.ndim == 1:
             mask = mask[None]
