@@ -13,6 +13,16 @@
 from __future__ import annotations
 
 from .constants import *  # noqa: F401,F403
+from .check import (
+    MYOPS_RAW_LABEL_VALUES,
+    CheckProblem,
+    CheckReport,
+    DataCheckError,
+    check_case,
+    check_datalist,
+    check_entries,
+    label_values,
+)
 from .constants import __all__ as _constants_all
 from .datalist import (
     PAPER_MISSING_RATES,
@@ -34,6 +44,14 @@ __all__ = list(_constants_all) + [
     "build_datalist",
     "write_datalist",
     "load_datalist",
+    "MYOPS_RAW_LABEL_VALUES",
+    "CheckProblem",
+    "CheckReport",
+    "DataCheckError",
+    "check_case",
+    "check_datalist",
+    "check_entries",
+    "label_values",
     "find_studies",
     "check_output_dir",
     "find_brats_cases",
