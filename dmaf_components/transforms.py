@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -29,6 +30,8 @@ from .inferers import study_modality_mask
 __all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "LabelToRegionsd", "AVAILABLE_POSTFIX"]
 
 AVAILABLE_POSTFIX = "_available"
+
+logger = logging.getLogger(__name__)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -47,8 +50,10 @@ class LoadModalitiesd(MapTransform):
 
     Output: ``data[key]`` a MetaTensor ``(M, *spatial)`` with the affine of the first file, and
     ``data[key + "_available"]`` a bool tensor ``(M,)`` (file present and not all zero). Relative paths are taken
-    relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN voxels, modalities of
-    different shape or affine, wrong channel count) raises :class:`DMAFDataError` with one line naming the file.
+    relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN or infinite voxels, a
+    file that is not a ``spatial_ndim``-D volume, modalities of different shape or affine, wrong channel count)
+    raises :class:`DMAFDataError` with one line naming the file. Voxel spacings whose largest/smallest ratio exceeds
+    ``anisotropy_ratio`` are logged as a warning naming the file (the model works on the voxel grid as given).
 
     Args:
         keys: the image key(s).
@@ -57,6 +62,10 @@ class LoadModalitiesd(MapTransform):
         base_dir: folder that relative paths are relative to.
         dtype: dtype of the loaded image.
         affine_atol: tolerance when comparing the affines of one study's files.
+        spatial_ndim: number of spatial dimensions every file must have (3: BraTS volumes, MyoPS slice stacks);
+            None accepts any.
+        anisotropy_ratio: warn when a file's largest voxel spacing exceeds its smallest by more than this factor;
+            None (default) never warns.
     """
 
     def __init__(
@@ -68,12 +77,16 @@ class LoadModalitiesd(MapTransform):
         dtype: torch.dtype | np.dtype | None = np.float32,
         affine_atol: float = 1e-3,
         allow_missing_keys: bool = False,
+        spatial_ndim: int | None = 3,
+        anisotropy_ratio: float | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.modalities = tuple(modalities)
         self.label_keys = () if label_keys is None else ((label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
         self.base_dir = base_dir
         self.affine_atol = affine_atol
+        self.spatial_ndim = spatial_ndim
+        self.anisotropy_ratio = anisotropy_ratio
         self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
 
     def _path(self, path: str) -> str:
@@ -90,8 +103,25 @@ class LoadModalitiesd(MapTransform):
             img = self.loader(path)
         except Exception as exc:  # nibabel / gzip / MONAI reader errors
             raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
-        if torch.isnan(img).any():
-            raise DMAFDataError(f"{path}: contains NaN voxels")
+        if self.spatial_ndim is not None and img.ndim - 1 != self.spatial_ndim:
+            shape = tuple(img.shape[1:]) if img.shape[0] == 1 else tuple(img.shape)
+            raise DMAFDataError(
+                f"{path}: is a {img.ndim - 1}-D image (shape {shape}), expected a {self.spatial_ndim}-D volume"
+            )
+        finite = torch.isfinite(img)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(img).sum())
+            inf = int((~finite).sum()) - nan
+            kinds = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
+            raise DMAFDataError(f"{path}: contains {kinds} voxels ({nan + inf} of {img.numel()} not finite)")
+        if self.anisotropy_ratio is not None:
+            spacing = [abs(float(v)) for v in np.asarray(img.pixdim).ravel()[: img.ndim - 1]]
+            if spacing and min(spacing) > 0 and max(spacing) / min(spacing) > self.anisotropy_ratio:
+                logger.warning(
+                    f"{path}: anisotropic voxels {tuple(round(v, 3) for v in spacing)} mm (ratio "
+                    f"{max(spacing) / min(spacing):.1f} > {self.anisotropy_ratio:g}); the model runs on the voxel "
+                    "grid as given, without resampling"
+                )
         return img
 
     def _as_mapping(self, value: Any, key: Hashable) -> dict[str, str]:
@@ -113,6 +143,9 @@ class LoadModalitiesd(MapTransform):
                 img = img.movedim(-1, 0)
             if img.shape[0] != m:
                 raise DMAFDataError(f"{key}: loaded image has shape {tuple(img.shape)}, expected {m} channels")
+            if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+                source = img.meta.get("filename_or_obj", key) if isinstance(img, MetaTensor) else key
+                raise DMAFDataError(f"{source}: contains NaN or inf voxels")
             return img, study_modality_mask(img[None])[0]
         if isinstance(value, (str, os.PathLike)):
             path = self._path(value)

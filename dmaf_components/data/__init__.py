@@ -36,6 +36,7 @@ from .datalist import (
     write_datalist,
 )
 from .io import load_datalist
+from .names import classify_files, is_label_file, is_nifti, modality_of, nifti_stem
 from .studies import check_output_dir, find_studies
 from .synthetic import BRATS_AFFINE, brats_case, myops_case, synthesize_brats, synthesize_myops
 
@@ -54,6 +55,11 @@ __all__ = list(_constants_all) + [
     "label_values",
     "find_studies",
     "check_output_dir",
+    "modality_of",
+    "classify_files",
+    "is_label_file",
+    "is_nifti",
+    "nifti_stem",
     "find_brats_cases",
     "find_msd_cases",
     "find_myops_cases",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -22,14 +23,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .constants import (
-    BRATS_FILE_SUFFIX,
     BRATS_LABELS,
     BRATS_MODALITIES,
-    MYOPS_FILE_SUFFIX,
     MYOPS_LABELS,
     MYOPS_MODALITIES,
     DMAFDataError,
 )
+from .names import classify_files, modality_of
 
 __all__ = [
     "PAPER_MISSING_RATES",
@@ -50,6 +50,7 @@ PAPER_MISSING_RATES = {
     "myops": {"bssfp": 0.3, "lge": 0.5, "t2": 0.7},
 }
 _NII = (".nii.gz", ".nii")
+logger = logging.getLogger(__name__)
 
 
 def _find_file(folder: str, stem: str) -> str | None:
@@ -75,11 +76,12 @@ def find_brats_cases(data_dir: str, require_label: bool = True) -> list[dict]:
     cases = []
     for folder in folders:
         case = os.path.basename(folder)
-        image = {}
-        for modality in BRATS_MODALITIES:
-            path = _find_file(folder, f"{case}_{BRATS_FILE_SUFFIX[modality]}")
-            if path is not None:
-                image[modality] = path
+        files = [os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+        image, notes, errors = classify_files(files, BRATS_MODALITIES, report_labels=False)  # aliases, any case
+        if errors:
+            raise DMAFDataError(errors[0])
+        for note in notes:
+            logger.warning(note)
         label = _find_file(folder, f"{case}_seg")
         if label is None:
             quirks = sorted(glob.glob(os.path.join(folder, "*Segm.nii*")))
@@ -119,18 +121,23 @@ def find_myops_cases(data_dir: str, require_label: bool = True) -> list[dict]:
     anywhere below ``data_dir`` (the release keeps them in ``train25`` and ``train25_myops_gd``)."""
     files = glob.glob(os.path.join(data_dir, "**", "myops_*.nii*"), recursive=True)
     by_case: dict[str, dict] = {}
-    pattern = re.compile(r"^(myops_\w+?_\d+)_(C0|DE|T2|gd)\.nii(\.gz)?$")
-    suffix_to_mod = {v: k for k, v in MYOPS_FILE_SUFFIX.items()}
+    pattern = re.compile(r"^(myops_\w+?_\d+)_(\w+?)\s*\.nii(\.gz)?$", re.IGNORECASE)
     for path in sorted(files):
-        match = pattern.match(os.path.basename(path))
+        match = pattern.match(os.path.basename(path).strip())
         if not match:
             continue
         case, suffix = match.group(1), match.group(2)
+        modality = modality_of(suffix, MYOPS_MODALITIES)  # the alias table: C0/DE/T2, bssfp/lge, any case
+        if modality is None and suffix.lower() != "gd":
+            logger.warning(f"{path}: ignored (not a MyoPS modality C0/DE/T2 or label gd)")
+            continue
         entry = by_case.setdefault(case, {"case": case, "image": {}})
-        if suffix == "gd":
+        if modality is None:
             entry["label"] = path
+        elif modality in entry["image"]:
+            raise DMAFDataError(f"{path}: a second file for {modality} (also {entry['image'][modality]})")
         else:
-            entry["image"][suffix_to_mod[suffix]] = path
+            entry["image"][modality] = path
     cases = []
     for case in sorted(by_case):
         entry = by_case[case]

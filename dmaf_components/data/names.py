@@ -1,0 +1,110 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Recognising modality files by name, with the aliases of real releases (one table: ``MODALITY_ALIASES``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+from .constants import LABEL_FILE_MARKERS, MODALITY_ALIASES
+
+__all__ = ["is_nifti", "nifti_stem", "modality_of", "is_label_file", "classify_files"]
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_SEP = r"(?:^|[-_. ])"
+
+
+def is_nifti(name: str) -> bool:
+    """Whether a file name ends with ``.nii`` or ``.nii.gz`` (any case, surrounding whitespace ignored)."""
+    return bool(_NIFTI.search(os.path.basename(name).strip()))
+
+
+def nifti_stem(name: str) -> str:
+    """The file name without folder, surrounding whitespace and ``.nii``/``.nii.gz`` extension."""
+    return _NIFTI.sub("", os.path.basename(name).strip()).strip()
+
+
+def _alias_regex(alias: str) -> str:
+    return r"[-_ ]?".join(re.escape(part) for part in re.split(r"[-_ ]", alias))
+
+
+@lru_cache(maxsize=None)
+def _patterns(modalities: tuple[str, ...]) -> list[tuple[re.Pattern, str, int]]:
+    patterns = []
+    for modality in modalities:
+        for alias in MODALITY_ALIASES.get(modality, (modality,)):
+            patterns.append((re.compile(_SEP + "(" + _alias_regex(alias) + ")$"), modality, len(alias)))
+    return patterns
+
+
+def modality_of(name: str, modalities: Sequence[str]) -> str | None:
+    """The modality a file name denotes, or None.
+
+    Case-insensitive; surrounding whitespace is ignored; the alias must be the whole name or end it after a ``-``,
+    ``_``, ``.`` or space (``BraTS20_Training_001_t1ce``, ``BraTS-GLI-00000-000-t1c``, ``s1_T1Gd``, ``FLAIR``,
+    ``patient 3 T2-FLAIR``, ``myops_training_101_C0``). When several aliases end the name, the longest wins
+    (``t2-flair`` is FLAIR, not T2).
+    """
+    stem = nifti_stem(name).lower()
+    best, best_len = None, -1
+    for pattern, modality, length in _patterns(tuple(modalities)):
+        if length > best_len and pattern.search(stem):
+            best, best_len = modality, length
+    return best
+
+
+def is_label_file(name: str) -> bool:
+    """Whether a file name looks like a segmentation/label (``*_seg``, ``*_gd``, ``*Segm``, ``*_label``...)."""
+    stem = nifti_stem(name).lower()
+    return stem.endswith("segm") or any(re.search(_SEP + re.escape(m) + "$", stem) for m in LABEL_FILE_MARKERS)
+
+
+def classify_files(
+    paths: Sequence[str], modalities: Sequence[str], report_labels: bool = True
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Sort the files of one study folder by modality.
+
+    Args:
+        paths: the folder's files (non-NIfTI files are left out).
+        modalities: the canonical modality names.
+        report_labels: also list segmentation-like files (:func:`is_label_file`) in ``notes``.
+
+    Returns:
+        ``(image, notes, errors)``: ``image`` maps each recognised modality to its file; ``notes`` has one line per
+        NIfTI that matches no modality (naming the file and why it is ignored); ``errors`` has one line per
+        modality matched by more than one file.
+    """
+    image: dict[str, str] = {}
+    notes: list[str] = []
+    errors: list[str] = []
+    dupes: dict[str, list[str]] = {}
+    for path in sorted(paths):
+        base = os.path.basename(path)
+        if not is_nifti(base):
+            continue
+        modality = modality_of(base, modalities)
+        if modality is None:
+            label = is_label_file(base)
+            if label and not report_labels:
+                continue
+            kind = "a segmentation/label file" if label else "no modality name"
+            expected = "/".join(MODALITY_ALIASES.get(m, (m,))[0] for m in modalities)
+            notes.append(f"{path}: ignored ({kind}; modality files end with _{expected}, any case)")
+        elif modality in image:
+            dupes.setdefault(modality, [image[modality]]).append(path)
+        else:
+            image[modality] = path
+    for modality, files in dupes.items():
+        errors.append(f"{files[1]}: a second file for {modality} (also {', '.join(files[:1] + files[2:])})")
+    return image, notes, errors
