@@ -8,10 +8,18 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The ``dmaf`` command line (python-fire)."""
+"""The ``dmaf`` command line (python-fire).
+
+The command line is checked against the signature of the chosen :class:`DMAF` method before fire runs anything:
+an unknown command or flag, a missing or extra argument is one line on stderr and exit status 2, so a typo never
+runs a command with defaults. A method with ``**kwargs`` accepts any flag (e.g. bundle overrides).
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +27,11 @@ import fire
 
 from .data.constants import DMAFDataError
 
-__all__ = ["main", "DMAF"]
+__all__ = ["main", "DMAF", "UsageError"]
+
+
+class UsageError(DMAFDataError):
+    """A command line that does not fit the command: unknown command or flag, missing or extra argument."""
 
 
 def _parse_rates(rates) -> dict[str, float] | list[float] | None:
@@ -52,7 +64,7 @@ def _sizes(value, name: str) -> list[float] | None:
 
 
 class DMAF:
-    """DMAF-Net tools: datalists, synthetic data, and the README demo."""
+    """DMAF-Net tools: datalists, data checks, synthetic data, and the README demo."""
 
     def datalist(
         self,
@@ -65,8 +77,12 @@ class DMAF:
         exact: bool = False,
         seed: int = 0,
         overwrite: bool = False,
+        no_check: bool = False,
     ) -> str:
         """Write a decathlon-style datalist with a seeded split and persistent IDT modality masks.
+
+        Every case is read and checked first (as `dmaf check`); when a check fails, the problems are printed and
+        nothing is written.
 
         Args:
             dataset: brats, msd, myops or auto.
@@ -77,15 +93,22 @@ class DMAF:
             missing_rates: e.g. t1=0.2,t1ce=0.4,flair=0.6,t2=0.8 (default: the paper's).
             exact: exact-count IDT masks (each pattern gets round(N * P(pattern)) cases).
             seed: seed of the split and of the masks.
+            overwrite: replace an existing datalist file.
+            no_check: write the datalist without reading the cases (--no_check or --no-check).
         """
         import os
 
-        from .data import build_datalist, write_datalist
+        from .data import build_datalist, check_datalist, write_datalist
 
         datalist = build_datalist(
             data_dir, dataset, _sizes(split, "split"), mode, _parse_rates(missing_rates), exact, seed
         )
-        path = write_datalist(datalist, output or os.path.join(data_dir, "datalist.json"), overwrite)
+        output = output or os.path.join(data_dir, "datalist.json")
+        if os.path.exists(output) and not overwrite:  # said before every case is read
+            raise DMAFDataError(f"{output}: exists already; pass --overwrite to replace it")
+        if not no_check:
+            _report(check_datalist(datalist, data_dir), f"{output} not written; fix the data or pass --no_check")
+        path = write_datalist(datalist, output, overwrite)
         sizes = "/".join(str(len(datalist[k])) for k in ("training", "validation", "testing"))
         print(f"datalist: {path} ({datalist['layout']}, train/val/test = {sizes}, mode {mode})")
         if mode == "idt":
@@ -94,6 +117,29 @@ class DMAF:
             print(f"missing rates asked: {asked}")
             print(f"missing rates realised over {len(datalist['training'])} training cases: {got}")
         return path
+
+    def check(self, data_dir: str, datalist: str | None = None, workers: int | None = None, labels=None) -> None:
+        """Read every case of a datalist once and report every problem, one line each (exit status 1 on errors).
+
+        Checks: unreadable, truncated or non-NIfTI files; 2-D files; NaN or inf voxels; modalities and label of a
+        case on different grids (shape, affine); label values outside the dataset's set; all-zero modalities (a
+        warning: treated as missing).
+
+        Args:
+            data_dir: the dataset folder.
+            datalist: the datalist to check (default DATA_DIR/datalist.json); all its sections are checked.
+            workers: parallel readers (default min(4, CPU count)).
+            labels: allowed label values, e.g. 0,1,2,4 (default: BraTS 0,1,2,4; MyoPS 0,200,500,600,1220,2221).
+        """
+        import os
+
+        from .data import check_datalist
+
+        if not os.path.isdir(data_dir):
+            raise DMAFDataError(f"{data_dir}: no such directory")
+        datalist = datalist or os.path.join(data_dir, "datalist.json")
+        report = check_datalist(datalist, data_dir, _sizes(labels, "labels"), workers)  # paths relative to DATA_DIR
+        _report(report, f"{datalist}: the data check failed")
 
     def synthetic(
         self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False
@@ -123,6 +169,7 @@ class DMAF:
         """Print the package version."""
         from . import __version__
 
+        print(__version__)  # main() has fire print no return value
         return __version__
 
     def demo(self, data_dir: str = "data/synthetic_brats", work_dir: str = "runs/demo", epochs: int = 12) -> None:
@@ -138,13 +185,128 @@ class DMAF:
         run_demo(data_dir, work_dir, epochs=epochs)
 
 
+def _report(report, failure: str) -> None:
+    """Print a data-check report (one line per problem, then a summary); raise when it has errors."""
+    from .data import DataCheckError
+
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    if report.errors:
+        raise DataCheckError(f"{failure}: {len(report.errors)} error(s), listed above")
+
+
+def _commands() -> dict[str, str]:
+    """Public methods of :class:`DMAF` -> the first line of their docstring."""
+    return {
+        name: (inspect.getdoc(fn) or "").splitlines()[0]
+        for name, fn in inspect.getmembers(DMAF, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def _usage() -> str:
+    commands = _commands()
+    width = max(map(len, commands))
+    lines = ["usage: dmaf COMMAND [ARGS] [--FLAG VALUE ...]", "", inspect.getdoc(DMAF), "", "commands:"]
+    lines += [f"  {name:<{width}}  {doc}" for name, doc in commands.items()]
+    lines += ["", "`dmaf COMMAND --help` shows the arguments of a command."]
+    return "\n".join(lines)
+
+
+def _command_help(name: str) -> str:
+    """fire's help page of one command, printed on stdout without a pager."""
+    from fire import helptext, trace
+
+    tool = DMAF()
+    component = trace.FireTrace(tool, name="dmaf")
+    component.AddAccessedProperty(getattr(tool, name), name, [name], None, None)
+    return helptext.HelpText(getattr(tool, name), trace=component)
+
+
+def _is_flag(arg: str) -> bool:
+    """fire's rule: a flag starts with ``--``, or with ``-`` and a letter (``-1`` is a value)."""
+    return arg.startswith("--") or re.match("^-[a-zA-Z]", arg) is not None
+
+
+def _suggest(word: str, choices, prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _check_args(command: str, args: Sequence[str]) -> None:
+    """Raise :class:`UsageError` unless fire would bind ``args`` to the command's parameters exactly.
+
+    Mirrors fire's parsing: ``--name value``, ``--name=value``, a flag followed by a flag or nothing is boolean
+    ``True``, ``--noname`` is ``False``, ``-x`` is the one parameter starting with ``x``, hyphens read as underscores,
+    and arguments that are not flags fill the parameters not given as flags, in order. Anything after ``--`` is
+    fire's own (``-- --trace``).
+    """
+    params = list(inspect.signature(getattr(DMAF, command)).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    any_flag = any(p.kind == p.VAR_KEYWORD for p in params)
+    any_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
+    args = list(args[: args.index("--")] if "--" in args else args)
+    given, positional, i = set(), [], 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not _is_flag(arg):
+            positional.append(arg)
+            continue
+        key, equals, _ = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        boolean = not equals and (i == len(args) or _is_flag(args[i]))
+        if key in names or any_flag:
+            keyword = key
+        elif boolean and key.startswith("no") and key[2:] in names:
+            keyword = key[2:]
+        elif len(key) == 1 and [n[0] for n in names].count(key) == 1:
+            keyword = next(n for n in names if n[0] == key)
+        elif len(key) == 1 and key in [n[0] for n in names]:
+            choices = " or ".join(f"--{n}" for n in names if n[0] == key)
+            raise UsageError(f"{command}: flag {arg.partition('=')[0]} is ambiguous: {choices}")
+        else:
+            flag = arg.partition("=")[0]
+            raise UsageError(f"{command}: unknown flag {flag}{_suggest(key, names, '--')} (see dmaf {command} --help)")
+        if keyword in given:
+            raise UsageError(f"{command}: --{keyword} given twice")
+        given.add(keyword)
+        i += 0 if equals or boolean else 1
+    free = [n for n in names if n not in given]
+    if len(positional) > len(free) and not any_positional:
+        raise UsageError(f"{command}: unexpected argument {positional[len(free)]!r} (see dmaf {command} --help)")
+    required = [p.name for p in params if p.name in free[len(positional):] and p.default is p.empty]
+    if required:
+        raise UsageError(f"{command}: missing argument {required[0].upper()} (see dmaf {command} --help)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``dmaf`` console script: data errors end in one line on stderr and exit status 2."""
+    """Entry point of the ``dmaf`` console script.
+
+    ``dmaf``, ``dmaf -h`` and ``dmaf --help`` list the commands; ``dmaf COMMAND --help`` shows a command's arguments.
+    A command line that does not fit the command exits with status 2 before anything is read or written, as do data
+    errors (one line on stderr); a data check that finds errors exits with status 1.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        fire.Fire(DMAF, command=argv, serialize=lambda _: None)
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(_usage())
+            return
+        command, rest = args[0], args[1:]
+        commands = _commands()
+        if command not in commands:
+            hint = _suggest(command.lstrip("-"), commands)
+            raise UsageError(f"unknown command {command!r}{hint} (dmaf --help lists the commands)")
+        options = rest[: rest.index("--")] if "--" in rest else rest
+        if "-h" in options or "--help" in options:
+            print(_command_help(command))
+            return
+        _check_args(command, rest)
+        fire.Fire(DMAF, command=args, name="dmaf", serialize=lambda _: None)
     except DMAFDataError as exc:
         print(f"dmaf: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":
