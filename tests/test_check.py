@@ -60,7 +60,7 @@ def broken_brats(clean_brats, tmp_path):
     expected["BraTS20_Training_001_t1.nii.gz"] = "cannot read"
 
     _file(root, 1, "flair").write_bytes(gzip.compress(b"not a NIfTI file" * 40))  # a renamed non-NIfTI
-    expected["BraTS20_Training_001_flair.nii.gz"] = "cannot read"
+    expected["BraTS20_Training_001_flair.nii.gz"] = "not a readable NIfTI file (ImageFileError: "
 
     t2 = np.asarray(nib.load(str(_file(root, 2, "t2"))).dataobj).astype(np.float32)
     t2[5, 5, 5] = np.inf

@@ -120,12 +120,14 @@ def _format_values(values: Sequence[float]) -> list:
 
 
 def _header(reader, path: str):
-    """The nibabel image (header only, voxels not read), or the reader's one-line error for an unreadable file."""
+    """The nibabel image (header only, voxels not read); a one-line error for a missing or non-NIfTI file."""
     try:
         return nib.load(path)
-    except Exception:  # not NIfTI, missing, no permission: the reader names the problem the way training does
-        reader.read(path)
-        raise DMAFDataError(f"{path}: cannot read the NIfTI header") from None
+    except Exception as exc:  # nibabel names the problem better than "no suitable reader"
+        if not os.path.isfile(path):
+            reader.read(path)  # "file not found", as the training loader says it
+        text = (str(exc).strip().splitlines() or [""])[0].replace(path, os.path.basename(path))
+        raise DMAFDataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {text})") from None
 
 
 class _Case:
