@@ -97,21 +97,21 @@ class CheckReport:
 def label_values(label: torch.Tensor) -> list[float]:
     """Distinct values of a label map, sorted.
 
-    Integer-valued labels of a small range (all real ones) are counted with a bincount, about 10x faster than
-    ``torch.unique`` on a BraTS-size float32 label (50 ms vs 0.45-0.6 s on one core); anything else falls back to
-    ``torch.unique``.
+    Integer-valued labels of a small range (all real ones) are counted with a bincount, 4-10x faster than
+    ``torch.unique`` on a BraTS-size float32 label (one core); anything else falls back to ``torch.unique``.
     """
-    x = torch.as_tensor(label).flatten()
+    x = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)  # a MetaTensor's ops are slower
+    x = x.flatten()
     if x.numel() == 0:
         return []
     if x.dtype == torch.bool or (not x.is_floating_point() and x.dtype not in (torch.uint8, torch.int8, torch.int16)):
         x = x.to(torch.int64)  # also the unsigned types that aminmax does not support
     lo, hi = (float(v) for v in torch.aminmax(x))
     if np.isfinite(lo) and np.isfinite(hi) and hi - lo <= 65535 and float(int(lo)) == lo:
-        shifted = (x - int(lo)).to(torch.int32)
-        if not x.is_floating_point() or torch.equal(shifted.to(x.dtype) + int(lo), x):
-            counts = torch.bincount(shifted)
-            return [v + lo for v in counts.nonzero().flatten().tolist()]
+        shifted = x - int(lo) if lo else x
+        index = shifted.to(torch.uint8 if hi - lo <= 255 else torch.int32)
+        if not x.is_floating_point() or torch.equal(index.to(x.dtype), shifted):  # integer-valued
+            return [v + lo for v in torch.bincount(index).nonzero().flatten().tolist()]
     return torch.unique(x).tolist()
 
 
