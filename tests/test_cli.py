@@ -102,7 +102,8 @@ def test_kwargs_command_accepts_any_flag(monkeypatch, capsys):
 
     monkeypatch.setattr(DMAF, "ablation", ablation, raising=False)
     code, out, _ = _run([], capsys)
-    assert ["ablation", "Run", "an", "ablation", "with", "bundle", "overrides."] in [l.split() for l in out.splitlines()]
+    listed = [line.split() for line in out.splitlines()]
+    assert ["ablation", "Run", "an", "ablation", "with", "bundle", "overrides."] in listed
     main(["ablation", "no_dtm", "--max_epochs", "5", "--roi-size=[8,8,8]"])
     assert seen == {"name": "no_dtm", "max_epochs": 5, "roi_size": [8, 8, 8]}
     code, _, err = _run(["ablation"], capsys)

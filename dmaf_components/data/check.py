@@ -244,7 +244,8 @@ def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, 
     shape = tuple(int(s) for s in header.shape)
     if role == "image":  # one 4-D file, modalities last (MSD Task01)
         if len(shape) != 4 or shape[3] != len(modalities):
-            case.add(path, f"shape {shape}: expected a 4-D file (x, y, z, {len(modalities)}) of {', '.join(modalities)}")
+            expected = f"(x, y, z, {len(modalities)}) of {', '.join(modalities)}"
+            case.add(path, f"shape {shape}: expected a 4-D file {expected}")
             return None
         spatial = shape[:3]
     else:
