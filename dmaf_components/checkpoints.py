@@ -1,0 +1,206 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Loading network weights from a plain state dict or a training checkpoint, with one-line errors.
+
+A checkpoint that does not fit the network is described by the architecture read from its tensor shapes (number of
+modalities, channels per level, fusion, transformer layers, token grid), so that the message says which bundle
+override makes the network fit, instead of listing thousands of size mismatches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.constants import DMAFDataError
+
+__all__ = ["load_model_weights", "read_state_dict", "describe_architecture", "MODEL_KEYS"]
+
+logger = logging.getLogger(__name__)
+
+#: keys under which a training checkpoint keeps the network's state dict (the bundle's CheckpointSaver: ``model``)
+MODEL_KEYS = ("model", "state_dict", "network")
+#: architecture fields read from a state dict -> the bundle override that sets them
+_OVERRIDES = {
+    "modalities": "--modalities",
+    "spatial_dims": "--spatial_dims",
+    "channels": "--channels",
+    "fusion": "--fusion",
+    "num_layers": "--num_layers",
+    "token_grid": "--token_grid",
+    "out_channels": "--label_values",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and first sentence."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip().split('. ')[0]}" if lines else type(exc).__name__
+
+
+def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tensor]:
+    """The network state dict held by ``path``: a plain state dict (``models/model.pt``) or a training checkpoint.
+
+    A training checkpoint is a dict with the state dict under one of :data:`MODEL_KEYS` (the bundle's
+    ``CheckpointSaver`` writes ``{"model", "optimizer", "trainer", ...}``). The file is read with
+    ``torch.load(weights_only=True)``, as MONAI does. A ``module.`` prefix (a DDP-wrapped network) is removed.
+
+    Raises:
+        DMAFDataError: one line naming the file: not found, a folder, empty, truncated or not a PyTorch file,
+            holding objects other than tensors, or holding no state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DMAFDataError(f"{path}: checkpoint not found")
+    if os.path.isdir(path):
+        raise DMAFDataError(f"{path}: checkpoint is a folder, expected a .pt file")
+    if os.path.getsize(path) == 0:
+        raise DMAFDataError(f"{path}: checkpoint is empty (0 bytes)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # zip reader, unpickler and weights-only refusals
+        text = str(exc)
+        if "failed finding central directory" in text or "failed reading" in text or isinstance(exc, EOFError):
+            raise DMAFDataError(f"{path}: checkpoint is truncated or corrupt ({_first_line(exc)})") from None
+        if "Weights only load failed" in text and "Unsupported global" in text:
+            raise DMAFDataError(
+                f"{path}: checkpoint holds Python objects other than tensors; refused by torch.load(weights_only=True)"
+            ) from None
+        raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+    state = obj
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            raise DMAFDataError(
+                f"{path}: holds a dict without network weights (keys {sorted(map(str, obj))[:8]}; expected a state "
+                f"dict or a training checkpoint with a {'/'.join(MODEL_KEYS)} entry)"
+            )
+        state = obj[key]
+    if not isinstance(state, Mapping) or not _is_state_dict(state):
+        raise DMAFDataError(f"{path}: holds a {type(obj).__name__}, not network weights (a state dict)")
+    return {re.sub(r"^module\.", "", str(k)): v for k, v in state.items()}
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def describe_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The DMAF-Net hyper-parameters that a state dict's names and shapes determine (absent when undetermined).
+
+    ``modalities`` (number of modality encoders), ``spatial_dims``, ``channels`` (per level), ``fusion``
+    (dmaf/concat/mean), ``num_layers`` (transformer layers per DMAF fusion), ``token_grid`` and ``out_channels``.
+    The number of attention heads leaves no trace in the shapes.
+    """
+    info: dict[str, Any] = {}
+    encoders = {int(m.group(1)) for k in state if (m := re.match(r"encoders\.(\d+)\.", k))}
+    if encoders:
+        info["modalities"] = max(encoders) + 1
+    levels = {}
+    for k, v in state.items():
+        m = re.match(r"encoders\.0\.stages\.(\d+)\.entry\.conv\.weight$", k)
+        if m:
+            levels[int(m.group(1))] = v
+    if levels:
+        info["channels"] = [int(levels[i].shape[0]) for i in sorted(levels)]
+        info["spatial_dims"] = int(levels[min(levels)].ndim) - 2
+    if any(k.startswith("fusions.") for k in state):
+        layers = {int(m.group(1)) for k in state if (m := re.match(r"fusions\.0\.layers\.(\d+)\.", k))}
+        info["fusion"] = "dmaf" if layers else "concat"
+        if layers:
+            info["num_layers"] = max(layers) + 1
+        pos = state.get("fusions.0.pos_embed")
+        if pos is not None:
+            info["token_grid"] = [int(s) for s in pos.shape[2:]]
+    elif encoders:
+        info["fusion"] = "mean"
+    outs = [v for k, v in state.items() if k.startswith("fusion_decoder.") and k.endswith("weight") and v.ndim > 2]
+    if outs:
+        info["out_channels"] = int(outs[-1].shape[0])
+    return info
+
+
+def _format(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, (list, tuple)) else str(value)
+
+
+def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """One line saying how a state dict differs from the network's."""
+    names, want = set(state), set(expected)
+    if not names & want:
+        example = next(iter(state))
+        return (
+            f"{path}: not a weight file of this network (none of its {len(state)} tensor names matches; e.g. "
+            f"'{example}')"
+        )
+    ours, theirs = describe_architecture(expected), describe_architecture(state)
+    diffs = [f for f in _OVERRIDES if f in ours and f in theirs and ours[f] != theirs[f]]
+    if diffs:
+        what = "; ".join(f"{f} {_format(theirs[f])} in the checkpoint vs {_format(ours[f])} in the network" for f in diffs)
+        fixes = []
+        for f in diffs:
+            if f == "modalities":
+                fixes.append(f"--modalities listing {theirs[f]} modalities")
+            elif f == "out_channels":
+                fixes.append(f"--label_values listing {theirs[f]} values")
+            else:
+                value = _format(theirs[f])
+                fixes.append(f"{_OVERRIDES[f]} \"{value}\"" if value.startswith("[") else f"{_OVERRIDES[f]} {value}")
+        return f"{path}: checkpoint does not fit the network: {what}; run with {' '.join(fixes)}"
+    missing, unexpected = sorted(want - names), sorted(names - want)
+    shapes = [k for k in sorted(names & want) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} network tensor(s) missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unknown tensor(s) (e.g. '{unexpected[0]}')")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of other shape (e.g. '{k}' {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
+        )
+    return f"{path}: checkpoint does not fit the network: {'; '.join(parts)}"
+
+
+def load_model_weights(network: nn.Module, path: str, map_location: Any = None) -> nn.Module:
+    """Load ``path`` into ``network`` strictly: a plain state dict or a training checkpoint (``{"model": ...}``).
+
+    Args:
+        network: the network (e.g. the bundle's ``@network``); a DDP/DataParallel wrapper is looked through.
+        path: ``models/model.pt`` (state dict) or ``models/checkpoint_*.pt`` (the bundle's ``CheckpointSaver``).
+        map_location: passed to ``torch.load`` (e.g. the bundle's ``@device``).
+
+    Returns:
+        the network, with the weights loaded.
+
+    Raises:
+        DMAFDataError: one line naming the file: missing, truncated or foreign file (:func:`read_state_dict`);
+            non-finite weights; weights of another architecture, saying which fields differ (channels, number of
+            modalities, fusion, layers, token grid, classes) and the override that makes the network fit.
+    """
+    module = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+    state = read_state_dict(path, map_location)
+    expected = module.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DMAFDataError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN/inf values (e.g. '{bad[0]}')")
+    fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(expected[k].shape) for k in expected)
+    if not fits:
+        raise DMAFDataError(_mismatch(path, state, expected))
+    module.load_state_dict(state, strict=True)
+    logger.info(f"loaded {len(state)} tensors from {path}")
+    return network

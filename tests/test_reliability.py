@@ -1,0 +1,340 @@
+"""Trustworthy inference inputs and outputs (issue 11 items 1-3 and 6): every bad input is a one-line error naming
+the file, one bad study never aborts the batch, no result is ever lost or half-written, checkpoints of either kind
+load and a misfit says which override fixes it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dmaf_components.data import BRATS_AFFINE, BRATS_MODALITIES, DMAFDataError, brats_case, find_studies
+
+BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+INFERENCE = os.path.join(BUNDLE, "configs", "inference.json")
+SHAPE = (32, 32, 24)  # one 32^3 sliding window per study
+NET = {"channels": (4, 8, 16, 32), "num_layers": 1, "num_heads": 2}
+TINY = ["--roi_size", "[32,32,32]", "--channels", "[4,8,16,32]", "--num_layers", "1", "--num_heads", "2",
+        "--num_workers", "0"]
+
+
+def _volume(seed=0):
+    images, _ = brats_case(SHAPE, seed=seed)
+    return images
+
+
+def _study(folder, names, seed=0, corrupt=None):
+    """A study folder: ``names`` maps modality -> file name; ``corrupt`` (modality, value) puts one bad voxel."""
+    os.makedirs(folder, exist_ok=True)
+    images = _volume(seed)
+    for modality, name in names.items():
+        data = images[modality].astype(np.float32)
+        if corrupt and corrupt[0] == modality:
+            data[4, 4, 4] = corrupt[1]
+        nib.save(nib.Nifti1Image(data, BRATS_AFFINE), os.path.join(folder, name))
+    return folder
+
+
+def _net(**kw):
+    from dmaf_components.networks import DMAFNet
+
+    return DMAFNet(3, 4, 4, **{**NET, **kw})
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny randomly initialised network saved as a plain state dict and as a training checkpoint."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    net = _net()
+    torch.save(net.state_dict(), root / "model.pt")
+    optimizer = torch.optim.AdamW(net.parameters())
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "trainer": {"iteration": 4}},
+               root / "checkpoint_final.pt")
+    return root
+
+
+def _workflow(dataset_dir, output_dir, checkpoint, **override):
+    """The bundle's inference.json, in this process (num_workers 0)."""
+    from monai.bundle import ConfigWorkflow
+
+    params = {"roi_size": [32, 32, 32], "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2,
+              "num_workers": 0, **override}
+    wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
+                        dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint),
+                        **params)
+    wf.initialize()
+    return wf
+
+
+# ------------------------------------------------------------------------------------------------ 1. inputs
+def test_inf_and_nan_voxels_are_one_line_errors_naming_the_file(tmp_path):
+    from dmaf_components.transforms import LoadModalitiesd
+
+    loader = LoadModalitiesd("image", BRATS_MODALITIES)
+    for value, word in ((np.inf, "inf"), (-np.inf, "inf"), (np.nan, "NaN")):
+        folder = _study(tmp_path / word / str(value), {"flair": "s_flair.nii.gz"}, corrupt=("flair", value))
+        path = os.path.join(folder, "s_flair.nii.gz")
+        with pytest.raises(DMAFDataError, match=rf"s_flair.nii.gz: contains {word} voxels") as err:
+            loader({"image": {"flair": path}})
+        assert "\n" not in str(err.value) and path in str(err.value)
+
+
+def test_two_dimensional_file_is_an_error_naming_the_file(tmp_path):
+    from dmaf_components.transforms import LoadModalitiesd
+
+    path = tmp_path / "s_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((32, 32), np.float32), np.eye(4)), str(path))
+    with pytest.raises(DMAFDataError, match=r"s_t1.nii.gz: is a 2-D image \(shape \(32, 32\)\), expected a 3-D"):
+        LoadModalitiesd("image", BRATS_MODALITIES)({"image": {"t1": str(path)}})
+
+
+def test_anisotropic_spacing_is_a_warning_naming_the_file(tmp_path, caplog):
+    from dmaf_components.transforms import LoadModalitiesd
+
+    path = tmp_path / "thick_t2.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), np.diag([1.0, 1.0, 5.0, 1.0])), str(path))
+    with caplog.at_level(logging.WARNING, logger="dmaf_components.transforms"):
+        img = LoadModalitiesd("image", BRATS_MODALITIES, anisotropy_ratio=3.0)({"image": {"t2": str(path)}})["image"]
+    assert img.shape == (4,) + SHAPE  # the grid as given
+    assert any(str(path) in r.getMessage() and "anisotropic" in r.getMessage() for r in caplog.records)
+
+
+def test_modality_names_of_real_releases_any_case_and_whitespace(tmp_path):
+    from dmaf_components.data import modality_of
+
+    expected = {
+        "BraTS20_Training_001_t1ce.nii.gz": "t1ce", "BraTS2021_00000_T1CE.nii.gz": "t1ce",
+        "BraTS-GLI-00000-000-t1n.nii.gz": "t1", "BraTS-GLI-00000-000-t1c.nii.gz": "t1ce",
+        "BraTS-GLI-00000-000-t2w.nii.gz": "t2", "BraTS-GLI-00000-000-t2f.nii.gz": "flair",
+        "s1_T1.nii.gz": "t1", "s1_t1Gd.nii.gz": "t1ce", "s1_t1ce .nii.gz": "t1ce", "FLAIR.nii": "flair",
+        "p3 T2-FLAIR.NII.GZ": "flair", "p3_T2w.nii.gz": "t2", "x_T1c.nii.gz": "t1ce", "s1_seg.nii.gz": None,
+        "s1_dwi.nii.gz": None,
+    }
+    assert {name: modality_of(name, BRATS_MODALITIES) for name in expected} == expected
+    myops = ("bssfp", "lge", "t2")
+    assert [modality_of(f"myops_training_101_{s}.nii.gz", myops) for s in ("C0", "de", "T2", "gd")] == [
+        "bssfp", "lge", "t2", None]
+    # the issue's study: all four files are used, none silently dropped
+    _study(tmp_path / "in" / "s1", {"t1": "s1_T1.nii.gz", "t1ce": "s1_t1Gd.nii.gz", "flair": " s1_FLAIR .nii.gz",
+                                    "t2": "s1-t2w.nii.gz"})
+    (study,) = find_studies(str(tmp_path / "in"))
+    assert sorted(study["image"]) == sorted(BRATS_MODALITIES) and "error" not in study and "notes" not in study
+
+
+def test_unused_files_duplicates_and_unusable_folders_are_reported(tmp_path, caplog):
+    root = tmp_path / "in"
+    _study(root / "a", {"flair": "a_flair.nii.gz", "t2": "a_dwi.nii.gz"})  # a DWI file: no modality of the model
+    _study(root / "b", {"t1ce": "b_t1c.nii.gz", "t1": "b_T1CE.nii.gz"})  # two files for T1ce
+    (root / "c").mkdir()  # nothing usable
+    (root / "c" / "notes.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="dmaf_components.data.studies"):
+        studies = {s["case"]: s for s in find_studies(str(root))}
+    assert set(studies) == {"a", "b", "c"}  # no study folder is skipped
+    assert studies["a"]["image"] == {"flair": str(root / "a" / "a_flair.nii.gz")}
+    assert any(str(root / "a" / "a_dwi.nii.gz") in r.getMessage() and "ignored" in r.getMessage()
+               for r in caplog.records)
+    assert "a second file for t1ce" in studies["b"]["error"]
+    assert studies["c"]["error"].startswith(str(root / "c") + ": no modality file (the folder holds notes.txt")
+
+
+def test_datalist_uses_the_alias_table(tiny_brats, tmp_path):
+    import shutil
+
+    from dmaf_components.data import build_datalist
+
+    root = tmp_path / "b"
+    shutil.copytree(tiny_brats, root)
+    case = root / "MICCAI_BraTS2020_TrainingData" / "BraTS20_Training_002"
+    os.rename(case / "BraTS20_Training_002_t1ce.nii.gz", case / "BraTS20_Training_002_T1CE.nii.gz")
+    os.rename(case / "BraTS20_Training_002_flair.nii.gz", case / "BraTS20_Training_002_FLAIR.nii.gz")
+    dl = build_datalist(str(root), "brats", split=(4, 1, 1))
+    entry = next(e for s in ("training", "validation", "testing") for e in dl[s] if e["case"] == "BraTS20_Training_002")
+    assert entry["image"]["t1ce"].endswith("_T1CE.nii.gz") and entry["image"]["flair"].endswith("_FLAIR.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_weights_load_from_a_state_dict_or_a_training_checkpoint(weights, tmp_path):
+    from dmaf_components.checkpoints import load_model_weights
+
+    reference = torch.load(weights / "model.pt", weights_only=True)
+    torch.save({"model": {f"module.{k}": v for k, v in reference.items()}}, tmp_path / "ddp.pt")
+    for path in (weights / "model.pt", weights / "checkpoint_final.pt", tmp_path / "ddp.pt"):
+        net = load_model_weights(_net(), str(path), "cpu")
+        assert all(torch.equal(v, reference[k]) for k, v in net.state_dict().items())
+
+
+def test_checkpoint_problems_are_one_line_and_name_the_fix(weights, tmp_path):
+    from dmaf_components.checkpoints import load_model_weights
+
+    raw = (weights / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / "foreign.nii.gz"))
+    os.rename(tmp_path / "foreign.nii.gz", tmp_path / "foreign.pt")  # a NIfTI given as the checkpoint
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other_net.pt")
+    torch.save(_net(channels=(8, 16, 32, 64, 128), num_layers=4, num_heads=8).state_dict(), tmp_path / "wide.pt")
+    state = torch.load(weights / "model.pt", weights_only=True)
+    state["fusions.0.score.weight"] = state["fusions.0.score.weight"] * float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    cases = {
+        "missing.pt": r"missing.pt: checkpoint not found",
+        "truncated.pt": r"truncated.pt: checkpoint is truncated or corrupt",
+        "foreign.pt": r"foreign.pt: not a PyTorch checkpoint",
+        "other_net.pt": r"other_net.pt: not a weight file of this network",
+        "wide.pt": r"wide.pt: checkpoint does not fit the network: channels \[8,16,32,64,128\] in the checkpoint vs "
+                   r"\[4,8,16,32\] in the network; num_layers 4 in the checkpoint vs 1 in the network; run with "
+                   r"--channels \"\[8,16,32,64,128\]\" --num_layers 4",
+        "nan.pt": r"nan.pt: 1 of \d+ tensors hold NaN/inf values",
+    }
+    for name, message in cases.items():
+        with pytest.raises(DMAFDataError, match=message) as err:
+            load_model_weights(_net(), str(tmp_path / name), "cpu")
+        assert "\n" not in str(err.value), str(err.value)
+
+
+def test_evaluate_config_loads_a_training_checkpoint(weights, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([os.path.join(BUNDLE, "configs", "train.json"), os.path.join(BUNDLE, "configs", "evaluate.json")])
+    parser.update({"ckpt_path": str(weights / "checkpoint_final.pt"), "device": "$torch.device('cpu')",
+                   "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2, "bundle_root": str(tmp_path)})
+    parser.get_parsed_content("load_weights")
+    net = parser.get_parsed_content("network")
+    reference = torch.load(weights / "model.pt", weights_only=True)
+    assert all(torch.equal(v.cpu(), reference[k]) for k, v in net.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ 2. the batch
+def test_one_bad_study_does_not_abort_the_batch_and_the_cause_is_the_last_line(weights, tmp_path):
+    studies = tmp_path / "studies"
+    _study(studies / "a_good", {"flair": "a_good_flair.nii.gz", "t1ce": "a_good_t1ce.nii.gz"})
+    _study(studies / "m_bad", {"flair": "m_bad_flair.nii.gz", "t1ce": "m_bad_t1ce.nii.gz"}, corrupt=("t1ce", np.inf))
+    _study(studies / "z_good", {"flair": "z_good_FLAIR.nii.gz", "t1": "z_good_T1.nii.gz", "t2": "z_good_dwi.nii.gz"})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
+           str(studies), "--output_dir", str(out), "--checkpoint", str(weights / "checkpoint_final.pt")] + TINY
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert sorted(os.listdir(out)) == ["a_good_seg.nii.gz", "z_good_seg.nii.gz"]  # both good studies, nothing else
+    for name in ("a_good", "z_good"):
+        seg = nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert seg.shape == SHAPE and set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2, 4}
+    last = proc.stderr.strip().splitlines()
+    assert last[-2] == f"inference finished: 2 segmented, 1 failed (results in {out})"
+    assert last[-1] == f"m_bad: {studies / 'm_bad' / 'm_bad_t1ce.nii.gz'}: contains inf voxels (1 of 24576 not finite)"
+    assert "Traceback" not in log and "Failed to evaluate" not in log
+    assert "study z_good: files for flair, t1; used flair, t1; missing t1ce, t2" in log
+    assert f"{studies / 'z_good' / 'z_good_dwi.nii.gz'}: ignored" in log
+
+
+# ------------------------------------------------------------------------------------------------ 3. outputs
+def test_checkpoint_is_loaded_before_the_output_folder_is_created(weights, tmp_path):
+    _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz"})
+    torch.save(_net(channels=(8, 16, 32, 64, 128), num_layers=4).state_dict(), tmp_path / "wide.pt")
+    for checkpoint, message in ((tmp_path / "nope.pt", "nope.pt: checkpoint not found"),
+                                (tmp_path / "wide.pt", '--channels "[8,16,32,64,128]" --num_layers 4')):
+        wf = _workflow(tmp_path / "in", tmp_path / "out", checkpoint)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            wf.run()
+        assert not (tmp_path / "out").exists()
+
+
+def test_name_collision_is_detected_before_any_work(weights, tmp_path):
+    studies = tmp_path / "in"
+    _study(studies / "case001", {"flair": "case001_flair.nii.gz"})
+    images = _volume()
+    data = np.stack([images[m] for m in BRATS_MODALITIES], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, BRATS_AFFINE), str(studies / "case001.nii.gz"))
+    wf = _workflow(studies, tmp_path / "out", weights / "model.pt")
+    with pytest.raises(SystemExit, match=r"case001/ and .*case001.nii.gz would both be written to .*case001_seg"):
+        wf.run()
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_results_are_kept_unless_overwrite(weights, tmp_path):
+    _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s_seg.nii.gz").write_bytes(b"earlier result")
+    with pytest.raises(SystemExit, match=r"1 result\(s\) exist already \(s_seg.nii.gz\); they are kept"):
+        _workflow(tmp_path / "in", out, weights / "model.pt").run()
+    assert (out / "s_seg.nii.gz").read_bytes() == b"earlier result"
+    _workflow(tmp_path / "in", out, weights / "model.pt", overwrite=True).run()
+    assert nib.load(str(out / "s_seg.nii.gz")).shape == SHAPE and sorted(os.listdir(out)) == ["s_seg.nii.gz"]
+
+
+def test_output_folder_must_not_be_an_input_folder(weights, tmp_path):
+    studies = tmp_path / "in"
+    _study(studies / "s", {"flair": "s_flair.nii.gz"})
+    for out, message in ((studies, "is the input folder"), (studies / "s", "holds input")):
+        with pytest.raises(SystemExit, match=message):
+            _workflow(studies, out, weights / "model.pt").run()
+    assert sorted(os.listdir(studies / "s")) == ["s_flair.nii.gz"]
+
+
+def test_read_only_output_folder_fails_before_any_study(weights, tmp_path, monkeypatch):
+    import dmaf_components.inference as inference
+
+    _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz"})
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root: permissions are not enforced; make the write itself fail the same way
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(inference.tempfile, "mkstemp", refuse)
+    computed = []
+    monkeypatch.setattr(inference.StudyEvaluator, "_iteration", lambda self, engine, batch: computed.append(1))
+    try:
+        with pytest.raises(SystemExit, match=r"ro: not writable \(PermissionError: Permission denied\)"):
+            _workflow(tmp_path / "in", ro, weights / "model.pt").run()
+    finally:
+        ro.chmod(0o755)
+    assert computed == [] and os.listdir(ro) == []
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImaged
+
+    from dmaf_components.inference import AtomicSaveImaged
+
+    saver = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", output_dtype=np.uint8,
+                             separate_folder=False, print_log=False, overwrite=True)
+    assert isinstance(saver, SaveImaged)  # MONAI Label's monaibundle app filters it out like any SaveImaged
+    pred = MetaTensor(torch.ones((1,) + SHAPE), affine=torch.as_tensor(BRATS_AFFINE))
+    final = tmp_path / "s_seg.nii.gz"
+    final.write_bytes(b"earlier result")
+
+    def killed(self, filename, *args, **kwargs):  # a crash after part of the file was written
+        with open(filename, "wb") as f:
+            f.write(b"\x1f\x8b partial")
+        raise OSError(28, "No space left on device")
+
+    for writer in saver.saver.writers:  # ITK and/or nibabel, as MONAI resolves them for .nii.gz
+        monkeypatch.setattr(writer, "write", killed)
+    with pytest.raises(DMAFDataError, match="s_seg.nii.gz: cannot write the result"):
+        saver({"pred": pred, "case": "s"})
+    assert final.read_bytes() == b"earlier result" and os.listdir(tmp_path) == ["s_seg.nii.gz"]
+    monkeypatch.undo()
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
+    saver({"pred": pred, "case": "s"})
+    (src, dst), = replaced
+    assert os.path.dirname(src) == str(tmp_path) and dst == str(final) and not os.path.exists(src)
+    assert nib.load(str(final)).shape == SHAPE
+    keep = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", print_log=False)
+    with pytest.raises(DMAFDataError, match="exists already; kept"):
+        keep({"pred": pred, "case": "s"})
