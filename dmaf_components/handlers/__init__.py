@@ -13,6 +13,28 @@
 from __future__ import annotations
 
 from .dtm import SCALING_MODES, DynamicTrainingMonitor
+from .reliability import (
+    FinalModelFallback,
+    FiniteCheckpointSaver,
+    NonFiniteError,
+    NonFiniteLossHandler,
+    non_finite_entries,
+)
+from .resume import RandomStateHandler, ResumableSampler, ResumeCheckpointLoader, SeededDataset
 from .utils import TrainingOutputHandler, output_scalars
 
-__all__ = ["DynamicTrainingMonitor", "SCALING_MODES", "output_scalars", "TrainingOutputHandler"]
+__all__ = [
+    "DynamicTrainingMonitor",
+    "SCALING_MODES",
+    "output_scalars",
+    "TrainingOutputHandler",
+    "NonFiniteError",
+    "NonFiniteLossHandler",
+    "FiniteCheckpointSaver",
+    "FinalModelFallback",
+    "non_finite_entries",
+    "RandomStateHandler",
+    "ResumableSampler",
+    "ResumeCheckpointLoader",
+    "SeededDataset",
+]
