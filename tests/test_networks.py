@@ -353,3 +353,50 @@ def test_training_forward_stays_channels_last_on_cpu():
         out = net(torch.randn(1, 4, 16, 16, 16), torch.tensor(mask, dtype=torch.bool))
     assert not wrong, wrong
     assert all(is_channels_last(z) for z in out.deep_supervision)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_grouping_by_present_count_matches_one_masked_sequence(spatial_dims):
+    """Mixed masks in a batch: the transformer run on the present tokens only, samples grouped by how many
+    modalities they have, gives the masked sequence's weights and gradients (incl. a sample with nothing present,
+    whose weights are all zero)."""
+    size = (8,) * spatial_dims
+    fusion = DMAFFusion(spatial_dims, channels=16, num_modalities=3, token_grid=(4,) * spatial_dims, num_layers=2,
+                        num_heads=2).train()
+    mask = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
+    feats = torch.randn(7, 3, 16, *size) * mask.reshape(7, 3, *(1,) * (spatial_dims + 1))
+    results = []
+    for grouped in (True, False):
+        fusion.group_by_mask = grouped
+        fusion.zero_grad()
+        x = feats.clone().requires_grad_()
+        weights = fusion.spatial_weights(x, mask)
+        (weights * torch.linspace(0, 1, weights.numel()).reshape(weights.shape)).sum().backward()
+        results.append((weights.detach(), x.grad, fusion.modality_embed.grad.clone(), fusion.layers[0].attn.qkv.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert not results[0][0][3].any() and torch.allclose(results[0][0][5].sum(0), torch.ones(size))
+
+
+def test_padded_head_attention_is_monai_transformer_block():
+    """DMAF's transformer layer loads a MONAI TransformerBlock's state dict as it is and computes the same thing;
+    its 8-wide heads are padded to 16 channels on the CPU (the fast flash-attention path)."""
+    from monai.networks.blocks import TransformerBlock
+
+    from dmaf_components.networks.attention import DMAFTransformerLayer
+
+    ref = TransformerBlock(32, 128, 4, qkv_bias=True, use_flash_attention=True)
+    layer = DMAFTransformerLayer(32, 128, 4, qkv_bias=True)
+    layer.load_state_dict(ref.state_dict(), strict=True)
+    assert layer.attn.dim_head == 8
+    x = torch.randn(3, 50, 32)
+    attn_mask = torch.ones(3, 1, 1, 50, dtype=torch.bool)
+    attn_mask[0, ..., 25:] = False
+    outs = []
+    for module in (ref, layer):
+        xi = x.clone().requires_grad_()
+        y = module(xi, attn_mask=attn_mask)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, module.attn.qkv.weight.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
