@@ -400,3 +400,18 @@ def test_padded_head_attention_is_monai_transformer_block():
         outs.append((y.detach(), xi.grad, module.attn.qkv.weight.grad))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def test_command_line_false_is_an_error_not_true():
+    """`--distillation false` reaches the components as the string "false", which is truthy: a Table-3 ablation
+    would silently keep the component on. Every on/off switch refuses anything but a bool."""
+    from dmaf_components.handlers import DynamicTrainingMonitor
+    from dmaf_components.losses import DMAFLoss
+
+    with pytest.raises(TypeError, match="distillation must be True or False"):
+        DMAFLoss(4, 4, 32, distillation="false")
+    with pytest.raises(TypeError, match="reweight"):
+        DynamicTrainingMonitor(DMAFLoss(4, 4, 32), reweight="false")
+    for flag in ("channels_last", "gradient_checkpointing"):
+        with pytest.raises(TypeError, match=flag):
+            DMAFNet(3, 4, 4, channels=(4, 8), num_layers=1, **{flag: "false"})

@@ -89,6 +89,8 @@ class DynamicTrainingMonitor:
         self.names = list(modality_names) if modality_names is not None else [f"m{i}" for i in range(m)]
         if len(self.names) != m:
             raise ValueError(f"modality_names has {len(self.names)} names but the loss has {m} modalities.")
+        if not isinstance(reweight, bool):  # "false" from a command line would silently mean True
+            raise TypeError(f"reweight (dtm_reweight) must be True or False, got {reweight!r} (on the command line: False).")
         self.reweight = reweight
         self.scaling_mode = scaling_mode
         self.gamma_range = (float(gamma_range[0]), float(gamma_range[1]))

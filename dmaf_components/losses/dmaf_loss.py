@@ -114,6 +114,8 @@ class DMAFLoss(nn.Module):
             raise ValueError(f"lambdas must hold 4 values (lambda1..lambda4), got {list(lambdas)}.")
         self.lambdas = tuple(float(v) for v in lambdas)
         self.ds_weights = None if deep_supervision_weights is None else tuple(deep_supervision_weights)
+        if not isinstance(distillation, bool):  # "false" from a command line would silently mean True
+            raise TypeError(f"distillation must be True or False, got {distillation!r} (on the command line: False).")
         self.distillation = distillation
         self.num_modalities = num_modalities
         weight = None if ce_weight is None else torch.as_tensor(ce_weight, dtype=torch.float32)

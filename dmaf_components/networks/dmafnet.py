@@ -117,6 +117,10 @@ class DMAFNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}.")
+        for name, value in (("gradient_checkpointing", gradient_checkpointing), ("channels_last", channels_last)):
+            if not (isinstance(value, bool) or (value is None and name == "channels_last")):
+                # a command line's "false" is a non-empty string: it would silently mean True
+                raise TypeError(f"{name} must be True or False, got {value!r} (on the command line: False).")
         if in_channels < 1 or len(channels) < 2:
             raise ValueError("DMAFNet needs in_channels >= 1 modality and at least 2 levels in channels.")
         if token_grid is None:
