@@ -80,7 +80,9 @@ def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tens
             raise DMAFDataError(
                 f"{path}: checkpoint holds Python objects other than tensors; refused by torch.load(weights_only=True)"
             ) from None
-        raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = f"unpickling failed: {reason.group(1).strip()}" if reason else _first_line(exc)
+        raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({detail})") from None
     state = obj
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -102,6 +103,11 @@ class LoadModalitiesd(MapTransform):
         try:
             img = self.loader(path)
         except Exception as exc:  # nibabel / gzip / MONAI reader errors
+            if "cannot find a suitable reader" in str(exc):  # MONAI hides the reason: ask nibabel for it
+                try:
+                    nib.load(path).get_fdata()
+                except Exception as reason:
+                    raise DMAFDataError(f"{path}: not a readable NIfTI file ({_first_line(reason)})") from None
             raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
         if self.spatial_ndim is not None and img.ndim - 1 != self.spatial_ndim:
             shape = tuple(img.shape[1:]) if img.shape[0] == 1 else tuple(img.shape)
