@@ -87,7 +87,8 @@ def run_demo(
         shutil.copy(src, os.path.join(study, os.path.basename(src).replace(test_case["case"], "new_study")))
     seg_dir = os.path.join(work_dir, "segmentations")
     _run([py, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", new_dir,
-          "--bundle_root", root, "--output_dir", seg_dir, "--roi_size", "[48,48,48]", "--num_workers", "0"],
+          "--bundle_root", root, "--output_dir", seg_dir, "--roi_size", "[48,48,48]", "--num_workers", "0",
+          "--overwrite", "True"],  # a rerun of the demo replaces its own segmentation (kept otherwise)
          BUNDLE_DIR)
 
     print("\n" + table.strip())

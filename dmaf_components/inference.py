@@ -43,6 +43,7 @@ __all__ = [
     "BundleExit",
     "FAILURE_KEY",
     "FOUND_KEY",
+    "as_bool",
     "describe_failure",
     "exit_on_data_error",
     "discover_studies",
@@ -76,6 +77,20 @@ class BundleExit(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+def as_bool(value: Any, name: str = "overwrite") -> bool:
+    """A switch given in Python or on the command line: ``True``/``False``, or ``true``/``false``/``1``/``0``/``yes``/
+    ``no`` in any case (fire passes ``--overwrite false`` as the string ``"false"``, which is truthy).
+
+    Raises:
+        DMAFDataError: any other value.
+    """
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise DMAFDataError(f"{name}: expected true or false, got {value!r}")
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -338,7 +353,7 @@ class AtomicSaveImaged(SaveImaged):
         self.output_dir = str(output_dir)
         self.output_postfix = str(output_postfix)
         self.name_key = name_key
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite)
 
     def _target(self, data: Mapping[Hashable, Any], img: Any, meta: Mapping | None) -> str:
         name = data.get(self.name_key)
@@ -397,6 +412,7 @@ def run_inference(
         ``{"segmented": [case...], "failed": {case: line}, "outputs": {case: path}}`` when every study succeeded.
     """
     try:
+        overwrite = as_bool(overwrite)
         plan = plan_outputs(studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext)
         if checkpoint is not None:
             if network is None:

@@ -265,10 +265,11 @@ def test_existing_results_are_kept_unless_overwrite(weights, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "s_seg.nii.gz").write_bytes(b"earlier result")
-    with pytest.raises(SystemExit, match=r"1 result\(s\) exist already \(s_seg.nii.gz\); they are kept"):
-        _workflow(tmp_path / "in", out, weights / "model.pt").run()
+    for keep in (False, "false"):  # "false" as the command line passes it (a truthy string)
+        with pytest.raises(SystemExit, match=r"1 result\(s\) exist already \(s_seg.nii.gz\); they are kept"):
+            _workflow(tmp_path / "in", out, weights / "model.pt", overwrite=keep).run()
     assert (out / "s_seg.nii.gz").read_bytes() == b"earlier result"
-    _workflow(tmp_path / "in", out, weights / "model.pt", overwrite=True).run()
+    _workflow(tmp_path / "in", out, weights / "model.pt", overwrite="true").run()
     assert nib.load(str(out / "s_seg.nii.gz")).shape == SHAPE and sorted(os.listdir(out)) == ["s_seg.nii.gz"]
 
 
