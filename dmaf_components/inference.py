@@ -380,9 +380,11 @@ class AtomicSaveImaged(SaveImaged):
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, target)
-            except Exception as exc:
+            except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
                 if os.path.lexists(tmp):
                     os.remove(tmp)
+                if not isinstance(exc, Exception):
+                    raise
                 raise DMAFDataError(f"{target}: cannot write the result ({describe_failure(exc)})") from None
         return d
 
