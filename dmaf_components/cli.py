@@ -165,6 +165,38 @@ class DMAF:
         print(f"synthetic {kind}: {cases} cases in {out_dir}")
         return out_dir
 
+    def ablation(
+        self,
+        dataset: str,
+        data_dir: str,
+        out: str,
+        settings: str = "table3",
+        seeds: int = 3,
+        datalist: str | None = None,
+        summarize_only: bool = False,
+        **overrides,
+    ) -> None:
+        """Run the paper's Table-3 ablation through the bundle (resumable) and write table3.{csv,md,png}.
+
+        Args:
+            dataset: brats, msd (3-D) or myops (2-D).
+            data_dir: the dataset folder.
+            out: the study folder (one folder per run, the summary files).
+            settings: table3 (all eight rows) or names, e.g. baseline,full (baseline, dmaf, distill, dtm,
+                dmaf+distill, dmaf+dtm, distill+dtm, full); the baseline is always run.
+            seeds: number of seeds per setting (0 .. seeds-1).
+            datalist: datalist file (default DATA_DIR/datalist.json).
+            summarize_only: rebuild the summary from the finished runs without training anything.
+            overrides: bundle overrides for every run, e.g. --max_epochs 50 --batch_size 8 --roi_size [96,96].
+        """
+        from .ablation import AblationStudy
+
+        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides)
+        if summarize_only:
+            study.summarize()
+        else:
+            study.run()
+
     def version(self) -> str:
         """Print the package version."""
         from . import __version__

@@ -169,9 +169,23 @@ class CombinationEvaluation:
                         warnings.simplefilter("ignore")  # empty prediction/ground truth: HD undefined, counted
                         hd(pr, gt, spacing=spacing)
         tables = {v: self._table(combos, metrics, v) for v in self.variants}
-        result = {"cases": cases, "modalities": self.modalities, "regions": list(self.regions), "tables": tables}
+        result = {"cases": cases, "modalities": self.modalities, "regions": list(self.regions), "tables": tables,
+                  "per_case": {v: self._per_case(combos, metrics, v) for v in self.variants}}
         self._write(result)
         return result
+
+    def _per_case(self, combos, metrics, variant) -> dict[str, dict[str, list]]:
+        """Per-case values in loader order, ``{combination: {"dice": (cases, R) in %, "hd95": (cases, R)}}`` (NaN
+        where undefined): what paired comparisons between trained models need (``dmaf ablation``)."""
+        out = {}
+        for combo in combos:
+            dice, hd = metrics[combo][variant]
+            d, h = dice.get_buffer(), hd.get_buffer()
+            out[combination_name(combo, self.modalities)] = {
+                "dice": [] if d is None else (d * 100).tolist(),
+                "hd95": [] if h is None else torch.where(torch.isfinite(h), h, torch.nan).tolist(),
+            }
+        return out
 
     def _table(self, combos, metrics, variant) -> list[dict]:
         rows = []

@@ -1,0 +1,103 @@
+"""`dmaf ablation`: the Table-3 runner resumes, skips finished runs, writes the paper's table, and its paired
+bootstrap interval is right on hand-made examples."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dmaf_components.ablation import AblationStudy, paired_bootstrap, resolve_settings, summarize_records
+
+
+def test_bootstrap_interval_on_hand_made_examples():
+    # a constant difference has a zero-width interval at that value
+    assert paired_bootstrap(np.full((3, 4), 2.0)) == (2.0, 2.0, 2.0)
+    # two seeds, one case, differences 0 and 2: a replicate's mean is 0, 1 or 2 with probability 1/4, 1/2, 1/4, so
+    # the 2.5 % and 97.5 % quantiles are 0 and 2
+    mean, low, high = paired_bootstrap(np.array([[0.0], [2.0]]), n_boot=4000)
+    assert (mean, low, high) == (1.0, 0.0, 2.0)
+    # cases are resampled too: one seed, 100 cases of N(1, 1): the interval is about mean +- 1.96 / 10
+    d = np.random.default_rng(0).normal(1.0, 1.0, size=(1, 100))
+    mean, low, high = paired_bootstrap(d)
+    assert low < mean < high and abs((high - low) - 2 * 1.96 * d.std() / 10) < 0.06
+
+
+def _record(setting, seed, dice, hd):
+    """A run record with per-case values: dice/hd (combinations, cases, regions)."""
+    combos = ["a", "b", "a+b"]
+    return {
+        "setting": setting, "seed": seed,
+        "evaluation": {"regions": ["R1", "R2"], "per_case": {"raw": {
+            c: {"dice": np.asarray(dice[i]).tolist(), "hd95": np.asarray(hd[i]).tolist()} for i, c in enumerate(combos)
+        }}},
+    }
+
+
+def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
+    from dmaf_components.ablation import write_summary
+
+    ones = np.ones((3, 2, 2))
+    records = [
+        _record("baseline", 0, 60 * ones, 10 * ones), _record("baseline", 1, 62 * ones, 12 * ones),
+        _record("full", 0, 65 * ones, 8 * ones), _record("full", 1, 69 * ones, 8 * ones),
+    ]
+    summary = summarize_records(records)
+    rows = {r["setting"]: r for r in summary["rows"]}
+    assert [r["setting"] for r in summary["rows"]] == ["baseline", "full"]
+    assert rows["baseline"]["DSC_avg"] == 61.0 and rows["full"]["DSC_R1"] == 67.0
+    assert rows["full"]["DSC_avg_std"] == pytest.approx(np.std([65, 69], ddof=1))
+    assert rows["full"]["DSC_avg_diff"] == pytest.approx(6.0)  # (5 + 7) / 2, paired by seed
+    assert rows["full"]["DSC_avg_diff_low"] == pytest.approx(5.0) and rows["full"]["DSC_avg_diff_high"] == 7.0
+    assert rows["full"]["HD95_avg_diff"] == pytest.approx(-3.0)
+    write_summary(summary, str(tmp_path))
+    table = open(tmp_path / "table3.md").read()
+    assert "| DMAF | Distillation | DTM | DSC R1 | DSC R2 | DSC Avg. | HD95 R1 | HD95 R2 | HD95 Avg." in table
+    assert "| • | • | • | 67.00 ± 2.83 |" in table and "+6.00 [+5.00, +7.00]" in table
+    assert os.path.getsize(tmp_path / "table3.png") > 0
+
+
+def test_settings_names():
+    assert resolve_settings("table3")[0] == "baseline" and len(resolve_settings("table3")) == 8
+    assert resolve_settings("full") == ["baseline", "full"]  # the baseline is always there to compare against
+    with pytest.raises(ValueError, match="unknown setting 'fusion'"):
+        resolve_settings("baseline,fusion")
+
+
+def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tmp_path):
+    from dmaf_components.data import build_datalist, write_datalist
+
+    data = tmp_path / "myops"
+    shutil.copytree(tiny_myops, data)
+    write_datalist(build_datalist(str(data), "myops", split=(3, 1, 1), seed=0), str(data / "datalist.json"))
+    lines = []
+    small = {"roi_size": [48, 48], "crop_size": [56, 56, -1], "channels": [8, 16, 32], "num_layers": 1,
+             "num_workers": 0, "max_epochs": 2, "val_interval": 1}
+    study = AblationStudy("myops", str(data), str(tmp_path / "study"), "full", 1, overrides=small, log=lines.append)
+    study.run()
+    rows = list(csv.DictReader(open(tmp_path / "study" / "table3.csv")))
+    assert [r["setting"] for r in rows] == ["baseline", "full"]
+    record = json.load(open(study.record_path("full", 0)))
+    assert record["overrides"]["fusion"] == "dmaf" and record["overrides"]["distillation"] is True
+    assert record["datalist_sha256"] and record["versions"]["dmaf_components"]
+    assert len(record["evaluation"]["per_case"]["raw"]) == 7  # every combination of 3 modalities
+    assert any("epoch 2/2" in line for line in lines)
+
+    # a finished study does nothing again
+    mtime = os.path.getmtime(study.record_path("baseline", 0))
+    lines.clear()
+    study.run()
+    assert "2 already recorded, 0 to do" in lines[0] and os.path.getmtime(study.record_path("baseline", 0)) == mtime
+
+    # a run killed after its epoch-1 checkpoint continues from it (not from scratch) and is recorded
+    run_dir = study.run_dir("full", 0)
+    os.remove(study.record_path("full", 0))
+    os.remove(os.path.join(run_dir, "training.done"))
+    assert study.latest_checkpoint(run_dir) is not None
+    lines.clear()
+    study.run()
+    assert any("continuing from checkpoint_" in line for line in lines) and os.path.exists(study.record_path("full", 0))
