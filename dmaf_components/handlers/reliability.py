@@ -28,7 +28,13 @@ from torch import nn
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
-__all__ = ["NonFiniteError", "NonFiniteLossHandler", "FiniteCheckpointSaver", "FinalModelFallback", "non_finite_entries"]
+__all__ = [
+    "NonFiniteError",
+    "NonFiniteLossHandler",
+    "FiniteCheckpointSaver",
+    "FinalModelFallback",
+    "non_finite_entries",
+]
 
 
 class NonFiniteError(RuntimeError):

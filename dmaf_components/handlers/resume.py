@@ -195,7 +195,7 @@ class RandomStateHandler:
         if done > 0:
             batch_size = getattr(getattr(engine, "data_loader", None), "batch_size", None) or 1
             self.sampler.set_start(min(done * batch_size, len(self.sampler)))
-            self.logger.info(f"Epoch {epoch}: {done} of {length} iterations were done before the resume, skipping them.")
+            self.logger.info(f"Epoch {epoch}: skipping the {done} of {length} iterations done before the resume.")
 
     def state_dict(self) -> dict[str, Any]:
         """The global random state, as tensors."""
@@ -245,7 +245,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
     """
 
     def __call__(self, engine: Engine) -> None:
-        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True)  # keys only
         full = self.load_dict
         if isinstance(checkpoint, dict) and len(full) > 1:
             missing = [k for k in full if k not in checkpoint]
