@@ -60,7 +60,7 @@ def test_one_epoch_training_writes_weights_checkpoint_and_logs(trained):
     net = DMAFNet(3, 4, 4, channels=(4, 8, 16, 32), num_layers=1)
     net.load_state_dict(state, strict=True)  # names match exactly: nothing is silently left untrained
     ckpt = torch.load(root / "models" / "checkpoint_final.pt", weights_only=False)
-    assert set(ckpt) == {"model", "loss", "optimizer", "lr_scheduler", "trainer", "dtm"}
+    assert set(ckpt) == {"model", "loss", "optimizer", "lr_scheduler", "trainer", "dtm", "random_state", "model_saver"}
     assert ckpt["trainer"]["iteration"] == 4 and bool(ckpt["dtm"]["seen"].any())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
