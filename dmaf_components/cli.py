@@ -142,7 +142,8 @@ class DMAF:
         _report(report, f"{datalist}: the data check failed")
 
     def synthetic(
-        self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False
+        self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False,
+        profile: str = "demo",
     ) -> str:
         """Write a deterministic synthetic dataset in the exact BraTS2020 or MyoPS2020 layout.
 
@@ -152,6 +153,7 @@ class DMAF:
             cases: number of cases.
             shape: volume size, e.g. 96,96,64 (default 240,240,155 for BraTS, 256,256,5 for MyoPS).
             seed: dataset seed.
+            profile: myops only: demo, or study (the ablation study's harder data, docs/accuracy.md).
         """
         from .data import synthesize_brats, synthesize_myops
 
@@ -160,6 +162,10 @@ class DMAF:
             raise DMAFDataError(f"dataset: expected brats or myops, got {dataset!r}")
         size = _sizes(shape, "shape")
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
+        if kind == "myops":
+            kwargs["profile"] = profile
+        elif profile != "demo":
+            raise DMAFDataError(f"--profile: only myops has profiles, got {profile!r} for {kind}")
         make = synthesize_brats if kind == "brats" else synthesize_myops
         make(out_dir, cases=cases, seed=seed, overwrite=overwrite, **kwargs)
         print(f"synthetic {kind}: {cases} cases in {out_dir}")

@@ -117,14 +117,50 @@ def brats_case(shape: Sequence[int] = (240, 240, 155), seed: int = 0) -> tuple[d
     return images, label
 
 
+#: the ablation study's MyoPS profile (docs/accuracy.md): each tissue's appearance is ambiguous in some modality, so
+#: that which modalities are present matters. bSSFP: bright blood, dark myocardium, edema half-way (confusable with
+#: blood at its border); LGE: nulled myocardium, blood moderately bright, edema as bright as blood, scar brightest;
+#: T2 (black blood): blood dark, edema bright, myocardium barely different from the surrounding tissue.
+_MYOPS_STUDY_CONTRAST = {
+    "bssfp": {"body": 0.45, "myo": 0.30, "lv": 1.00, "rv": 0.90, "edema": 0.70, "scar": 0.30},
+    "lge": {"body": 0.30, "myo": 0.05, "lv": 0.55, "rv": 0.50, "edema": 0.52, "scar": 1.20},
+    "t2": {"body": 0.40, "myo": 0.46, "lv": 0.10, "rv": 0.10, "edema": 0.90, "scar": 0.48},
+}
+#: per-modality noise level (Rician, relative to the contrast scale) and bias-field amplitude of the study profile
+_MYOPS_STUDY_NOISE = {"bssfp": 0.08, "lge": 0.10, "t2": 0.09}
+_MYOPS_STUDY_BIAS = 0.25
+
+
+def _blur2d(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a 2-D image (partial volume at tissue borders)."""
+    radius = max(1, int(3 * sigma + 0.5))
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
+    k = (k / k.sum()).reshape(1, 1, -1)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    t = F.conv2d(F.pad(t, (radius, radius, 0, 0), mode="replicate"), k[:, :, None, :])
+    t = F.conv2d(F.pad(t, (0, 0, radius, radius), mode="replicate"), k[:, :, :, None])
+    return t[0, 0].numpy()
+
+
 def myops_case(
-    shape: Sequence[int] = (256, 256, 5), seed: int = 0
+    shape: Sequence[int] = (256, 256, 5), seed: int = 0, profile: str = "demo"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One synthetic short-axis cardiac stack (slices along the last axis) with edema and scar.
+
+    Args:
+        shape: ``(H, W, slices)``.
+        seed: case seed.
+        profile: ``demo`` (every structure visible in every modality: the README demo and the tests) or ``study``
+            (the ablation study's data, docs/accuracy.md: appearance ambiguous per modality, partial volume, Rician
+            noise, strong bias fields). The shapes are the same for both profiles.
 
     Returns:
         ``({modality: int16 volume}, uint16 label)`` with the MyoPS2020 raw label values (0/200/500/600/1220/2221).
     """
+    if profile not in ("demo", "study"):
+        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
+    study = profile == "study"
+    contrast = _MYOPS_STUDY_CONTRAST if study else _MYOPS_CONTRAST
     gen = torch.Generator().manual_seed(int(seed))
     h, w, s = (int(v) for v in shape)
     x, y = _grid((h, w))
@@ -136,6 +172,10 @@ def myops_case(
     scar_start, scar_len = _uniform(gen, 0, 2 * np.pi), _uniform(gen, 0.5, 1.4)
     edema_extra = _uniform(gen, 0.2, 0.6)
     gains = {m: _uniform(gen, 0.85, 1.15) for m in MYOPS_MODALITIES}
+    if study:  # its own generator: both profiles draw the same shapes
+        app = torch.Generator().manual_seed(int(seed) + 7919)
+        bias = {m: np.exp(_MYOPS_STUDY_BIAS * _smooth_field(app, (h, w), 3)) for m in MYOPS_MODALITIES}
+        blur = _uniform(app, 0.7, 1.3)
     for k in range(s):
         shrink = 1.0 - 0.35 * k / max(s - 1, 1)  # base to apex
         warp = 0.08 * _smooth_field(gen, (h, w), 4)
@@ -159,9 +199,16 @@ def myops_case(
         for m in MYOPS_MODALITIES:
             img = np.zeros((h, w), dtype=np.float32)
             for name in ("body", "myo", "lv", "rv", "edema", "scar"):
-                img[regions[name]] = _MYOPS_CONTRAST[m][name]
-            noise = torch.randn((h, w), generator=gen).numpy() * 0.04
-            images[m][..., k] = (img + noise + 0.05 * _smooth_field(gen, (h, w), 10)) * gains[m]
+                img[regions[name]] = contrast[m][name]
+            noise = torch.randn((h, w), generator=gen).numpy() * 0.04  # drawn in both profiles: same shapes
+            texture = 0.05 * _smooth_field(gen, (h, w), 10)
+            if study:
+                img = _blur2d(img + texture, blur) * bias[m]
+                sigma = _MYOPS_STUDY_NOISE[m]
+                re_, im_ = (torch.randn((h, w), generator=app).numpy() * sigma for _ in range(2))
+                images[m][..., k] = np.sqrt((img + re_) ** 2 + im_**2) * gains[m]  # magnitude image: Rician
+            else:
+                images[m][..., k] = (img + noise + texture) * gains[m]
     out = {m: np.clip(v * 1000.0, 0, 32767).astype(np.int16) for m, v in images.items()}
     return out, label
 
@@ -208,9 +255,11 @@ def synthesize_brats(
 
 
 def synthesize_myops(
-    out_dir: str, cases: int = 10, shape: Sequence[int] = (256, 256, 5), seed: int = 0, overwrite: bool = False
+    out_dir: str, cases: int = 10, shape: Sequence[int] = (256, 256, 5), seed: int = 0, overwrite: bool = False,
+    profile: str = "demo",
 ) -> list[str]:
-    """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``."""
+    """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``
+    (``profile``: see :func:`myops_case`)."""
     shape = _check_out(out_dir, cases, shape, 3)
     img_dir, gd_dir = os.path.join(out_dir, "train25"), os.path.join(out_dir, "train25_myops_gd")
     os.makedirs(img_dir, exist_ok=True)
@@ -223,7 +272,7 @@ def synthesize_myops(
         written.append(gd)
         if os.path.exists(gd) and not overwrite:
             continue
-        images, label = myops_case(shape, seed * 100003 + i)
+        images, label = myops_case(shape, seed * 100003 + i, profile)
         for modality, arr in images.items():
             _save(arr, affine, os.path.join(img_dir, f"{case}_{MYOPS_FILE_SUFFIX[modality]}.nii.gz"))
         _save(label, affine, gd)
