@@ -17,6 +17,7 @@ load hits all alike; the ratio to the first variant is taken per round and its m
 
     python benchmarks/step_2d.py                       # 128^2, batch 8, 5 timed pairs
     python benchmarks/step_2d.py --size 96 --batch 8 --masks all
+    python benchmarks/step_2d.py --variants full full-0.1.2 baseline
     python benchmarks/step_2d.py --variants full full-ungrouped baseline dmaf dmaf+distill concat+distill
 """
 
@@ -39,7 +40,9 @@ VARIANTS = {
 }
 
 
-def build(variant: str, batch: int, size: int, grouping: bool = True, token_grid: int | None = None):
+def build(
+    variant: str, batch: int, size: int, grouping: bool = True, token_grid: int | None = None, pad_heads: bool = True
+):
     """Network, loss, optimizer and DTM of one variant (see ``VARIANTS``: fusion, distillation, DTM), and a step
     function of one ``(B, 3)`` mask that returns its wall time."""
     from dmaf_components.handlers import DynamicTrainingMonitor
@@ -52,6 +55,8 @@ def build(variant: str, batch: int, size: int, grouping: bool = True, token_grid
     if fusion == "dmaf":
         for f in net.fusions:
             f.group_by_mask = grouping
+            for layer in f.layers:
+                layer.attn.pad_heads = pad_heads
     loss_fn = DMAFLoss(4, 3, net.channels[-1], distillation=distill)
     params = list(net.parameters()) + (list(loss_fn.parameters()) if distill else [])
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
@@ -84,7 +89,8 @@ def main() -> None:
     parser.add_argument("--token-grid", type=int, default=None, help="S_d per axis (default: DMAFNet's 2-D default)")
     parser.add_argument("--variants", nargs="+", default=["full", "baseline"],
                         help=f"interleaved round-robin; the first is compared with each other ({', '.join(VARIANTS)}, "
-                        "and full-ungrouped: the full model with --grouping off)")
+                        "full-ungrouped: the full model with --grouping off, and full-0.1.2: the full model as release "
+                        "0.1.2 computed it (one masked sequence, unpadded heads, S_d 16^2)")
     args = parser.parse_args()
     from dmaf_components.data import idt_masks
 
@@ -95,6 +101,8 @@ def main() -> None:
     for name in args.variants:
         if name == "full-ungrouped":
             steps[name] = build("full", args.batch, args.size, False, args.token_grid)
+        elif name == "full-0.1.2":
+            steps[name] = build("full", args.batch, args.size, False, 16, pad_heads=False)
         else:
             steps[name] = build(name, args.batch, args.size, args.grouping == "on", args.token_grid)
     times = {name: [] for name in steps}

@@ -34,13 +34,17 @@ class PaddedHeadSelfAttention(SABlock):
     :data:`CPU_MIN_HEAD_DIM` channels on the CPU when they are narrower. Same parameters, same result.
 
     Args: as :class:`monai.networks.blocks.SABlock` (``use_flash_attention=True`` and ``use_combined_linear=True``
-    are required: this is the path the DMAF module uses).
+    are required: this is the path the DMAF module uses); ``pad_heads=False`` gives MONAI's computation as it is
+    (the benchmarks' reference).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout_rate: float = 0.0, qkv_bias: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, dropout_rate: float = 0.0, qkv_bias: bool = False, pad_heads: bool = True
+    ) -> None:
         super().__init__(
             hidden_size, num_heads, dropout_rate, qkv_bias=qkv_bias, use_flash_attention=True, use_combined_linear=True
         )
+        self.pad_heads = pad_heads
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -53,7 +57,7 @@ class PaddedHeadSelfAttention(SABlock):
         """
         q, k, v = self.input_rearrange(self.qkv(x))  # each (B, heads, N, d)
         d = q.shape[-1]
-        pad = CPU_MIN_HEAD_DIM - d if (q.device.type == "cpu" and d < CPU_MIN_HEAD_DIM) else 0
+        pad = CPU_MIN_HEAD_DIM - d if (self.pad_heads and q.device.type == "cpu" and d < CPU_MIN_HEAD_DIM) else 0
         if pad > 0 and not torch.jit.is_tracing():
             q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         out = F.scaled_dot_product_attention(

@@ -72,7 +72,7 @@ class DMAFNet(nn.Module):
         out_channels: number of classes K (incl. background).
         channels: encoder widths per level; ``(8, 16, 32, 64, 128)`` is the reference baselines' setting.
         fusion: ``"dmaf"`` (default), ``"mean"`` (masked mean) or ``"concat"`` (concatenation + 1x1 conv).
-        token_grid: S_d of the DMAF modules; default 8 per axis in 3D, 16 per axis in 2D.
+        token_grid: S_d of the DMAF modules; default 8 per axis (8^3 in 3D, 8^2 in 2D; docs/method.md).
         num_layers: transformer layers K per DMAF module (default 4).
         num_heads: attention heads (at most; narrow levels use fewer so each head is >= 8 wide).
         mlp_ratio: FFN width / C in the DMAF transformer.
@@ -124,7 +124,7 @@ class DMAFNet(nn.Module):
         if in_channels < 1 or len(channels) < 2:
             raise ValueError("DMAFNet needs in_channels >= 1 modality and at least 2 levels in channels.")
         if token_grid is None:
-            token_grid = 8 if spatial_dims == 3 else 16
+            token_grid = 8
         if isinstance(token_grid, int):
             token_grid = (token_grid,) * spatial_dims
         self.spatial_dims = spatial_dims

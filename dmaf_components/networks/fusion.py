@@ -123,7 +123,7 @@ class DMAFFusion(nn.Module):
         spatial_dims: 2 or 3.
         channels: feature width C of this level (the token width).
         num_modalities: M.
-        token_grid: S_d, e.g. ``(8, 8, 8)`` in 3D, ``(16, 16)`` in 2D.
+        token_grid: S_d, e.g. ``(8, 8, 8)`` in 3D, ``(8, 8)`` in 2D.
         num_layers: K.
         num_heads: maximum number of heads (reduced so that each head is >= 8 wide, see :func:`attention_heads`).
         mlp_ratio: FFN width / C.
