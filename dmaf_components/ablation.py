@@ -246,7 +246,7 @@ class AblationStudy:
             log.flush()
             proc = subprocess.Popen(cmd, cwd=self.bundle_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1)
-            epoch_done = re.compile(r"Epoch\[(\d+)\] Complete")
+            epoch_done = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
             for line in proc.stdout:
                 log.write(line)
                 match = epoch_done.search(line)
@@ -299,6 +299,7 @@ class AblationStudy:
             "overrides": {**setting_overrides(setting), **self.overrides},
             "train_command": self.train_command(setting, seed),
             "versions": _versions(),
+            "code_commit": _git_commit(self.bundle_dir),
             "train_seconds": train_s,
             "evaluate_seconds": time.time() - eval_start,
             "evaluation": evaluation,
@@ -348,6 +349,17 @@ class AblationStudy:
 def _hms(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _git_commit(path: str) -> str | None:
+    """The commit of the checkout that holds the bundle, with ``+dirty`` when it has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _versions() -> dict[str, str]:
