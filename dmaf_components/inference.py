@@ -47,6 +47,8 @@ __all__ = [
     "describe_failure",
     "exit_on_data_error",
     "discover_studies",
+    "OUTPUT_EXTENSIONS",
+    "output_extension",
     "output_path",
     "plan_outputs",
     "prepare_output_dir",
@@ -62,6 +64,9 @@ logger = logging.getLogger(__name__)
 FAILURE_KEY = "inference_failure"
 #: key holding the modalities a study has files for (comma-separated; ``4-D`` files list their non-zero channels)
 FOUND_KEY = "modalities_found"
+#: single-file formats a segmentation is written in: NIfTI (MONAI's ``NibabelWriter``), NRRD and MetaImage
+#: (``ITKWriter``, whose LPS direction, origin and spacing come from the image's affine)
+OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 class BundleExit(SystemExit):
@@ -122,12 +127,16 @@ def exit_on_data_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> A
 
 
 def discover_studies(
-    dataset_dir: str, modalities: Sequence[str], output_dir: str | None = None
+    dataset_dir: str,
+    modalities: Sequence[str],
+    output_dir: str | None = None,
+    modality_map: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """:func:`~dmaf_components.data.find_studies` for a bundle run: the output folder, when it lies inside
-    ``dataset_dir``, is not a study; a missing or empty input folder ends the run (:class:`BundleExit`)."""
+    ``dataset_dir``, is not a study; a missing or empty input folder, or a ``modality_map`` naming an unknown
+    modality, ends the run (:class:`BundleExit`)."""
     try:
-        studies = find_studies(dataset_dir, modalities)
+        studies = find_studies(dataset_dir, modalities, modality_map=modality_map)
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None
     if output_dir is not None:  # an earlier run's output folder inside dataset_dir: results, not a study
@@ -141,14 +150,43 @@ def discover_studies(
     return studies
 
 
-def output_path(case: str, output_dir: str, output_postfix: str = "seg", output_ext: str = ".nii.gz") -> str:
-    """Where the segmentation of study ``case`` is written: ``<output_dir>/<case>_<postfix><ext>``."""
+def _dotted(ext: str) -> str:
+    ext = str(ext).strip().lower()
+    return ext if ext.startswith(".") or not ext else "." + ext
+
+
+def output_extension(output_ext: str) -> str:
+    """``output_ext`` in lower case with its leading dot (``nrrd`` -> ``.nrrd``).
+
+    Raises:
+        DMAFDataError: not one of :data:`OUTPUT_EXTENSIONS`.
+    """
+    ext = _dotted(output_ext)
+    if ext not in OUTPUT_EXTENSIONS:
+        raise DMAFDataError(
+            f"output_ext {output_ext!r}: not a supported output format; use .nii.gz (default), .nii, .nrrd or .mha"
+        )
+    return ext
+
+
+def output_path(
+    case: str,
+    output_dir: str,
+    output_postfix: str = "seg",
+    output_ext: str = ".nii.gz",
+    separate_folder: bool = False,
+) -> str:
+    """Where the segmentation of study ``case`` is written: ``<output_dir>/<case>_<postfix><ext>``, or
+    ``<output_dir>/<case>/<case>_<postfix><ext>`` with ``separate_folder`` (as MONAI's ``SaveImage``)."""
     name = f"{case}_{output_postfix}" if output_postfix else case
-    return os.path.join(output_dir, name + output_ext)
+    folder = os.path.join(output_dir, case) if separate_folder else output_dir
+    return os.path.join(folder, name + output_ext)
 
 
 def _source(study: Mapping, dataset_dir: str | None) -> str:
     if isinstance(study["image"], dict):
+        if dataset_dir is not None and os.path.isdir(os.path.join(dataset_dir, study["case"])):
+            return os.path.join(dataset_dir, study["case"]) + os.sep
         folder = os.path.dirname(next(iter(study["image"].values()))) if study["image"] else None
         if folder is None and dataset_dir is not None:
             folder = os.path.join(dataset_dir, study["case"])
@@ -163,38 +201,58 @@ def plan_outputs(
     overwrite: bool = False,
     output_postfix: str = "seg",
     output_ext: str = ".nii.gz",
+    separate_folder: bool = False,
+    extra_outputs: Sequence[tuple[str, str]] = (),
 ) -> dict[str, str]:
     """Output file of every study, checked before anything is computed or written.
 
+    Args:
+        studies: :func:`discover_studies` entries.
+        output_dir, output_postfix, output_ext, separate_folder: where results go (:func:`output_path`).
+        dataset_dir: the input folder (for messages, and refused as ``output_dir``).
+        overwrite: replace existing results.
+        extra_outputs: ``(postfix, ext)`` of further files written per study next to the segmentation (e.g. the
+            modality weight maps), checked the same way.
+
+    Returns:
+        ``{case: segmentation path}``.
+
     Raises:
-        DMAFDataError: one line: ``output_dir`` is a file, the input folder or a folder holding input files; two
-            studies would write the same file (e.g. a folder ``case001/`` and a 4-D ``case001.nii.gz``; names are
-            compared case-insensitively, as macOS and Windows do); results exist already and ``overwrite`` is off
-            (they are listed).
+        DMAFDataError: one line: ``output_dir`` is a file, the input folder or a folder holding input files; the
+            output format is not supported; two studies would write the same file (e.g. a folder ``case001/`` and a
+            4-D ``case001.nii.gz``; names are compared case-insensitively, as macOS and Windows do); results exist
+            already and ``overwrite`` is off (they are listed).
     """
+    output_ext = output_extension(output_ext)
     out = os.path.realpath(output_dir)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise DMAFDataError(f"output_dir {output_dir}: exists and is not a folder")
     if dataset_dir is not None and os.path.realpath(dataset_dir) == out:
         raise DMAFDataError(f"output_dir {output_dir}: is the input folder; choose a separate output folder")
     plan: dict[str, str] = {}
+    planned: list[str] = []
     owners: dict[str, Mapping] = {}
     for study in studies:
         paths = study["image"].values() if isinstance(study["image"], dict) else [study["image"]]
         for path in paths:
-            if os.path.realpath(os.path.dirname(path)) == out:
+            if out in (os.path.realpath(os.path.dirname(path)), os.path.realpath(path)):  # a file's or series' folder
                 raise DMAFDataError(f"output_dir {output_dir}: holds input {path}; choose a separate output folder")
-        target = output_path(study["case"], output_dir, output_postfix, output_ext)
-        key = os.path.basename(target).lower()
-        if key in owners:
-            raise DMAFDataError(
-                f"{_source(owners[key], dataset_dir)} and {_source(study, dataset_dir)} would both be written to "
-                f"{target}; rename one of them"
-            )
-        owners[key] = study
+        target = output_path(study["case"], output_dir, output_postfix, output_ext, separate_folder)
+        targets = [target] + [
+            output_path(study["case"], output_dir, postfix, ext, separate_folder) for postfix, ext in extra_outputs
+        ]
+        for path in targets:
+            key = os.path.relpath(path, output_dir).lower()
+            if key in owners:
+                raise DMAFDataError(
+                    f"{_source(owners[key], dataset_dir)} and {_source(study, dataset_dir)} would both be written to "
+                    f"{path}; rename one of them"
+                )
+            owners[key] = study
+        planned.extend(targets)
         plan[study["case"]] = target
     if not overwrite:
-        existing = [p for p in plan.values() if os.path.lexists(p)]
+        existing = [p for p in planned if os.path.lexists(p)]
         if existing:
             shown = ", ".join(os.path.basename(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
             raise DMAFDataError(
@@ -259,7 +317,8 @@ class StudyEvaluator(SupervisedEvaluator):
 
     Args:
         modalities: canonical channel order, for the log lines.
-        output_dir, output_postfix, output_ext: where results go (:func:`output_path`), for the log lines.
+        output_dir, output_postfix, output_ext, separate_folder: where results go (:func:`output_path`), for the log
+            lines.
         args, kwargs: ``SupervisedEvaluator``'s.
     """
 
@@ -270,13 +329,15 @@ class StudyEvaluator(SupervisedEvaluator):
         output_dir: str | None = None,
         output_postfix: str = "seg",
         output_ext: str = ".nii.gz",
+        separate_folder: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.modalities = tuple(modalities) if modalities is not None else None
         self.output_dir = output_dir
         self.output_postfix = output_postfix
-        self.output_ext = output_ext
+        self.output_ext = _dotted(output_ext)
+        self.separate_folder = as_bool(separate_folder, "separate_folder")
         self.segmented: list[str] = []
         self.failed: dict[str, str] = {}
 
@@ -315,7 +376,9 @@ class StudyEvaluator(SupervisedEvaluator):
                 if empty:
                     files += f" ({', '.join(empty)} all zero: treated as missing)"
         target = (
-            f" -> {output_path(case, self.output_dir, self.output_postfix, self.output_ext)}" if self.output_dir else ""
+            f" -> {output_path(case, self.output_dir, self.output_postfix, self.output_ext, self.separate_folder)}"
+            if self.output_dir
+            else ""
         )
         logger.info(
             f"study {case}: {files}; used {', '.join(used) or 'none'}"
@@ -327,8 +390,11 @@ class StudyEvaluator(SupervisedEvaluator):
 class AtomicSaveImaged(SaveImaged):
     """``SaveImaged`` that writes to a temporary file in the output folder and renames it into place.
 
-    The file is named ``<output_dir>/<data[name_key]>_<output_postfix><output_ext>`` (the name planned by
-    :func:`plan_outputs`; without ``name_key`` in the data, ``SaveImaged``'s own naming). It is written as
+    The file is named ``<output_dir>/<data[name_key]>_<output_postfix><output_ext>``, or
+    ``<output_dir>/<data[name_key]>/<data[name_key]>_<output_postfix><output_ext>`` with ``separate_folder`` (the
+    name planned by :func:`plan_outputs`; without ``name_key`` in the data, ``SaveImaged``'s own naming). The format
+    follows ``output_ext`` as in ``SaveImaged``: NIfTI by default, NRRD (``.nrrd``) or MetaImage (``.mha``) through
+    MONAI's ``ITKWriter``, on the grid and affine of the image's metadata. It is written as
     ``.<name>.tmp<pid><output_ext>``, flushed to disk, then moved with ``os.replace``: a killed run leaves no
     truncated file under the final name. Without ``overwrite``, an existing result is never replaced (one-line
     error). MONAI Label drops it with every ``SaveImaged`` from the bundle's postprocessing.
@@ -336,8 +402,8 @@ class AtomicSaveImaged(SaveImaged):
     Args:
         name_key: data key holding the study name.
         overwrite: replace an existing result.
-        keys, output_dir, output_postfix, kwargs: ``SaveImaged``'s (``separate_folder`` does not apply when
-            ``name_key`` names the file).
+        separate_folder: one folder per study (default False, unlike ``SaveImaged``).
+        keys, output_dir, output_postfix, kwargs: ``SaveImaged``'s.
     """
 
     def __init__(
@@ -347,18 +413,23 @@ class AtomicSaveImaged(SaveImaged):
         output_postfix: str = "trans",
         name_key: str = "case",
         overwrite: bool = False,
+        separate_folder: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(keys, output_dir=output_dir, output_postfix=output_postfix, **kwargs)
+        separate_folder = as_bool(separate_folder, "separate_folder")
+        super().__init__(
+            keys, output_dir=output_dir, output_postfix=output_postfix, separate_folder=separate_folder, **kwargs
+        )
         self.output_dir = str(output_dir)
         self.output_postfix = str(output_postfix)
         self.name_key = name_key
         self.overwrite = as_bool(overwrite)
+        self.separate_folder = separate_folder
 
     def _target(self, data: Mapping[Hashable, Any], img: Any, meta: Mapping | None) -> str:
         name = data.get(self.name_key)
         if isinstance(name, str) and name:
-            return output_path(name, self.output_dir, self.output_postfix, self.saver.output_ext)
+            return output_path(name, self.output_dir, self.output_postfix, self.saver.output_ext, self.separate_folder)
         meta = img.meta if hasattr(img, "meta") else meta
         return str(self.saver.folder_layout.filename(**self.saver.fname_formatter(meta, self.saver)))
 
@@ -376,6 +447,7 @@ class AtomicSaveImaged(SaveImaged):
             stem = os.path.join(folder, f".{base[: len(base) - len(ext)]}.tmp{os.getpid()}")
             tmp = stem + ext
             try:
+                os.makedirs(folder, exist_ok=True)
                 self.saver(img=d[key], meta_data=meta, filename=stem)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
@@ -400,12 +472,17 @@ def run_inference(
     overwrite: bool = False,
     output_postfix: str = "seg",
     output_ext: str = ".nii.gz",
+    separate_folder: bool = False,
+    save_weights: bool = False,
 ) -> dict[str, Any]:
     """The bundle's inference run: checks, then every study, then a summary.
 
-    Before any study is computed: the output names are planned (:func:`plan_outputs`: collisions, existing results,
-    input folder), the checkpoint is loaded into ``network`` (:func:`~dmaf_components.checkpoints.load_model_weights`,
-    a state dict or a training checkpoint), and only then is ``output_dir`` created and test-written. A failure of
+    Before any study is computed: the output names are planned (:func:`plan_outputs`: format, collisions, existing
+    results, input folder; with ``save_weights`` the modality weight maps and their summary too, see
+    :mod:`dmaf_components.weight_maps`), the checkpoint is loaded into ``network``
+    (:func:`~dmaf_components.checkpoints.load_model_weights`, a state dict or a training checkpoint; a
+    :class:`~dmaf_components.weight_maps.ModalityWeightsNet` is looked through, the checkpoint is the plain
+    network's), and only then is ``output_dir`` created and test-written. A failure of
     any of these ends the run at once with :class:`BundleExit`. Then ``evaluator`` runs over all studies;
     failed studies are reported one line each, and at the end :class:`BundleExit` carries the summary and one
     line per failed study (exit status 1).
@@ -413,13 +490,21 @@ def run_inference(
     Returns:
         ``{"segmented": [case...], "failed": {case: line}, "outputs": {case: path}}`` when every study succeeded.
     """
+    from .weight_maps import ModalityWeightsNet, weight_map_outputs
+
     try:
         overwrite = as_bool(overwrite)
-        plan = plan_outputs(studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext)
+        extra = weight_map_outputs() if as_bool(save_weights, "save_weights") else ()
+        plan = plan_outputs(
+            studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext,
+            as_bool(separate_folder, "separate_folder"), extra,
+        )
         if checkpoint is not None:
             if network is None:
                 raise DMAFDataError(f"{checkpoint}: no network given to load the checkpoint into")
-            load_model_weights(network, checkpoint, map_location)
+            load_model_weights(
+                network.network if isinstance(network, ModalityWeightsNet) else network, checkpoint, map_location
+            )
         prepare_output_dir(output_dir)
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None

@@ -15,6 +15,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
 from .data.constants import DMAFDataError
+from .data.formats import SERIES_POSTFIX, find_series, is_itk_file
 from .inferers import study_modality_mask
 
 __all__ = ["LoadModalitiesd", "CheckLabelValuesd", "ModalityDropd", "LabelToRegionsd", "AVAILABLE_POSTFIX"]
@@ -40,6 +43,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _itk_reason(exc: BaseException) -> str:
+    """One line from an ITK exception, whose text starts with the C++ source location: the ``ITK ERROR`` line
+    without the object's address, followed by the innermost cause (e.g. NRRD's ``fread got only ...``)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    at = next((i for i, ln in enumerate(lines) if "ITK ERROR" in ln), None)
+    if at is None:
+        return _first_line(exc) if not lines or len(lines) > 1 else lines[0]
+    head = re.sub(r"^.*?ITK ERROR:\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", "", lines[at])
+    detail = re.sub(r"^\[\w+\]\s*", "", lines[-1]) if len(lines) > at + 1 else ""
+    return f"{head} {detail}".strip()
+
+
 class LoadModalitiesd(MapTransform):
     """Load the modalities of a study into channels in a fixed order; absent modalities become zero channels.
 
@@ -48,6 +63,12 @@ class LoadModalitiesd(MapTransform):
     - a mapping ``{modality: path}`` (a modality whose key is absent or None is missing: in clinical data missing
       sequences are missing files), or a list of paths in the canonical order (None = missing);
     - one path to a 4-D file holding all modalities in the canonical order (MSD Task01 / MONAI Label studies).
+
+    NIfTI files are read with MONAI's ``NibabelReader``; NRRD (``.nrrd``/``.nhdr``), MetaImage (``.mha``/``.mhd``)
+    and DICOM series (a folder path) with MONAI's ``ITKReader``, whose affine is converted to RAS like nibabel's, so
+    that the formats mix within a study. A folder holding several series needs the series identifier in
+    ``data[key + "_series"]`` (``{modality: identifier}``, from :func:`~dmaf_components.data.find_studies`, or a
+    SeriesInstanceUID).
 
     Output: ``data[key]`` a MetaTensor ``(M, *spatial)`` with the affine of the first file, and
     ``data[key + "_available"]`` a bool tensor ``(M,)`` (file present and not all zero). Relative paths are taken
@@ -88,6 +109,7 @@ class LoadModalitiesd(MapTransform):
         self.affine_atol = affine_atol
         self.spatial_ndim = spatial_ndim
         self.anisotropy_ratio = anisotropy_ratio
+        self.dtype = dtype
         self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
 
     def _path(self, path: str) -> str:
@@ -96,12 +118,46 @@ class LoadModalitiesd(MapTransform):
             path = os.path.join(self.base_dir, path)
         return path
 
-    def read(self, path: str) -> MetaTensor:
-        """Read one file, with one-line errors."""
-        if not os.path.isfile(path):
-            raise DMAFDataError(f"{path}: file not found")
+    def _read_itk(self, path: str, series: str | None = None) -> MetaTensor:
+        """A NRRD/MetaImage file, or one DICOM series of a folder, through MONAI's ``ITKReader`` (RAS affine)."""
+        from monai.data import ITKReader
+
+        if os.path.isdir(path):
+            try:
+                found = find_series(path, series)
+            except ValueError as exc:
+                raise DMAFDataError(str(exc)) from None
+            reader = ITKReader(series_name=found.identifier)
+        else:
+            reader = ITKReader()
         try:
-            img = self.loader(path)
+            with warnings.catch_warnings():  # "contains more than one DICOM series": the series is chosen above
+                warnings.filterwarnings("ignore", message=".*more than one DICOM series")
+                return LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=self.dtype)(path)
+        except Exception as exc:
+            if "cannot find a suitable reader" in str(exc) and not os.path.isdir(path):  # MONAI hides ITK's reason
+                import itk
+
+                try:
+                    itk.imread(path)
+                except Exception as reason:
+                    raise DMAFDataError(f"{path}: not a readable image file (ITK: {_itk_reason(reason)})") from None
+            raise DMAFDataError(f"{path}: cannot read (ITK: {_itk_reason(exc)})") from None
+
+    def read(self, path: str, series: str | None = None) -> MetaTensor:
+        """Read one file or DICOM series folder (``series``: its identifier when the folder holds several), with
+        one-line errors."""
+        if os.path.isdir(path) or (os.path.isfile(path) and is_itk_file(path)):
+            img = self._read_itk(path, series)
+        elif not os.path.isfile(path):
+            raise DMAFDataError(f"{path}: file not found")
+        else:
+            img = self._read_nifti(path)
+        return self._check(path, img)
+
+    def _read_nifti(self, path: str) -> MetaTensor:
+        try:
+            return self.loader(path)
         except Exception as exc:  # nibabel / gzip / MONAI reader errors
             if "cannot find a suitable reader" in str(exc):  # MONAI hides the reason: ask nibabel for it
                 try:
@@ -109,6 +165,8 @@ class LoadModalitiesd(MapTransform):
                 except Exception as reason:
                     raise DMAFDataError(f"{path}: not a readable NIfTI file ({_first_line(reason)})") from None
             raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
+
+    def _check(self, path: str, img: MetaTensor) -> MetaTensor:
         if self.spatial_ndim is not None and img.ndim - 1 != self.spatial_ndim:
             shape = tuple(img.shape[1:]) if img.shape[0] == 1 else tuple(img.shape)
             raise DMAFDataError(
@@ -140,8 +198,14 @@ class LoadModalitiesd(MapTransform):
             raise DMAFDataError(f"{key}: expected {len(self.modalities)} paths ({', '.join(self.modalities)})")
         return {m: p for m, p in zip(self.modalities, value) if p}
 
-    def load(self, value: Any, key: Hashable = "image", case: str | None = None) -> tuple[MetaTensor, torch.Tensor]:
-        """Load one study. Returns ``(image (M, *spatial), available (M,))``."""
+    def load(
+        self, value: Any, key: Hashable = "image", case: str | None = None, series: Mapping[str, str] | None = None
+    ) -> tuple[MetaTensor, torch.Tensor]:
+        """Load one study (``series``: ``{modality: DICOM series identifier}`` for folders holding several).
+
+        Returns:
+            ``(image (M, *spatial), available (M,))``.
+        """
         if isinstance(value, (torch.Tensor, np.ndarray)):  # already loaded (e.g. by MONAI Label): channel first
             img = value if isinstance(value, MetaTensor) else MetaTensor(torch.as_tensor(value))
             m = len(self.modalities)
@@ -168,7 +232,7 @@ class LoadModalitiesd(MapTransform):
         loaded: dict[str, MetaTensor] = {}
         ref_mod, ref = None, None
         for modality, path in files.items():
-            img = self.read(path)
+            img = self.read(path, (series or {}).get(modality))
             if img.shape[0] != 1:
                 raise DMAFDataError(f"{path}: has {img.shape[0]} channels, expected one modality")
             if ref is None:
@@ -194,7 +258,8 @@ class LoadModalitiesd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key], d[f"{key}{AVAILABLE_POSTFIX}"] = self.load(d[key], key, d.get("case"))
+            series = d.pop(f"{key}{SERIES_POSTFIX}", None)
+            d[key], d[f"{key}{AVAILABLE_POSTFIX}"] = self.load(d[key], key, d.get("case"), series)
         for key in self.label_keys:
             if d.get(key) is not None:
                 d[key] = self.read(self._path(d[key]))

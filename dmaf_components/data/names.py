@@ -19,9 +19,10 @@ from functools import lru_cache
 
 from .constants import LABEL_FILE_MARKERS, MODALITY_ALIASES
 
-__all__ = ["is_nifti", "nifti_stem", "modality_of", "is_label_file", "classify_files"]
+__all__ = ["is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "is_label_file", "classify_files"]
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_IMAGE = re.compile(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", re.IGNORECASE)
 _SEP = r"(?:^|[-_. ])"
 
 
@@ -33,6 +34,17 @@ def is_nifti(name: str) -> bool:
 def nifti_stem(name: str) -> str:
     """The file name without folder, surrounding whitespace and ``.nii``/``.nii.gz`` extension."""
     return _NIFTI.sub("", os.path.basename(name).strip()).strip()
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name ends with an image extension read by inference: ``.nii``/``.nii.gz`` (NIfTI),
+    ``.nrrd``/``.nhdr`` (NRRD) or ``.mha``/``.mhd`` (MetaImage); any case, surrounding whitespace ignored."""
+    return bool(_IMAGE.search(os.path.basename(name).strip()))
+
+
+def image_stem(name: str) -> str:
+    """The file name without folder, surrounding whitespace and image extension (:func:`is_image_file`)."""
+    return _IMAGE.sub("", os.path.basename(name).strip()).strip()
 
 
 def _alias_regex(alias: str) -> str:
@@ -54,9 +66,9 @@ def modality_of(name: str, modalities: Sequence[str]) -> str | None:
     Case-insensitive; surrounding whitespace is ignored; the alias must be the whole name or end it after a ``-``,
     ``_``, ``.`` or space (``BraTS20_Training_001_t1ce``, ``BraTS-GLI-00000-000-t1c``, ``s1_T1Gd``, ``FLAIR``,
     ``patient 3 T2-FLAIR``, ``myops_training_101_C0``). When several aliases end the name, the longest wins
-    (``t2-flair`` is FLAIR, not T2).
+    (``t2-flair`` is FLAIR, not T2). The same rule names DICOM series by folder name or SeriesDescription.
     """
-    stem = nifti_stem(name).lower()
+    stem = image_stem(name).lower()
     best, best_len = None, -1
     for pattern, modality, length in _patterns(tuple(modalities)):
         if length > best_len and pattern.search(stem):
@@ -66,12 +78,12 @@ def modality_of(name: str, modalities: Sequence[str]) -> str | None:
 
 def is_label_file(name: str) -> bool:
     """Whether a file name looks like a segmentation/label (``*_seg``, ``*_gd``, ``*Segm``, ``*_label``...)."""
-    stem = nifti_stem(name).lower()
+    stem = image_stem(name).lower()
     return stem.endswith("segm") or any(re.search(_SEP + re.escape(m) + "$", stem) for m in LABEL_FILE_MARKERS)
 
 
 def classify_files(
-    paths: Sequence[str], modalities: Sequence[str], report_labels: bool = True
+    paths: Sequence[str], modalities: Sequence[str], report_labels: bool = True, any_format: bool = False
 ) -> tuple[dict[str, str], list[str], list[str]]:
     """Sort the files of one study folder by modality.
 
@@ -79,6 +91,7 @@ def classify_files(
         paths: the folder's files (non-NIfTI files are left out).
         modalities: the canonical modality names.
         report_labels: also list segmentation-like files (:func:`is_label_file`) in ``notes``.
+        any_format: take NRRD and MetaImage files too (:func:`is_image_file`), not only NIfTI.
 
     Returns:
         ``(image, notes, errors)``: ``image`` maps each recognised modality to its file; ``notes`` has one line per
@@ -91,7 +104,7 @@ def classify_files(
     dupes: dict[str, list[str]] = {}
     for path in sorted(paths):
         base = os.path.basename(path)
-        if not is_nifti(base):
+        if not (is_image_file(base) if any_format else is_nifti(base)):
             continue
         modality = modality_of(base, modalities)
         if modality is None:

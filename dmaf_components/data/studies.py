@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .constants import BRATS_MODALITIES, MODALITY_ALIASES, DMAFDataError
-from .names import classify_files, is_label_file, is_nifti, nifti_stem
+from .formats import SERIES_POSTFIX, DicomSeries, has_dicom_files, list_dicom_series
+from .names import classify_files, image_stem, is_image_file, is_label_file, is_nifti, modality_of, nifti_stem
 
 __all__ = ["find_studies", "check_output_dir", "STUDY_ERROR_KEY", "STUDY_NOTES_KEY"]
 
@@ -29,42 +30,131 @@ STUDY_ERROR_KEY = "error"
 STUDY_NOTES_KEY = "notes"
 
 
-def find_studies(input_dir: str, modalities: Sequence[str] = BRATS_MODALITIES, log: bool = True) -> list[dict]:
+def _mapped(name: str, modality_map: dict[str, str]) -> str | None:
+    """The modality ``modality_map`` gives a folder name, SeriesDescription or file name (without extension)."""
+    return modality_map.get(name.strip().lower()) or modality_map.get(image_stem(name).lower())
+
+
+def _check_modality_map(modality_map: Mapping[str, str] | None, modalities: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for name, modality in (modality_map or {}).items():
+        if modality not in modalities:
+            raise DMAFDataError(
+                f"modality_map: {name!r} -> {modality!r}: unknown modality; expected one of {list(modalities)}"
+            )
+        out[str(name).strip().lower()] = modality
+    return out
+
+
+def _dicom_candidates(
+    folder: str, modalities: Sequence[str], modality_map: dict[str, str], notes: list[str]
+) -> list[tuple[str, DicomSeries]]:
+    """``(modality, series)`` for the DICOM series of a study folder: those of its own files (named by their
+    SeriesDescription) and of each sub-folder (named by the sub-folder's name when it holds one series, else by
+    description); ``modality_map`` comes first. Series and sub-folders that name no modality go to ``notes``."""
+    found: list[tuple[str, DicomSeries]] = []
+    subs = sorted(
+        os.path.join(folder, n) for n in os.listdir(folder)
+        if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
+    )
+    for where in [folder] + subs:
+        if not has_dicom_files(where):
+            if where != folder:
+                notes.append(f"{where}: ignored (a sub-folder without DICOM files)")
+            continue
+        series = list_dicom_series(where)
+        by_folder = None
+        if where != folder and len(series) == 1:
+            name = os.path.basename(where)
+            by_folder = _mapped(name, modality_map) or modality_of(name, modalities)
+        for s in series:
+            modality = by_folder or _mapped(s.description, modality_map) or modality_of(s.description, modalities)
+            if modality is None:
+                hint = " or folder name" if where != folder and len(series) == 1 else ""
+                notes.append(
+                    f"{s.label()}: ignored (no modality in its description{hint}; name its folder after the modality, "
+                    "e.g. flair/, or map the description with --modality_map)"
+                )
+                continue
+            found.append((modality, s))
+    return found
+
+
+def find_studies(
+    input_dir: str,
+    modalities: Sequence[str] = BRATS_MODALITIES,
+    log: bool = True,
+    modality_map: Mapping[str, str] | None = None,
+) -> list[dict]:
     """Studies below ``input_dir`` for inference.
 
     - every sub-folder (names starting with ``.`` aside) is one study ``{"case": folder name, "image": {modality:
-      path}}`` made of its ``.nii``/``.nii.gz`` files whose names denote a modality, any subset of them
+      path}}`` made of its image files whose names denote a modality, any subset of them
       (:func:`~dmaf_components.data.names.modality_of`: case-insensitive, with the aliases of real releases in
-      ``MODALITY_ALIASES``, e.g. BraTS ``_flair/_t1/_t1ce/_t2``, ``-t2f/-t1n/-t1c/-t2w``, ``T1Gd``, MyoPS ``C0/DE/T2``);
+      ``MODALITY_ALIASES``, e.g. BraTS ``_flair/_t1/_t1ce/_t2``, ``-t2f/-t1n/-t1c/-t2w``, ``T1Gd``, MyoPS ``C0/DE/T2``):
+      NIfTI ``.nii``/``.nii.gz``, NRRD ``.nrrd``/``.nhdr`` and MetaImage ``.mha``/``.mhd``;
+    - and of its DICOM series, one per modality: in sub-folders (one series each, named by the sub-folder, e.g.
+      ``flair/``, else by its SeriesDescription) or as files of the study folder itself (several series told apart
+      by their SeriesDescription, e.g. ``AX T2 FLAIR``). A DICOM modality's ``path`` is the series' folder and
+      ``study["image_series"][modality]`` its series identifier (``ITKReader(series_name=...)``);
     - every other ``.nii``/``.nii.gz`` file directly in ``input_dir`` is a 4-D study in canonical channel order
       (segmentation-like names, ``*_seg``, ``*_gd``, ``*Segm``..., are ignored and reported).
 
-    Nothing is dropped silently. A NIfTI in a study folder that matches no modality is listed in the study's
-    ``"notes"`` (and logged as a warning when ``log``). A study folder that cannot be used (no modality file, or two
-    files for one modality) is kept with an ``"error"`` line, so that the caller reports it as a failed study; it is
-    never skipped.
+    Nothing is dropped silently. An image file or DICOM series of a study folder that matches no modality is listed
+    in the study's ``"notes"`` (and logged as a warning when ``log``). A study folder that cannot be used (no
+    modality image, or two images for one modality) is kept with an ``"error"`` line, so that the caller reports it
+    as a failed study; it is never skipped.
+
+    Args:
+        input_dir: the folder of studies.
+        modalities: canonical modality names.
+        log: log the notes as warnings.
+        modality_map: explicit modality of folder names, SeriesDescriptions or file names (compared without case
+            and extension), e.g. ``{"AX 3D SPACE": "flair"}``; it comes before the alias table.
 
     Raises:
-        DMAFDataError: ``input_dir`` is not a folder, or holds no study at all.
+        DMAFDataError: ``input_dir`` is not a folder, or holds no study at all, or ``modality_map`` names an
+            unknown modality.
     """
     if not os.path.isdir(input_dir):
         raise DMAFDataError(f"{input_dir}: input folder not found")
+    mapping = _check_modality_map(modality_map, modalities)
     studies: list[dict] = []
     entries = sorted(os.listdir(input_dir))
-    expected = ", ".join(f"*_{MODALITY_ALIASES.get(m, (m,))[0]}.nii.gz" for m in modalities)
+    expected = ", ".join(f"*_{MODALITY_ALIASES.get(m, (m,))[0]}.nii.gz" for m in modalities) + " or DICOM series"
     for name in entries:
         folder = os.path.join(input_dir, name)
         if name.startswith(".") or not os.path.isdir(folder):
             continue
         files = [os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
-        image, notes, errors = classify_files(files, modalities)
+        mapped = {f: _mapped(os.path.basename(f), mapping) for f in files if is_image_file(f)} if mapping else {}
+        image, notes, errors = classify_files([f for f in files if not mapped.get(f)], modalities, any_format=True)
+        candidates: list[tuple[str, str, DicomSeries | None]] = [(m, f, None) for m, f in image.items()]
+        candidates += [(m, f, None) for f, m in sorted(mapped.items()) if m]
+        candidates += [(m, s.folder, s) for m, s in _dicom_candidates(folder, modalities, mapping, notes)]
+        image, series = {}, {}
+        sources: dict[str, str] = {}
+        for modality, path, dicom in candidates:
+            source = dicom.label() if dicom is not None else path
+            if modality in image:
+                if not errors:
+                    kind = "file" if dicom is None and modality not in series else "image"
+                    errors.append(f"{source}: a second {kind} for {modality} (also {sources[modality]})")
+                continue
+            image[modality], sources[modality] = path, source
+            if dicom is not None:
+                series[modality] = dicom.identifier
         study: dict = {"case": name, "image": image}
+        if series:
+            study["image" + SERIES_POSTFIX] = series
         if notes:
             study[STUDY_NOTES_KEY] = notes
         if errors:
             study[STUDY_ERROR_KEY] = errors[0]
         elif not image:
-            others = sorted(os.path.basename(f) for f in files)
+            others = sorted(os.path.basename(f) for f in files) + sorted(
+                n + "/" for n in os.listdir(folder) if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
+            )
             found = f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" if others else "is empty"
             study[STUDY_ERROR_KEY] = f"{folder}: no modality file (the folder {found}; expected {expected})"
         studies.append(study)
@@ -94,7 +184,7 @@ def check_output_dir(output_dir: str, studies: Sequence[dict]) -> str:
     for study in studies:
         paths = study["image"].values() if isinstance(study["image"], dict) else [study["image"]]
         for path in paths:
-            if os.path.realpath(os.path.dirname(path)) == out:
+            if out in (os.path.realpath(os.path.dirname(path)), os.path.realpath(path)):  # a file's or series' folder
                 raise DMAFDataError(f"output_dir {output_dir}: holds input {path}; choose a separate output folder")
     os.makedirs(out, exist_ok=True)
     return output_dir
