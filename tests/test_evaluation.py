@@ -162,7 +162,7 @@ def test_per_case_values_equal_the_reference_loop(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def single_process(data_dir, bundle_root):
     """`monai.bundle run` of evaluate.json (one process) with the random tiny network."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # both runs on CPU
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
            "['configs/train.json','configs/evaluate.json']", "--dataset_dir", str(data_dir), "--bundle_root",
            str(bundle_root)] + TINY_ARGS
@@ -217,7 +217,7 @@ def test_multi_gpu_evaluate_config_resolves(data_dir, tmp_path):
 
 def test_torchrun_two_processes_write_the_same_table(single_process, data_dir, bundle_root, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # both runs on CPU
     cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(30500 + os.getpid() % 1000), "-m", "monai.bundle",
            "run", "--config_file", "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
            "--dataset_dir", str(data_dir), "--bundle_root", str(tmp_path), "--ckpt_path",
