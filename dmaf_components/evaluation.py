@@ -45,6 +45,7 @@ from .inferers import study_modality_mask
 
 __all__ = [
     "REGIONS",
+    "check_enough_cases",
     "modality_combinations",
     "combination_name",
     "suppress_small_et",
@@ -65,6 +66,18 @@ REGIONS = {
     "brats": {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
     "myops": {"LVB": (1,), "RVB": (2,), "MYO": (3,)},
 }
+
+
+def check_enough_cases(cases: int, world_size: int) -> None:
+    """Multi-process evaluation needs a test case per process: a process without one would skip the metric gather
+    that the others wait in. One line instead of a hang."""
+    if cases < world_size:
+        from .data.constants import DMAFDataError
+
+        raise DMAFDataError(
+            f"testing split: {cases} case(s) for {world_size} processes; run with --nproc_per_node={max(cases, 1)} "
+            "or fewer (every process needs a case)"
+        )
 
 
 def modality_combinations(num_modalities: int) -> list[tuple[bool, ...]]:

@@ -228,3 +228,17 @@ def test_torchrun_two_processes_write_the_same_table(single_process, data_dir, b
     out, _ = single_process
     for name in ("evaluation.json", "evaluation.csv", "evaluation_et_postprocessed.csv"):
         assert open(tmp_path / "eval" / name).read() == open(out / name).read(), name
+
+
+def test_multi_process_evaluation_refuses_fewer_cases_than_processes():
+    """A process without a test case would skip the metric gather the others wait in (a hang): one line instead."""
+    import json as _json
+
+    from dmaf_components.data.constants import DMAFDataError
+    from dmaf_components.evaluation import check_enough_cases
+
+    check_enough_cases(2, 2)
+    with pytest.raises(DMAFDataError, match="1 case\\(s\\) for 2 processes; run with --nproc_per_node=1"):
+        check_enough_cases(1, 2)
+    init = _json.load(open(os.path.join(BUNDLE, "configs", "multi_gpu_evaluate.json")))["initialize"]
+    assert any("check_enough_cases" in line for line in init)
