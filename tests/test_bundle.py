@@ -154,9 +154,9 @@ def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_di
     _bundle(["verify_net_in_out", "--net_id", "network_def", "--config_file", "configs/inference.json",
              "--meta_file", "configs/metadata.json"] + TINY)
     ts = tmp_path / "model.ts"
+    # as the model zoo exports (scripted): any size, the mask as an input
     _bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
-             "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True",
-             "--input_shape", "[1,4,32,32,32]"] + TINY)
+             "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"] + TINY)
     from dmaf_components.networks import DMAFNet
 
     net = DMAFNet(3, 4, 4, channels=(4, 8, 16, 32), num_layers=1).eval()
@@ -166,6 +166,8 @@ def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_di
     x[:, 2] = 0
     with torch.no_grad():
         assert torch.allclose(exported(x), net(x), atol=1e-4)
+        x, mask = torch.randn(1, 4, 40, 24, 32), torch.tensor([[True, False, False, True]])
+        assert torch.allclose(exported(x, mask), net(x, mask), atol=1e-4)
     from monai.bundle import ConfigWorkflow
 
     for cfg, kind, extra in (("train.json", "train", {"dataset_dir": str(data_dir)}),

@@ -55,11 +55,13 @@ class PaddedHeadSelfAttention(SABlock):
         Returns:
             ``(B, N, C)``.
         """
-        q, k, v = self.input_rearrange(self.qkv(x))  # each (B, heads, N, d)
+        qkv = self.input_rearrange(self.qkv(x))  # (3, B, heads, N, d)
+        q, k, v = qkv[0], qkv[1], qkv[2]
         d = q.shape[-1]
-        pad = CPU_MIN_HEAD_DIM - d if (self.pad_heads and q.device.type == "cpu" and d < CPU_MIN_HEAD_DIM) else 0
-        if pad > 0 and not torch.jit.is_tracing():
-            q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing()):  # (an exported graph keeps the heads as they are)
+            pad = CPU_MIN_HEAD_DIM - d if (self.pad_heads and q.device.type == "cpu" and d < CPU_MIN_HEAD_DIM) else 0
+            if pad > 0:
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, scale=self.scale, dropout_p=self.dropout_rate if self.training else 0.0
         )

@@ -215,8 +215,10 @@ class _NormAct(nn.Sequential):
     exact on constant windows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():  # an exported graph records MONAI's modules
+            return self.A(self.N(x))
         norm, act = self.N, self.A
-        if x.device.type == "cpu" and is_channels_last(x) and not torch.jit.is_tracing():
+        if x.device.type == "cpu" and is_channels_last(x):
             if x.dtype == torch.float32:
                 return _InstanceNormActFunction.apply(x, norm.weight, norm.bias, norm.eps, act.negative_slope)
             x = x.contiguous()
@@ -233,10 +235,12 @@ class _ChannelsLastConv:
     measurements.
 
     ``channels_last``: None (default) = on CPU only (cuDNN chooses its own layouts); True/False forces it.
-    Parameters are those of the ``nn.ConvNd`` it extends, so state dicts are unchanged.
+    Parameters are those of the ``nn.ConvNd`` it extends, so state dicts are unchanged. TorchScript (scripted or
+    traced) records the plain convolution.
     """
 
-    channels_last: bool | None = None
+    # bool or None; not annotated: TorchScript reads class annotations unevaluated and knows no ``bool | None``
+    channels_last = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         """
@@ -247,14 +251,16 @@ class _ChannelsLastConv:
         """
         w = self.weight if weight is None else weight  # type: ignore[attr-defined]
         b = self.bias if bias else None  # type: ignore[attr-defined]
+        if torch.jit.is_scripting() or torch.jit.is_tracing():  # (an export records the plain convolution)
+            return self._conv_forward(x, w, b)  # type: ignore[attr-defined]
         use = x.device.type == "cpu" if self.channels_last is None else self.channels_last
-        if not use or torch.jit.is_tracing():  # (a traced export records the plain convolution)
+        if not use:
             return self._conv_forward(x, w, b)  # type: ignore[attr-defined]
         return _ChannelsLastConvFunction.apply(
             x, w, b, self.stride, self.padding, self.dilation, self.groups  # type: ignore[attr-defined]
         )
 
-    def forward_split(self, parts: Sequence[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_split(self, parts: list[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of ``torch.cat(parts, dim=1)`` without building the concatenation: the sum of each part's
         convolution with its slice of the weight's input channels (bias added once). Saves the memory of the
         concatenated tensor, which autograd would keep until backward.
@@ -264,12 +270,12 @@ class _ChannelsLastConv:
             weight: optional replacement of ``self.weight`` (with ``sum(C_i)`` input channels).
         """
         w = self.weight if weight is None else weight  # type: ignore[attr-defined]
-        out = None
-        start = 0
-        for i, part in enumerate(parts):
+        c = parts[0].shape[1]
+        out = self.forward(parts[0], weight=w[:, :c], bias=True)
+        start = c
+        for part in parts[1:]:
             c = part.shape[1]
-            y = self(part, weight=w[:, start : start + c], bias=i == 0)
-            out = y if out is None else out + y
+            out = out + self.forward(part, weight=w[:, start : start + c], bias=False)
             start += c
         return out
 
@@ -309,6 +315,14 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, kernel_si
     block.conv = channels_last_conv(spatial_dims, in_channels, out_channels, kernel_size, strides)
     block.adn = _NormAct(OrderedDict(block.adn.named_children()))  # same modules and keys, fused on channels-last
     return block
+
+
+@torch.jit.interface
+class _TensorModule(nn.Module):
+    """What TorchScript needs to call a module taken from a ModuleList at a variable index: tensor in, tensor out."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 (nn.Sequential's argument name)
+        pass
 
 
 class _ResidualStage(nn.Module):
@@ -353,7 +367,12 @@ class ModalityEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
+        feats: list[torch.Tensor] = []
+        if torch.jit.is_scripting():
+            for stage in self.stages:
+                x = stage(x)
+                feats.append(x)
+            return feats
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages:
             x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
@@ -409,12 +428,14 @@ class UNetDecoder(nn.Module):
         )
         self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
 
-    def forward(self, feats: Sequence[torch.Tensor], all_levels: bool = True) -> list[torch.Tensor]:
+    def forward(self, feats: list[torch.Tensor], all_levels: bool = True) -> list[torch.Tensor]:
         """
         Args:
             feats: encoder (or fused) features, shallow to deep.
             all_levels: compute the deep-supervision heads too (False at inference: only z_1 is needed).
         """
+        if torch.jit.is_scripting():
+            return [self._forward_scripted(feats)]
         levels = len(feats)
         want = self.deep_supervision and all_levels
         outputs: list[torch.Tensor] = []
@@ -429,6 +450,19 @@ class UNetDecoder(nn.Module):
                 outputs.append(self.heads[i](x))
         outputs.append(self.heads[0](x))
         return outputs[::-1]
+
+    def _forward_scripted(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """z_1 alone, as TorchScript compiles it (the inference graph of an export). The stages run deep to shallow,
+        indexed through :class:`_TensorModule` (TorchScript indexes a ModuleList by a variable only so), and
+        ``merge[i]`` sees the concatenation (eager mode's two partial convolutions: the same sum)."""
+        x = feats[-1]
+        for i in range(len(feats) - 2, -1, -1):
+            skip = feats[i]
+            x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)
+            up: _TensorModule = self.up_convs[i]
+            merge: _TensorModule = self.merge[i]
+            x = merge.forward(torch.cat([up.forward(x), skip], dim=1))
+        return self.heads[0](x)
 
     def _up(self, i: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[2:], mode=self.mode, align_corners=False)

@@ -22,7 +22,7 @@ from ..inferers import study_modality_mask
 from .blocks import ModalityEncoder, UNetDecoder, set_channels_last
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, shared_present
 
-__all__ = ["DMAFNet", "DMAFNetOutput", "FUSIONS"]
+__all__ = ["DMAFNet", "DMAFNetExport", "DMAFNetOutput", "FUSIONS"]
 
 FUSIONS = ("dmaf", "mean", "concat")
 
@@ -94,6 +94,9 @@ class DMAFNet(nn.Module):
 
     Returns:
         eval mode: fused logits ``(B, K, *spatial)``; training mode: :class:`DMAFNetOutput`.
+
+    TorchScript: ``torch.jit.script(net)`` compiles the inference graph, :class:`DMAFNetExport` (same submodules and
+    parameter names), which takes ``(x, modality_mask=None)`` at any size the network accepts.
     """
 
     def __init__(
@@ -154,6 +157,10 @@ class DMAFNet(nn.Module):
         )
         self.gradient_checkpointing = gradient_checkpointing
         set_channels_last(self, channels_last)
+
+    def __prepare_scriptable__(self) -> DMAFNetExport:
+        """What ``torch.jit.script`` compiles in place of this module (see :class:`DMAFNetExport`)."""
+        return DMAFNetExport(self)
 
     def resolve_mask(self, x: torch.Tensor, modality_mask: torch.Tensor | None) -> torch.Tensor:
         """The bool ``(B, M)`` presence mask: the given one, or derived from non-zero voxels."""
@@ -282,3 +289,66 @@ class DMAFNet(nn.Module):
             fused_features=fused[-1],
             modality_mask=mask,
         )
+
+
+class DMAFNetExport(nn.Module):
+    """The inference graph of a :class:`DMAFNet` in a form TorchScript compiles: what ``torch.jit.script(net)`` and
+    MONAI's ``ckpt_export`` (which scripts) produce.
+
+    It holds the network's own submodules (no copy: the same parameters, names and state dict) and computes the
+    eval-mode logits as the eager network does, for any spatial size it accepts and any modality mask, with a
+    control flow that depends on no Python value: every encoder runs on every sample and a missing modality's
+    features are zeroed afterwards (eager mode skips it; its features are zero all the same), the DMAF modules attend
+    over one token sequence with M_mask (eager mode keeps only the present modalities' tokens: the same weights), and
+    the eager CPU fast paths (fused instance norm, oneDNN calls, padded attention heads) give way to PyTorch's modules
+    (the same results within float rounding). docs/method.md ("Export") has the measured agreement.
+
+    Args:
+        net: the network; its training mode, layout policy and gradient checkpointing do not apply here.
+
+    Forward:
+        x: ``(B, M, *spatial)``.
+        modality_mask: optional ``(B, M)`` or ``(M,)`` presence mask (bool or 0/1); None: a modality is present iff its
+            channel has a non-zero voxel (per sample).
+
+    Returns:
+        fused logits ``(B, K, *spatial)``.
+    """
+
+    def __init__(self, net: DMAFNet) -> None:
+        super().__init__()
+        self.num_modalities = net.num_modalities
+        self.encoders = net.encoders
+        self.fusions = net.fusions
+        self.shared_decoder = net.shared_decoder  # unused: kept so that the state dict is the network's
+        self.fusion_decoder = net.fusion_decoder
+        self.train(net.training)
+
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, m = x.shape[0], x.shape[1]
+        if m != self.num_modalities:
+            raise ValueError("input channels differ from the number of modalities DMAFNet was built for.")
+        if modality_mask is None:
+            mask = x.flatten(2).ne(0).any(dim=2)
+        else:
+            mask = modality_mask.to(device=x.device, dtype=torch.bool)
+            if mask.dim() == 1:
+                mask = mask.unsqueeze(0)
+            if mask.shape[0] == 1 and b > 1:  # one study, several sliding windows / slices
+                mask = mask.expand(b, m)
+            if mask.dim() != 2 or mask.shape[0] != b or mask.shape[1] != m:
+                raise ValueError("modality_mask must have shape (B, M).")
+        x = x * mask.to(x.dtype).reshape([b, m] + [1] * (x.dim() - 2))
+        per_level: list[list[torch.Tensor]] = []
+        for i, encoder in enumerate(self.encoders):
+            keep = mask[:, i].to(x.dtype)
+            for level, out in enumerate(encoder(x[:, i : i + 1])):
+                out = out * keep.reshape([b] + [1] * (out.dim() - 1))
+                if i == 0:
+                    per_level.append([out])
+                else:
+                    per_level[level].append(out)
+        fused: list[torch.Tensor] = []
+        for level, fuse in enumerate(self.fusions):
+            fused.append(fuse(torch.stack(per_level[level], dim=1), mask))
+        return self.fusion_decoder(fused, False)[0]

@@ -48,8 +48,9 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = 1) -> to
     Returns:
         weights of the shape and dtype of ``logits``, summing to 1 over present modalities and 0 elsewhere.
     """
-    m = mask.reshape(mask.shape + (1,) * (logits.ndim - mask.ndim))
-    scores = logits.float().masked_fill(~m, torch.finfo(torch.float32).min)
+    m = mask.reshape(list(mask.shape) + [1] * (logits.dim() - mask.dim()))
+    # the most negative float32, torch.finfo(torch.float32).min, written out: TorchScript has no torch.finfo
+    scores = logits.float().masked_fill(~m, -3.4028234663852886e38)
     weights = torch.softmax(scores, dim=dim) * m
     return weights.to(logits.dtype)
 
@@ -61,7 +62,7 @@ def shared_present(mask: torch.Tensor) -> torch.Tensor | None:
     Args:
         mask: bool ``(B, M)``, True = present.
     """
-    if torch.jit.is_tracing():
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
         return None
     shared = mask[0]
     if bool(shared.any()) and bool((mask == shared).all()):
@@ -79,12 +80,12 @@ def grid_to_tokens(x: torch.Tensor, num_modalities: int) -> torch.Tensor:
     Returns:
         ``(B, M * N, C)`` with N = prod(grid); token ``m * N + i`` is voxel i (row-major) of modality m.
     """
-    bm, c = x.shape[:2]
+    bm, c = x.shape[0], x.shape[1]
     tokens = x.flatten(2).transpose(1, 2)  # (B*M, N, C)
     return tokens.reshape(bm // num_modalities, num_modalities * tokens.shape[1], c)
 
 
-def tokens_to_grid(tokens: torch.Tensor, num_modalities: int, grid: Sequence[int]) -> torch.Tensor:
+def tokens_to_grid(tokens: torch.Tensor, num_modalities: int, grid: list[int]) -> torch.Tensor:
     """Inverse of :func:`grid_to_tokens`: every modality's tokens go back to their own grid positions.
 
     Args:
@@ -95,9 +96,9 @@ def tokens_to_grid(tokens: torch.Tensor, num_modalities: int, grid: Sequence[int
     Returns:
         ``(B, M, C, *grid)``.
     """
-    b, _, c = tokens.shape
+    b, c = tokens.shape[0], tokens.shape[2]
     t = tokens.reshape(b, num_modalities, -1, c)  # (B, M, N, C): split modality-major, never voxel-major
-    return t.transpose(2, 3).reshape(b, num_modalities, c, *grid)
+    return t.transpose(2, 3).reshape([b, num_modalities, c] + list(grid))
 
 
 def attention_heads(channels: int, max_heads: int, min_head_dim: int = 8) -> int:
@@ -130,8 +131,8 @@ class DMAFFusion(nn.Module):
         dropout: dropout in attention and FFN.
         group_by_mask: with mixed masks in a batch, run the transformer on the present modalities' tokens only,
             samples grouped by their number of present modalities (:meth:`_grouped_weights`, the default), instead
-            of once on every token with M_mask. Both give the same weights; grouping costs less. Traced graphs always
-            use the masked sequence.
+            of once on every token with M_mask. Both give the same weights; grouping costs less. Exported graphs
+            (traced or scripted) always use the masked sequence.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class DMAFFusion(nn.Module):
         self.spatial_dims = spatial_dims
         self.num_modalities = num_modalities
         self.token_grid = tuple(int(g) for g in token_grid)
+        self._token_grid_list = list(self.token_grid)  # (TorchScript indexes a list, not a tuple, by a variable)
         if len(self.token_grid) != spatial_dims:
             raise ValueError(f"token_grid {self.token_grid} must have {spatial_dims} entries (spatial_dims).")
         self.down = Conv[Conv.CONV, spatial_dims](channels, channels, kernel_size=3, padding=1)
@@ -205,13 +207,18 @@ class DMAFFusion(nn.Module):
             ``(B, M, *spatial)`` weights, 0 for missing modalities, summing to 1 over present ones; with ``present``,
             ``(B, P, *spatial)`` weights of the modalities in ``feats``.
         """
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            # an exported graph: one masked token sequence for any mask (the same weights, docs/method.md "Export")
+            if present is not None:
+                raise ValueError("an exported DMAFFusion takes (B, M, ...) features and the mask, not present.")
+            return masked_softmax(self._scores(feats, self.modality_embed, mask), mask, dim=1)
         if present is not None:
             return self._present_weights(feats, self.modality_embed.index_select(1, present))
         keep = shared_present(mask)
         if keep is not None:
             weights = self._present_weights(feats.index_select(1, keep), self.modality_embed.index_select(1, keep))
             return weights.new_zeros(feats.shape[:2] + weights.shape[2:]).index_copy(1, keep, weights)
-        if self.group_by_mask and not torch.jit.is_tracing():
+        if self.group_by_mask:
             return self._grouped_weights(feats, mask)
         return masked_softmax(self._scores(feats, self.modality_embed, mask), mask, dim=1)
 
@@ -256,11 +263,16 @@ class DMAFFusion(nn.Module):
         """One score per voxel and modality, ``(B, M', *spatial)``, for the M' modalities of ``feats`` with modality
         embeddings ``mod_embed`` ``(1 or B, M', 1, C)``; ``mask`` (bool ``(B, M')``) masks the missing modalities'
         tokens as keys, None attends to every token."""
-        b, ms, c = feats.shape[:3]
-        spatial = feats.shape[3:]
-        grid = [min(int(s), g) for s, g in zip(spatial, self.token_grid)]
-        pool = F.adaptive_avg_pool3d if self.spatial_dims == 3 else F.adaptive_avg_pool2d
-        x = self.down(pool(feats.reshape(b * ms, c, *spatial), grid))
+        b, ms, c = feats.shape[0], feats.shape[1], feats.shape[2]
+        spatial = list(feats.shape[3:])
+        grid: list[int] = []
+        for i, s in enumerate(spatial):
+            grid.append(min(s, self._token_grid_list[i]))
+        flat = feats.reshape([b * ms, c] + spatial)
+        if self.spatial_dims == 3:
+            x = self.down(F.adaptive_avg_pool3d(flat, grid))
+        else:
+            x = self.down(F.adaptive_avg_pool2d(flat, grid))
         pos = self.pos_embed
         if list(pos.shape[2:]) != grid:
             pos = F.interpolate(pos, size=grid, mode=self.interp, align_corners=False)
@@ -306,7 +318,7 @@ class MeanFusion(nn.Module):
         ``present``; returns ``(B, C, *spatial)``."""
         if present is not None:
             return feats.mean(1)
-        m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
+        m = mask.to(feats.dtype).reshape(list(mask.shape) + [1] * (feats.dim() - 2))
         return (feats * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
@@ -324,9 +336,10 @@ class ConcatFusion(nn.Module):
         their weights: the same result); returns ``(B, C, *spatial)``."""
         if present is not None:
             w = self.proj.weight
-            c_out, m_c = w.shape[:2]
-            w = w.reshape(c_out, self.num_modalities, m_c // self.num_modalities, *w.shape[2:]).index_select(1, present)
+            c_out, m_c = w.shape[0], w.shape[1]
+            w = w.reshape([c_out, self.num_modalities, m_c // self.num_modalities] + list(w.shape[2:]))
+            w = w.index_select(1, present)
             # one partial convolution per modality (no concatenated copy of the features)
             return self.proj.forward_split(list(feats.unbind(1)), weight=w.flatten(1, 2))
-        m = mask.to(feats.dtype).reshape(mask.shape + (1,) * (feats.ndim - 2))
+        m = mask.to(feats.dtype).reshape(list(mask.shape) + [1] * (feats.dim() - 2))
         return self.proj((feats * m).flatten(1, 2))
