@@ -13,7 +13,7 @@ DEMO_DIR ?= data/synthetic_brats
 MLVENV ?= .venv-monailabel
 ML_STAMP := $(MLVENV)/.dmaf-installed
 
-.PHONY: env demo test clean-env monailabel-env monailabel-check
+.PHONY: env demo test wheel clean-env monailabel-env monailabel-check
 
 env: $(STAMP)
 
@@ -31,6 +31,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The bundle's package as a wheel in bundle/wheels/: metadata.json's required_packages_version names
+# dmaf-components==<version>, which no public index serves; `pip install --find-links bundle/wheels ...` (or
+# PIP_FIND_LINKS=bundle/wheels for the model zoo's own install step) finds it there. See bundle/docs/README.md.
+WHEEL_DIR ?= bundle/wheels
+wheel: $(STAMP)
+	@rm -rf build $(WHEEL_DIR)/dmaf_components-*.whl
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	@rm -rf build
+	@ls $(WHEEL_DIR)/dmaf_components-*.whl
 
 clean-env:
 	rm -rf $(VENV)

@@ -172,7 +172,7 @@ class AblationStudy:
             raise DMAFDataError(f"{self.datalist}: datalist not found; create it with `dmaf datalist`")
         self.overrides = dict(overrides or {})
         reserved = {"fusion", "distillation", "dtm_reweight", "dtm_scaling", "seed", "bundle_root", "dataset_dir",
-                    "datalist", "resume_from"}
+                    "datalist", "data_list_file_path", "resume_from"}
         clash = sorted(reserved & set(self.overrides))
         if clash:
             raise DMAFDataError(f"overrides {clash}: set by the study itself (settings, seeds, paths)")
@@ -260,11 +260,13 @@ class AblationStudy:
             raise RuntimeError(f"{label}: bundle command failed (exit {code}): {tail[0]} — full log: {log_path}")
 
     def _max_epochs(self) -> int | None:
-        if "max_epochs" in self.overrides:
-            return int(self.overrides["max_epochs"])
+        for key in ("max_epochs", "epochs"):  # (max_epochs is an alias of the zoo's name, epochs)
+            if key in self.overrides:
+                return int(self.overrides[key])
         try:
             with open(os.path.join(self.bundle_dir, "configs", "train.json")) as f:
-                return int(json.load(f)["max_epochs"])
+                config = json.load(f)
+            return int(config.get("epochs", config["max_epochs"]))
         except (OSError, KeyError, ValueError):
             return None
 

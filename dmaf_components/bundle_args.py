@@ -1,0 +1,137 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Command-line overrides of ``python -m monai.bundle run``: warn about keys that no config defines.
+
+``monai.bundle run`` adds every ``--key value`` to the config, so a mistyped key (``--epoch 1``, ``--max_epoch 1``)
+is silently ignored and the run goes on with the default. The bundle's ``initialize`` sections call
+:func:`warn_unknown_overrides`, which reads the command line of the running process, loads the same config files and
+warns, with the closest key, about every ``--key`` that names nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["override_keys", "config_ids", "unknown_overrides", "warn_unknown_overrides"]
+
+
+def _run_arguments() -> set[str]:
+    """Names that ``monai.bundle run`` (and the workflow it creates) takes as its own arguments, not as overrides."""
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.scripts import run
+
+    names = set(inspect.signature(run).parameters) | set(inspect.signature(ConfigWorkflow.__init__).parameters)
+    return {n for n in names if n not in ("self", "override", "kwargs", "args")}
+
+
+def override_keys(argv: Sequence[str]) -> dict[str, str | None]:
+    """``--key value`` / ``--key=value`` pairs of a command line (value None when a flag has none)."""
+    keys: dict[str, str | None] = {}
+    argv = list(argv)
+    for i, token in enumerate(argv):
+        if not token.startswith("--") or token == "--":
+            continue
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = None if nxt is None or nxt.startswith("--") else nxt
+        keys[key] = value
+    return keys
+
+
+def config_ids(config: Any, prefix: str = "") -> list[str]:
+    """Every id of a config (``a``, ``a#b``, ``a#0``...), as ``monai.bundle`` addresses them."""
+    ids: list[str] = []
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else ()
+    for k, v in items:
+        cid = f"{prefix}{k}"
+        ids.append(cid)
+        ids.extend(config_ids(v, cid + "#"))
+    return ids
+
+
+def _config_files(value: str | None) -> list[str]:
+    if not value:
+        return []
+    value = value.strip()
+    if value.startswith(("[", "(")):
+        return [str(f) for f in ast.literal_eval(value)]
+    return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def unknown_overrides(argv: Sequence[str]) -> list[str]:
+    """One message per ``--key`` of a ``monai.bundle run`` command line that is neither an argument of ``run`` nor
+    an id of the merged ``--config_file`` configs (``_meta_#...`` ids are metadata and not checked).
+
+    Args:
+        argv: the command line after ``python -m monai.bundle``, e.g. ``["run", "training", "--config_file", ...]``.
+
+    Returns:
+        messages such as ``"--epoch: no config defines this key (did you mean --epochs?); it is ignored"``.
+    """
+    from monai.bundle import ConfigParser
+
+    keys = override_keys(argv)
+    files = _config_files(keys.get("config_file"))
+    if not files:
+        return []
+    parser = ConfigParser()
+    parser.read_config(files)
+    ids = config_ids(parser.get())
+    known = set(ids) | _run_arguments()
+    messages = []
+    for key in keys:
+        if key in known or key.startswith("_meta_"):
+            continue
+        parent = key.rsplit("#", 1)[0] + "#" if "#" in key else ""
+        candidates = [i for i in ids if i.startswith(parent) and "#" not in i[len(parent):]] or ids
+        close = difflib.get_close_matches(key, candidates, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        messages.append(f"--{key}: no config of this run defines this key{hint}; it is ignored")
+    return messages
+
+
+def _is_bundle_command_line(argv: Sequence[str]) -> bool:
+    """True when this process is ``python -m monai.bundle ...`` (also under torchrun), not a program that creates a
+    workflow itself (a test, MONAI Label), whose command line has nothing to do with the bundle."""
+    return bool(argv) and os.path.normpath(argv[0]).endswith(os.path.join("monai", "bundle", "__main__.py"))
+
+
+def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
+    """Warn (``UserWarning``) about every command-line key that no config of the run defines.
+
+    Called from the bundle's ``initialize`` sections; does nothing unless the process is ``python -m monai.bundle``
+    (or ``argv`` is given).
+
+    Args:
+        argv: the full command line, ``sys.argv`` by default.
+
+    Returns:
+        the messages warned.
+    """
+    if argv is None:
+        argv = sys.argv
+        if not _is_bundle_command_line(argv):
+            return []
+    try:
+        messages = unknown_overrides(list(argv)[1:])
+    except Exception as e:  # a command line this check cannot read must not stop the run: monai.bundle decides
+        return [f"command-line keys not checked: {e}"]
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    return messages
