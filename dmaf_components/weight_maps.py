@@ -75,8 +75,8 @@ class ModalityWeightsNet(nn.Module):
         level: the fusion level whose weights are returned (0, the default: full resolution), or ``"mean"``: the
             mean over all levels, each upsampled to the input's size.
 
-    ``forward(x (B, M, *spatial), modality_mask (B, M) | None)`` returns ``(B, K + M, *spatial)``: the network's
-    logits, then one weight channel per modality (0 for missing modalities, summing to 1 over the present ones).
+    ``forward(x (B, M, *spatial), modality_mask (B, M) | None)`` returns float32 ``(B, K + M, *spatial)``: the
+    network's logits, then one weight channel per modality (0 for missing modalities, summing to 1 over the present ones).
     The weights are read by a forward hook on the fusion module: ``DMAFFusion.spatial_weights`` is evaluated again
     on the same inputs (one extra DMAF weight computation per hooked level; the network's own forward is untouched).
     Eval mode only. ``state_dict``/``load_state_dict`` are the wrapped network's.
@@ -135,7 +135,8 @@ class ModalityWeightsNet(nn.Module):
             for w in (store[lv] for lv in self.levels)
         ]
         weights = maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
-        return torch.cat([logits, weights.to(logits.dtype)], dim=1)
+        # float32 (the logits too, an exact cast under AMP): the sliding-window blend keeps the sum at 1
+        return torch.cat([logits.float(), weights], dim=1)
 
 
 def modality_weights_network(network: nn.Module, enabled: Any = False, level: int | str = 0) -> nn.Module:
