@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from .cache import cache_bytes, log_cache_size
 from .constants import *  # noqa: F401,F403
 from .check import (
     MYOPS_RAW_LABEL_VALUES,
@@ -71,4 +72,6 @@ __all__ = list(_constants_all) + [
     "myops_case",
     "synthesize_brats",
     "synthesize_myops",
+    "cache_bytes",
+    "log_cache_size",
 ]
