@@ -135,11 +135,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
+#: rows per block of :func:`_channel_dot`'s matmuls: one matmul over a whole 128^3 volume (2M rows) accumulated with an
+#: error of 1.5e-3 relative on this CPU's BLAS (0.08 logits at the network's output); blocks of 4096 rows summed in
+#: float64 agree with a float64 reference to ~5e-7
+_DOT_BLOCK = 4096
+
+
 def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-(sample, channel) dot product over the spatial axes of two channels-last tensors, ``(B, C)``: the diagonal of
-    one small batched matmul, which reads each tensor once (an elementwise product and a sum would write and re-read a
-    temporary); its fp32 accumulation agrees with a float64 reference to ~1e-6 relative."""
-    return torch.bmm(_rows(a).transpose(1, 2), _rows(b)).diagonal(dim1=1, dim2=2)
+    """Per-(sample, channel) dot product over the spatial axes of two channels-last tensors, ``(B, C)``.
+
+    Diagonals of small batched matmuls over blocks of :data:`_DOT_BLOCK` rows (reading each tensor once, where an
+    elementwise product and a sum would write and re-read a temporary), the block sums added in float64.
+    """
+    ra, rb = _rows(a), _rows(b)
+    n = ra.shape[1]
+    k = n // _DOT_BLOCK
+    out = []
+    for i in range(ra.shape[0]):
+        xa, xb = ra[i], rb[i]  # (n, C) each, contiguous
+        total = torch.zeros(xa.shape[1], dtype=torch.float64, device=xa.device)
+        if k:
+            blocks_a = xa[: k * _DOT_BLOCK].view(k, _DOT_BLOCK, -1)
+            blocks_b = xb[: k * _DOT_BLOCK].view(k, _DOT_BLOCK, -1)
+            total += torch.bmm(blocks_a.transpose(1, 2), blocks_b).diagonal(dim1=1, dim2=2).double().sum(0)
+        if n > k * _DOT_BLOCK:
+            total += (xa[k * _DOT_BLOCK :].T @ xb[k * _DOT_BLOCK :]).diagonal().double()
+        out.append(total)
+    return torch.stack(out).to(a.dtype)
 
 
 class _InstanceNormActFunction(torch.autograd.Function):
