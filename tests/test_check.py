@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from dmaf_components.cli import main
 from dmaf_components.data import (
     BRATS_LABELS,
     MYOPS_RAW_LABEL_VALUES,
@@ -24,6 +23,8 @@ from dmaf_components.data import (
     synthesize_myops,
     write_datalist,
 )
+
+from test_cli import _run  # the dmaf command line run in-process: (exit status, stdout, stderr)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
@@ -85,14 +86,6 @@ def broken_brats(clean_brats, tmp_path):
     return root, expected
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_check_reports_every_problem_one_line_each(broken_brats, capsys):
