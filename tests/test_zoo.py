@@ -162,7 +162,6 @@ def test_unknown_override_keys_warn(tmp_path):
     assert "--max_epochs:" not in proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_wheel_serves_the_required_package_version(tmp_path):
     """`make wheel` builds the wheel that metadata.json's required_packages_version names, and pip resolves that
     requirement from it without an index (as the zoo's install step does with PIP_FIND_LINKS)."""
