@@ -28,11 +28,10 @@ import time
 from collections import Counter
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import conv_flop_count
 
 from dmaf_components.networks import DMAFNet
-from dmaf_components.networks.blocks import _ChannelsLastConv, _ChannelsLastConvFunction, _cl
+from dmaf_components.networks.cpu_kernels import _CPUConv, _OneDNNConvFunction, to_channels_last as _cl
 from train_step import matmul_peak  # (benchmarks/ is the script's directory, first on sys.path)
 
 
@@ -41,17 +40,19 @@ def record_convolutions(size: int, channels: list[int]) -> Counter:
     net = DMAFNet(3, 4, 4, channels=channels).train()
     seen: Counter = Counter()
 
-    def hook(module, args, kwargs, _out):
-        x = args[0]
-        w = kwargs.get("weight")
-        w = module.weight if w is None else w
-        bias = kwargs.get("bias", True) and module.bias is not None
-        seen[(tuple(x.shape), tuple(w.shape), tuple(module.stride), tuple(module.padding), bias, x.requires_grad)] += 1
+    orig = _CPUConv.conv_cpu
 
-    for m in net.modules():
-        if isinstance(m, (_ChannelsLastConv, nn.Conv3d)):
-            m.register_forward_hook(hook, with_kwargs=True)
-    net(torch.randn(1, 4, size, size, size), torch.ones(1, 4, dtype=torch.bool))
+    def spy(module, x, weight, bias):  # every convolution, partial ones (decoder merges) included
+        key = (tuple(x.shape), tuple(weight.shape), tuple(module.stride), tuple(module.padding), bias is not None,
+               x.requires_grad)
+        seen[key] += 1
+        return orig(module, x, weight, bias)
+
+    _CPUConv.conv_cpu = spy
+    try:
+        net(torch.randn(1, 4, size, size, size), torch.ones(1, 4, dtype=torch.bool))
+    finally:
+        _CPUConv.conv_cpu = orig
     return seen
 
 
@@ -64,11 +65,11 @@ def time_one(conf, reps: int) -> tuple[float, float]:
     inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
 
     def run():
-        y = _ChannelsLastConvFunction.apply(x, w, b, stride, padding, (1,) * len(stride), 1)
+        y = _OneDNNConvFunction.apply(x, w, b, stride, padding, (1,) * len(stride), 1, True)
         torch.autograd.grad(y, inputs, _cl(torch.ones_like(y)))
 
     run()
-    out_shape = _ChannelsLastConvFunction.apply(x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1).shape
+    out_shape = _OneDNNConvFunction.apply(x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1, True).shape
     # forward, weight gradient and (if needed) input gradient each cost the forward's FLOPs (torch.utils.flop_counter's
     # rule); counted from the shapes, not by FlopCounterMode, which would also count the zero sample that the
     # backward pads batch-1 coarse-level convolutions with

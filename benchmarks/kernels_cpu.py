@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dmaf_components.networks.blocks import _channel_dot, _rows
+from dmaf_components.networks.cpu_kernels import _channel_dot, _rows
 
 
 def _best(fn, reps: int = 3) -> float:

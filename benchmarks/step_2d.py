@@ -47,16 +47,15 @@ def build(
     function of one ``(B, 3)`` mask that returns its wall time."""
     from dmaf_components.handlers import DynamicTrainingMonitor
     from dmaf_components.losses import DMAFLoss
-    from dmaf_components.networks import DMAFNet
+    from dmaf_components.networks import DMAFNet, apply_cpu_kernels
 
     torch.manual_seed(0)
     fusion, distill, dtm_on = VARIANTS[variant]
-    net = DMAFNet(2, 3, 4, fusion=fusion, token_grid=token_grid).train()
+    net = apply_cpu_kernels(DMAFNet(2, 3, 4, fusion=fusion, token_grid=token_grid, channels_last=False),
+                            padded_heads=pad_heads).train()
     if fusion == "dmaf":
         for f in net.fusions:
             f.group_by_mask = grouping
-            for layer in f.layers:
-                layer.attn.pad_heads = pad_heads
     loss_fn = DMAFLoss(4, 3, net.channels[-1], distillation=distill)
     params = list(net.parameters()) + (list(loss_fn.parameters()) if distill else [])
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)

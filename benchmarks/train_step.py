@@ -64,7 +64,7 @@ def worker(
     from dmaf_components.handlers import DynamicTrainingMonitor
     from dmaf_components.losses import DMAFLoss
     from dmaf_components.networks import DMAFNet
-    from dmaf_components.networks.blocks import set_channels_last
+    from dmaf_components.networks.cpu_kernels import _CPUConv
 
     torch.manual_seed(0)
     full = variant == "full"
@@ -117,10 +117,12 @@ def worker(
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before FLOP counting, which adds its own
     # FLOPs are counted in separate passes over the same masks, so counting does not slow the timed steps, and with
-    # the plain convolutions: the model's arithmetic, not the zero sample that the channels-last backward pads
-    # batch-1 coarse-level convolutions with to get oneDNN
+    # the CPU convolutions' padded backward off: the model's arithmetic, not the zero sample that it pads batch-1
+    # coarse-level convolutions with to get oneDNN
     total_flops = 0
-    set_channels_last(net, False)
+    for module in net.modules():
+        if isinstance(module, _CPUConv):
+            module.pad_backward = False
     for i in range(steps if count_flops else 0):
         counter = FlopCounterMode(display=False)
         with counter:
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["full", "baseline"])
     parser.add_argument("--skip-flops", action="store_true", help="time only (no FLOP-counting passes)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="DMAFNet(channels_last=None/True/False): auto = channels-last convolutions on CPU only")
+                        help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), off = plain")
     parser.add_argument("--masks", nargs="+", default=["all", "idt"])
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "VARIANT", "MASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()

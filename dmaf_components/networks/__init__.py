@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .blocks import ModalityEncoder, UNetDecoder
+from .cpu_kernels import apply_cpu_kernels, cpu_kernels_applied
 from .dmafnet import FUSIONS, DMAFNet, DMAFNetOutput
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, masked_softmax, tokens_to_grid, grid_to_tokens
 
@@ -25,6 +26,8 @@ __all__ = [
     "ConcatFusion",
     "ModalityEncoder",
     "UNetDecoder",
+    "apply_cpu_kernels",
+    "cpu_kernels_applied",
     "masked_softmax",
     "grid_to_tokens",
     "tokens_to_grid",

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..inferers import study_modality_mask
-from .blocks import ModalityEncoder, UNetDecoder, set_channels_last
+from .blocks import ModalityEncoder, UNetDecoder
+from .cpu_kernels import apply_cpu_kernels
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, shared_present
 
 __all__ = ["DMAFNet", "DMAFNetExport", "DMAFNetOutput", "FUSIONS"]
@@ -82,10 +83,11 @@ class DMAFNet(nn.Module):
             (training memory down, compute up by about one forward pass); the shared decoder then also runs one
             modality at a time, so that its recomputation in backward holds one modality's activations, not all of
             them. See docs/performance.md.
-        channels_last: run the encoders and decoders in channels-last (NDHWC) layout with oneDNN convolutions and a
-            fused instance norm + LeakyReLU (:class:`~dmaf_components.networks.blocks.ChannelsLastConv3d`); the
-            logits come out channels-last. None (default): on CPU, where oneDNN's convolutions are several times
-            faster on that layout, and not on CUDA.
+        channels_last: the CPU kernels of :mod:`dmaf_components.networks.cpu_kernels` (channels-last oneDNN
+            convolutions, fused instance norm + LeakyReLU, concatenation-free merges, padded attention heads), which
+            act on CPU tensors only (on CPU the logits come out channels-last). None or True (default None): applied
+            by :func:`~dmaf_components.networks.cpu_kernels.apply_cpu_kernels`; False: the plain MONAI/PyTorch
+            modules everywhere.
 
     Forward:
         x: ``(B, M, *spatial)`` modalities stacked as channels.
@@ -156,7 +158,8 @@ class DMAFNet(nn.Module):
             spatial_dims, self.channels, out_channels, deep_supervision, gradient_checkpointing
         )
         self.gradient_checkpointing = gradient_checkpointing
-        set_channels_last(self, channels_last)
+        if channels_last is not False:
+            apply_cpu_kernels(self)
 
     def __prepare_scriptable__(self) -> DMAFNetExport:
         """What ``torch.jit.script`` compiles in place of this module (see :class:`DMAFNetExport`)."""

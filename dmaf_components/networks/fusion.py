@@ -16,11 +16,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import TransformerBlock
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from .attention import DMAFTransformerLayer
-from .blocks import channels_last_conv
+from .blocks import conv_of_concat
+
 
 __all__ = [
     "shared_present",
@@ -163,12 +164,13 @@ class DMAFFusion(nn.Module):
         heads = attention_heads(channels, num_heads)
         self.layers = nn.ModuleList(
             [
-                DMAFTransformerLayer(
+                TransformerBlock(  # one pre-LN layer of Eq. 2 (M_mask as its attention mask)
                     hidden_size=channels,
                     mlp_dim=int(channels * mlp_ratio),
                     num_heads=heads,
                     dropout_rate=dropout,
                     qkv_bias=True,
+                    use_flash_attention=True,  # torch scaled_dot_product_attention
                 )
                 for _ in range(num_layers)
             ]
@@ -328,18 +330,24 @@ class ConcatFusion(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, num_modalities: int) -> None:
         super().__init__()
         self.num_modalities = num_modalities
-        self.proj = channels_last_conv(spatial_dims, channels * num_modalities, channels, kernel_size=1)
+        self.proj = Conv[Conv.CONV, spatial_dims](channels * num_modalities, channels, kernel_size=1)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """``feats`` ``(B, M, C, *spatial)`` (missing zero), or ``(B, P, C, *spatial)`` holding the modalities
         ``present`` (the missing modalities' zero channels are then left out of the 1x1 convolution together with
         their weights: the same result); returns ``(B, C, *spatial)``."""
-        if present is not None:
-            w = self.proj.weight
-            c_out, m_c = w.shape[0], w.shape[1]
-            w = w.reshape([c_out, self.num_modalities, m_c // self.num_modalities] + list(w.shape[2:]))
-            w = w.index_select(1, present)
-            # one partial convolution per modality (no concatenated copy of the features)
-            return self.proj.forward_split(list(feats.unbind(1)), weight=w.flatten(1, 2))
-        m = mask.to(feats.dtype).reshape(list(mask.shape) + [1] * (feats.dim() - 2))
-        return self.proj((feats * m).flatten(1, 2))
+        if torch.jit.is_scripting() or present is None:
+            m = mask.to(feats.dtype).reshape(list(mask.shape) + [1] * (feats.dim() - 2))
+            return self.proj((feats * m).flatten(1, 2))
+        w = self.proj.weight
+        c_out, m_c = w.shape[0], w.shape[1]
+        w = w.reshape([c_out, self.num_modalities, m_c // self.num_modalities] + list(w.shape[2:]))
+        return self._present(feats, w.index_select(1, present).flatten(1, 2))
+
+    def _present(self, feats: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The 1x1 convolution of the present modalities' features ``(B, P, C, *spatial)`` with their slice
+        ``(C, P * C, 1...)`` of the weight: one partial convolution per modality (no concatenated copy)."""
+        return self._proj_of_concat(list(feats.unbind(1)), weight)
+
+    def _proj_of_concat(self, parts: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        return conv_of_concat(self.proj, parts, weight)
