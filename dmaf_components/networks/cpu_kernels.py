@@ -417,14 +417,15 @@ class CPUPaddedHeadAttention(SABlock):
 def _paddable(block: SABlock) -> bool:
     """The SABlock configuration :class:`CPUPaddedHeadAttention` reproduces: combined qkv, flash attention, output
     projection, no causal mask, no relative positions, no attention dtype, no saved attention."""
+    # (getattr: a MONAI version without one of these options is left alone)
     return (
-        block.use_combined_linear
-        and block.use_flash_attention
-        and block.include_fc
-        and not block.causal
-        and block.rel_positional_embedding is None
-        and block.attention_dtype is None
-        and not block.save_attn
+        getattr(block, "use_combined_linear", False)
+        and getattr(block, "use_flash_attention", False)
+        and getattr(block, "include_fc", False)
+        and not getattr(block, "causal", True)
+        and getattr(block, "rel_positional_embedding", 0) is None
+        and getattr(block, "attention_dtype", 0) is None
+        and not getattr(block, "save_attn", True)
     )
 
 
