@@ -37,7 +37,9 @@ def conv_block(
     )
 
 
-def conv_of_concat(conv: nn.Module, parts: list[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+def conv_of_concat(
+    conv: nn.Module, parts: list[torch.Tensor], weight: torch.Tensor | None = None, conv_fn=None
+) -> torch.Tensor:
     """``conv(torch.cat(parts, dim=1))`` computed as the sum of each part's convolution with its slice of the weight's
     input channels (bias added once): the same result, and autograd keeps the parts (alive anyway) instead of a
     concatenated copy, the largest activation of a decoder level.
@@ -46,17 +48,23 @@ def conv_of_concat(conv: nn.Module, parts: list[torch.Tensor], weight: torch.Ten
         conv: an ``nn.Conv2d``/``nn.Conv3d`` with zero padding.
         parts: ``(B, C_i, *spatial)`` tensors, in the order of the weight's input channels.
         weight: optional replacement of ``conv.weight`` (with ``sum(C_i)`` input channels).
+        conv_fn: ``(x, weight, bias) -> y`` computing one partial convolution; default ``F.conv*d`` with ``conv``'s
+            stride, padding, dilation and groups.
 
     Returns:
         ``(B, C_out, *spatial')``.
     """
-    fn = F.conv3d if parts[0].dim() == 5 else F.conv2d
+    if conv_fn is None:
+        fn = F.conv3d if parts[0].dim() == 5 else F.conv2d
+
+        def conv_fn(x, w, b):
+            return fn(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
     w = conv.weight if weight is None else weight
     out, start = None, 0
     for i, part in enumerate(parts):
         c = part.shape[1]
-        y = fn(part, w[:, start : start + c], conv.bias if i == 0 else None, conv.stride, conv.padding, conv.dilation,
-               conv.groups)
+        y = conv_fn(part, w[:, start : start + c], conv.bias if i == 0 else None)
         out = y if out is None else out + y
         start += c
     return out

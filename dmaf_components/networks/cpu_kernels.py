@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import ADN, SABlock
 from torch import nn
 
-from .blocks import UNetDecoder
+from .blocks import UNetDecoder, conv_of_concat
 from .fusion import ConcatFusion
 
 __all__ = [
@@ -220,15 +220,7 @@ class _CPUConv:
             parts: ``(B, C_i, *spatial)`` tensors, in the order of the weight's input channels.
             weight: optional replacement of ``self.weight`` (with ``sum(C_i)`` input channels).
         """
-        w = self.weight if weight is None else weight  # type: ignore[attr-defined]
-        c = parts[0].shape[1]
-        out = self.conv_cpu(parts[0], w[:, :c], self.bias)  # type: ignore[attr-defined]
-        start = c
-        for part in parts[1:]:
-            c = part.shape[1]
-            out = out + self.conv_cpu(part, w[:, start : start + c], None)
-            start += c
-        return out
+        return conv_of_concat(self, parts, weight, conv_fn=self.conv_cpu)  # type: ignore[arg-type]
 
 
 class CPUConv3d(_CPUConv, nn.Conv3d):
