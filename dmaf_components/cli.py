@@ -143,7 +143,7 @@ class DMAF:
 
     def synthetic(
         self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False,
-        profile: str = "demo",
+        profile: str = "demo", workers: int = 1,
     ) -> str:
         """Write a deterministic synthetic dataset in the exact BraTS2020 or MyoPS2020 layout.
 
@@ -153,7 +153,8 @@ class DMAF:
             cases: number of cases.
             shape: volume size, e.g. 96,96,64 (default 240,240,155 for BraTS, 256,256,5 for MyoPS).
             seed: dataset seed.
-            profile: myops only: demo, or study (the ablation study's harder data, docs/accuracy.md).
+            profile: demo, or study (the ablation studies' harder data, docs/accuracy.md).
+            workers: cases written in parallel processes (the same files as one).
         """
         from .data import synthesize_brats, synthesize_myops
 
@@ -162,12 +163,12 @@ class DMAF:
             raise DMAFDataError(f"dataset: expected brats or myops, got {dataset!r}")
         size = _sizes(shape, "shape")
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
-        if kind == "myops":
-            kwargs["profile"] = profile
-        elif profile != "demo":
-            raise DMAFDataError(f"--profile: only myops has profiles, got {profile!r} for {kind}")
+        if profile not in ("demo", "study"):
+            raise DMAFDataError(f"--profile: expected demo or study, got {profile!r}")
+        if int(workers) < 1:
+            raise DMAFDataError(f"--workers: need at least 1, got {workers}")
         make = synthesize_brats if kind == "brats" else synthesize_myops
-        make(out_dir, cases=cases, seed=seed, overwrite=overwrite, **kwargs)
+        make(out_dir, cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=int(workers), **kwargs)
         print(f"synthetic {kind}: {cases} cases in {out_dir}")
         return out_dir
 
@@ -180,6 +181,7 @@ class DMAF:
         seeds: int = 3,
         datalist: str | None = None,
         summarize_only: bool = False,
+        jobs: int = 1,
         **overrides,
     ) -> None:
         """Run the paper's Table-3 ablation through the bundle (resumable) and write table3.{csv,md,png}.
@@ -193,11 +195,12 @@ class DMAF:
             seeds: number of seeds per setting (0 .. seeds-1).
             datalist: datalist file (default DATA_DIR/datalist.json).
             summarize_only: rebuild the summary from the finished runs without training anything.
+            jobs: runs trained at the same time (a GPU that small patches leave idle; several GPUs in turn).
             overrides: bundle overrides for every run, e.g. --max_epochs 50 --batch_size 8 --roi_size [96,96].
         """
         from .ablation import AblationStudy
 
-        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides)
+        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=jobs)
         if summarize_only:
             study.summarize()
         else:

@@ -108,3 +108,11 @@ def test_kwargs_command_accepts_any_flag(monkeypatch, capsys):
     assert seen == {"name": "no_dtm", "max_epochs": 5, "roi_size": [8, 8, 8]}
     code, _, err = _run(["ablation"], capsys)
     assert code == 2 and "missing argument NAME" in err
+
+
+def test_synthetic_study_profile_for_both_datasets_and_bad_workers(tmp_path, capsys):
+    code, _, _ = _run(["synthetic", "brats", str(tmp_path / "b"), "--cases", "2", "--shape=16,16,8", "--profile",
+                       "study", "--workers", "2"], capsys)
+    assert code == 0 and len(list((tmp_path / "b" / "MICCAI_BraTS2020_TrainingData").iterdir())) == 2
+    code, _, err = _run(["synthetic", "myops", str(tmp_path / "m"), "--workers", "0"], capsys)
+    assert code != 0 and "--workers: need at least 1, got 0" in err and not (tmp_path / "m").exists()

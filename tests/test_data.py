@@ -132,6 +132,42 @@ def test_synthetic_is_deterministic_and_heterogeneous(tmp_path):
     assert np.array_equal(a["t1"][la == 0] == 0, a["flair"][la == 0] == 0)  # skull-stripped, one brain mask
 
 
+def test_brats_study_profile_hides_one_boundary_per_modality_on_the_same_shapes(monkeypatch):
+    """The 3-D study's data (docs/accuracy.md): same labels as the demo profile; with the noise and bias fields off,
+    T1ce shows no edema, FLAIR and T2 no enhancing rim, and T1ce shows the rim; skull-stripped."""
+    from dmaf_components.data import brats_case, synthetic
+
+    demo, la = brats_case((64, 64, 40), seed=5)
+    study, lb = brats_case((64, 64, 40), seed=5, profile="study")
+    assert np.array_equal(la, lb)  # the same shapes: only the appearance differs
+    assert np.array_equal(study["t1"] == 0, demo["t1"] == 0)  # the same brain mask, zero outside
+    monkeypatch.setattr(synthetic, "_BRATS_STUDY_NOISE", 0.0)
+    monkeypatch.setattr(synthetic, "_BRATS_STUDY_BIAS", 0.0)
+    clean, _ = brats_case((64, 64, 40), seed=5, profile="study")
+    mean = {m: {c: clean[m][lb == c].mean() for c in (2, 4)} for m in clean}
+    white = clean["t1ce"][(lb == 0) & (clean["t1ce"] > 0.7 * mean["t1ce"][2])].mean()  # white matter and the like
+    # equal contrasts up to the per-case tissue jitter (+-8 % each) and partial volume
+    assert abs(mean["t1ce"][2] - white) < 0.25 * white  # no whole-tumour boundary in T1ce
+    assert mean["t1ce"][4] > 1.3 * mean["t1ce"][2]  # the enhancing rim is visible there
+    for m in ("flair", "t2"):  # no ET boundary in FLAIR/T2
+        assert abs(mean[m][4] - mean[m][2]) < 0.25 * mean[m][2]
+    with pytest.raises(ValueError, match="profile: expected demo or study"):
+        brats_case((8, 8, 8), profile="hard")
+
+
+def test_synthetic_workers_write_the_same_files(tmp_path):
+    from dmaf_components.data import synthesize_myops
+
+    one = synthesize_myops(str(tmp_path / "a"), cases=3, shape=(24, 24, 2), profile="study")
+    two = synthesize_myops(str(tmp_path / "b"), cases=3, shape=(24, 24, 2), profile="study", workers=2)
+    for f1, f2 in zip(one, two):
+        assert np.array_equal(nib.load(f1).get_fdata(), nib.load(f2).get_fdata())
+        img1 = f1.replace("train25_myops_gd", "train25").replace("_gd.nii.gz", "_DE.nii.gz")
+        img2 = f2.replace("train25_myops_gd", "train25").replace("_gd.nii.gz", "_DE.nii.gz")
+        assert np.array_equal(nib.load(img1).get_fdata(), nib.load(img2).get_fdata())
+    assert not [f for d in ("a", "b") for f in os.listdir(tmp_path / d / "train25") if f.startswith(".")]  # atomic
+
+
 def _pipeline(mode="idt", roi=(32, 32, 32)):
     return Compose(
         [

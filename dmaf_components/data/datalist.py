@@ -76,7 +76,8 @@ def find_brats_cases(data_dir: str, require_label: bool = True) -> list[dict]:
     cases = []
     for folder in folders:
         case = os.path.basename(folder)
-        files = [os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+        files = [os.path.join(folder, f) for f in os.listdir(folder)
+                 if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]  # (hidden: partial files)
         image, notes, errors = classify_files(files, BRATS_MODALITIES, report_labels=False)  # aliases, any case
         if errors:
             raise DMAFDataError(errors[0])

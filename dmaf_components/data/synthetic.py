@@ -65,12 +65,35 @@ def _uniform(gen: torch.Generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=gen))
 
 
-def brats_case(shape: Sequence[int] = (240, 240, 155), seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _brats_tissues(
+    regions: dict[str, np.ndarray], contrast: dict[str, float], gen: torch.Generator, shape: Sequence[int]
+) -> tuple[float, np.ndarray]:
+    """A modality's gain (+-15 %) and its piecewise-constant tissue image (each tissue's contrast with a per-case
+    jitter of +-8 %), drawn in this order from ``gen``."""
+    gain = _uniform(gen, 0.85, 1.15)
+    img = np.zeros(shape, dtype=np.float32)
+    for name in ("wm", "gm", "csf", "edema", "et", "ncr"):  # tumour last: it overrides tissue
+        img[regions[name]] = contrast[name] * _uniform(gen, 0.92, 1.08)
+    return gain, img
+
+
+def brats_case(
+    shape: Sequence[int] = (240, 240, 155), seed: int = 0, profile: str = "demo"
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """One synthetic skull-stripped brain with a glioma.
+
+    Args:
+        shape: volume size.
+        seed: case seed.
+        profile: ``demo`` (every tumour region visible in several modalities: the README demo and the tests) or
+            ``study`` (the 3-D ablation study's data, docs/accuracy.md: each modality leaves a tumour boundary
+            invisible, partial volume, Rician noise, strong bias fields). The shapes are the same for both profiles.
 
     Returns:
         ``({modality: int16 volume}, uint8 label)`` with labels 0/1/2/4 as in BraTS2020.
     """
+    if profile not in ("demo", "study"):
+        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
     gen = torch.Generator().manual_seed(int(seed))
     shape = tuple(int(s) for s in shape)
     x, y, z = _grid(shape)
@@ -97,18 +120,16 @@ def brats_case(shape: Sequence[int] = (240, 240, 155), seed: int = 0) -> tuple[d
     label[brain & (t < 1.0)] = 4
     label[brain & (t < necrotic_frac)] = 1
 
-    images = {}
-    bias = np.exp(0.15 * _smooth_field(gen, shape, 3))
     regions = {
         "wm": tissue == 1, "gm": tissue == 2, "csf": tissue == 3, "edema": label == 2, "et": label == 4,
         "ncr": label == 1,
     }
+    if profile == "study":
+        return _brats_study_images(regions, brain, int(seed)), label
+    images = {}
+    bias = np.exp(0.15 * _smooth_field(gen, shape, 3))
     for modality in BRATS_MODALITIES:
-        contrast = _BRATS_CONTRAST[modality]
-        gain = _uniform(gen, 0.85, 1.15)
-        img = np.zeros(shape, dtype=np.float32)
-        for name in ("wm", "gm", "csf", "edema", "et", "ncr"):  # tumour last: it overrides tissue
-            img[regions[name]] = contrast[name] * _uniform(gen, 0.92, 1.08)
+        gain, img = _brats_tissues(regions, _BRATS_CONTRAST[modality], gen, shape)
         texture = 0.04 * _smooth_field(gen, shape, 12)
         noise = torch.randn(shape, generator=gen).numpy() * 0.03
         img = np.clip((img + texture + noise) * bias * gain * 1000.0, 1.0, 32767.0)  # brain voxels stay > 0
@@ -133,15 +154,65 @@ _MYOPS_STUDY_NOISE = {"bssfp": 0.15, "lge": 0.15, "t2": 0.15}
 _MYOPS_STUDY_BIAS = 0.40
 
 
-def _blur2d(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a 2-D image (partial volume at tissue borders)."""
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a 2-D or 3-D image (partial volume at tissue borders): separable, last axis first,
+    replicate padding.
+
+    3-D uses ``scipy.ndimage.correlate1d``, whose result does not depend on the thread count (PyTorch picks its
+    3-D convolution kernel by size and threads, so parallel and serial synthesis could differ in the last bit).
+    2-D keeps the PyTorch convolutions that made study 1's data (docs/accuracy.md), bit for bit.
+    """
     radius = max(1, int(3 * sigma + 0.5))
     k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (k / k.sum()).reshape(1, 1, -1)
+    k = k / k.sum()
+    if img.ndim == 3:
+        from scipy.ndimage import correlate1d
+
+        out = np.ascontiguousarray(img, dtype=np.float32)
+        for axis in (2, 1, 0):
+            out = correlate1d(out, k.numpy(), axis=axis, mode="nearest")  # nearest = replicate padding
+        return out
     t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    t = F.conv2d(F.pad(t, (radius, radius, 0, 0), mode="replicate"), k[:, :, None, :])
-    t = F.conv2d(F.pad(t, (0, 0, radius, radius), mode="replicate"), k[:, :, :, None])
+    t = F.conv2d(F.pad(t, (radius, radius, 0, 0), mode="replicate"), k.reshape(1, 1, 1, -1))
+    t = F.conv2d(F.pad(t, (0, 0, radius, radius), mode="replicate"), k.reshape(1, 1, -1, 1))
     return t[0, 0].numpy()
+
+
+#: the 3-D ablation study's BraTS profile (docs/accuracy.md, study 2): each modality leaves one tumour boundary
+#: invisible, as the paper's data does to a lesser degree. FLAIR: edema bright, the enhancing rim as bright as edema
+#: (no TC/ET boundary). T1: the tumour nearly isointense (the weakest modality). T1ce: the enhancing rim brightest,
+#: necrosis dark, edema as white matter (no whole-tumour boundary). T2: edema and rim equally bright (no ET), necrosis
+#: as bright as CSF.
+_BRATS_STUDY_CONTRAST = {
+    "flair": {"wm": 0.45, "gm": 0.55, "csf": 0.10, "edema": 1.10, "et": 1.10, "ncr": 0.75},
+    "t1": {"wm": 0.80, "gm": 0.62, "csf": 0.25, "edema": 0.70, "et": 0.70, "ncr": 0.50},
+    "t1ce": {"wm": 0.78, "gm": 0.60, "csf": 0.22, "edema": 0.78, "et": 1.45, "ncr": 0.30},
+    "t2": {"wm": 0.40, "gm": 0.55, "csf": 1.00, "edema": 0.95, "et": 0.95, "ncr": 1.00},
+}
+#: Rician noise (relative to the contrast scale) and bias-field amplitude of the BraTS study profile
+_BRATS_STUDY_NOISE = 0.15
+_BRATS_STUDY_BIAS = 0.40
+
+
+def _brats_study_images(regions: dict[str, np.ndarray], brain: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """The study profile's appearance of one brain (its own generator, so that both profiles draw the same shapes):
+    contrasts of ``_BRATS_STUDY_CONTRAST`` with a per-case jitter of +-8 % per tissue, texture, partial volume
+    (a Gaussian blur, sigma 0.7-1.3 voxels per case), a bias field of exp(+-0.4) per modality, Rician noise and a gain
+    of +-15 % per modality; zero outside the brain (skull-stripped)."""
+    app = torch.Generator().manual_seed(seed + 7919)
+    shape = brain.shape
+    blur = _uniform(app, 0.7, 1.3)
+    images = {}
+    for modality in BRATS_MODALITIES:
+        gain, img = _brats_tissues(regions, _BRATS_STUDY_CONTRAST[modality], app, shape)
+        img = _blur(img + 0.04 * _smooth_field(app, shape, 12), blur)
+        img = img * np.exp(_BRATS_STUDY_BIAS * _smooth_field(app, shape, 3))
+        re_, im_ = (torch.randn(shape, generator=app).numpy() * _BRATS_STUDY_NOISE for _ in range(2))
+        img = np.sqrt((img + re_) ** 2 + im_**2) * gain  # magnitude image: Rician
+        img = np.clip(img * 1000.0, 1.0, 32767.0)  # brain voxels stay > 0
+        img[~brain] = 0.0
+        images[modality] = img.astype(np.int16)
+    return images
 
 
 def myops_case(
@@ -205,7 +276,7 @@ def myops_case(
             noise = torch.randn((h, w), generator=gen).numpy() * 0.04  # drawn in both profiles: same shapes
             texture = 0.05 * _smooth_field(gen, (h, w), 10)
             if study:
-                img = _blur2d(img + texture, blur) * bias[m]
+                img = _blur(img + texture, blur) * bias[m]
                 sigma = _MYOPS_STUDY_NOISE[m]
                 re_, im_ = (torch.randn((h, w), generator=app).numpy() * sigma for _ in range(2))
                 images[m][..., k] = np.sqrt((img + re_) ** 2 + im_**2) * gains[m]  # magnitude image: Rician
@@ -216,9 +287,15 @@ def myops_case(
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """Write a NIfTI file atomically: a hidden partial file (ignored by the dataset tools), then a rename, so that a
+    killed synthesis never leaves a truncated file under the real name."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
-    nib.save(img, path)
+    folder, name = os.path.split(path)
+    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name[: -len(ext)]}.partial{ext}")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
 
 
 def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tuple[int, ...]:
@@ -231,51 +308,81 @@ def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tup
     return shape
 
 
+def _write_brats_case(folder: str, case: str, shape: tuple[int, ...], seed: int, profile: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    images, label = brats_case(shape, seed, profile)
+    for modality, arr in images.items():
+        _save(arr, BRATS_AFFINE, os.path.join(folder, f"{case}_{BRATS_FILE_SUFFIX[modality]}.nii.gz"))
+    _save(label, BRATS_AFFINE, os.path.join(folder, f"{case}_seg.nii.gz"))  # last: a case with a label is complete
+
+
+def _write_myops_case(img_dir: str, gd: str, case: str, shape: tuple[int, ...], seed: int, profile: str) -> None:
+    affine = np.diag([1.25, 1.25, 12.0, 1.0])
+    images, label = myops_case(shape, seed, profile)
+    for modality, arr in images.items():
+        _save(arr, affine, os.path.join(img_dir, f"{case}_{MYOPS_FILE_SUFFIX[modality]}.nii.gz"))
+    _save(label, affine, gd)
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_jobs(jobs: list[tuple], fn, workers: int) -> None:
+    """``fn(*job)`` for every job, in ``workers`` processes (1: in this process)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            fn(*job)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(jobs)), initializer=_one_thread_worker) as pool:
+        for future in [pool.submit(fn, *job) for job in jobs]:
+            future.result()  # re-raises a worker's error
+
+
 def synthesize_brats(
-    out_dir: str, cases: int = 12, shape: Sequence[int] = (240, 240, 155), seed: int = 0, overwrite: bool = False
+    out_dir: str, cases: int = 12, shape: Sequence[int] = (240, 240, 155), seed: int = 0, overwrite: bool = False,
+    profile: str = "demo", workers: int = 1,
 ) -> list[str]:
     """Write ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{mod,seg}.nii.gz``.
 
-    Existing case folders are kept unless ``overwrite``. Returns the case folders.
+    Existing case folders are kept unless ``overwrite`` (``profile``: see :func:`brats_case`; ``workers``: cases
+    written in parallel processes, the same files as one). Returns the case folders.
     """
     shape = _check_out(out_dir, cases, shape, 3)
+    if profile not in ("demo", "study"):
+        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
     root = os.path.join(out_dir, "MICCAI_BraTS2020_TrainingData")
-    folders = []
+    folders, jobs = [], []
     for i in range(1, cases + 1):
         case = f"BraTS20_Training_{i:03d}"
         folder = os.path.join(root, case)
         folders.append(folder)
-        seg = os.path.join(folder, f"{case}_seg.nii.gz")
-        if os.path.exists(seg) and not overwrite:
-            continue
-        os.makedirs(folder, exist_ok=True)
-        images, label = brats_case(shape, seed * 100003 + i)
-        for modality, arr in images.items():
-            _save(arr, BRATS_AFFINE, os.path.join(folder, f"{case}_{BRATS_FILE_SUFFIX[modality]}.nii.gz"))
-        _save(label, BRATS_AFFINE, seg)
+        if overwrite or not os.path.exists(os.path.join(folder, f"{case}_seg.nii.gz")):
+            jobs.append((folder, case, shape, seed * 100003 + i, profile))
+    _run_jobs(jobs, _write_brats_case, workers)
     return folders
 
 
 def synthesize_myops(
     out_dir: str, cases: int = 10, shape: Sequence[int] = (256, 256, 5), seed: int = 0, overwrite: bool = False,
-    profile: str = "demo",
+    profile: str = "demo", workers: int = 1,
 ) -> list[str]:
     """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``
-    (``profile``: see :func:`myops_case`)."""
+    (``profile``: see :func:`myops_case`; ``workers``: as :func:`synthesize_brats`)."""
     shape = _check_out(out_dir, cases, shape, 3)
+    if profile not in ("demo", "study"):
+        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
     img_dir, gd_dir = os.path.join(out_dir, "train25"), os.path.join(out_dir, "train25_myops_gd")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(gd_dir, exist_ok=True)
-    affine = np.diag([1.25, 1.25, 12.0, 1.0])
-    written = []
+    written, jobs = [], []
     for i in range(cases):
         case = f"myops_training_{101 + i}"
         gd = os.path.join(gd_dir, f"{case}_gd.nii.gz")
         written.append(gd)
-        if os.path.exists(gd) and not overwrite:
-            continue
-        images, label = myops_case(shape, seed * 100003 + i, profile)
-        for modality, arr in images.items():
-            _save(arr, affine, os.path.join(img_dir, f"{case}_{MYOPS_FILE_SUFFIX[modality]}.nii.gz"))
-        _save(label, affine, gd)
+        if overwrite or not os.path.exists(gd):
+            jobs.append((img_dir, gd, case, shape, seed * 100003 + i, profile))
+    _run_jobs(jobs, _write_myops_case, workers)
     return written
