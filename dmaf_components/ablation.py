@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -141,6 +142,12 @@ class AblationStudy:
         bundle_dir: the bundle (default: the one next to this package).
         python: interpreter that runs the bundle.
         log: where progress lines go (default stdout).
+        jobs: runs trained at the same time (each its own bundle process). On one GPU, small patches leave it
+            mostly idle between kernel launches, so a few concurrent runs finish a study sooner; with several GPUs
+            the job slots take them in turn (``CUDA_VISIBLE_DEVICES``). Each run's processes get an equal part of
+            the CPUs (``OMP_NUM_THREADS``, unless set; recorded in each run's record). A different thread count
+            can change float rounding (and on the CPU which convolution kernel PyTorch picks), so results match
+            one-at-a-time runs closely, not bit for bit.
     """
 
     def __init__(
@@ -155,6 +162,7 @@ class AblationStudy:
         bundle_dir: str | None = None,
         python: str | None = None,
         log=None,
+        jobs: int = 1,
     ) -> None:
         self.dataset = dataset.lower()
         if self.dataset not in _CONFIGS:
@@ -181,7 +189,10 @@ class AblationStudy:
             raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
         self._check_override_keys()
         self.python = python or sys.executable
-        self.log = log or (lambda line: print(line, flush=True))
+        self.log = log or _print_line
+        self.jobs = int(jobs)
+        if self.jobs < 1:
+            raise DMAFDataError(f"--jobs: need at least 1, got {jobs}")
 
     def _check_override_keys(self) -> None:
         """Every override must name a key of the bundle's configs: a typo would otherwise run the whole study
@@ -239,13 +250,16 @@ class AblationStudy:
                  if re.fullmatch(r"checkpoint_(epoch|iteration)=\d+\.pt", f)]
         return max(found, key=os.path.getmtime) if found else None
 
-    def _stream(self, cmd: list[str], log_path: str, label: str, max_epochs: int | None, started: float) -> None:
+    def _stream(
+        self, cmd: list[str], log_path: str, label: str, max_epochs: int | None, started: float,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         """Run a bundle command, its output to ``log_path``; one progress line per finished epoch."""
         with open(log_path, "a") as log:
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
             proc = subprocess.Popen(cmd, cwd=self.bundle_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
+                                    text=True, bufsize=1, env={**os.environ, **(env or {})})
             epoch_done = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
             for line in proc.stdout:
                 log.write(line)
@@ -270,8 +284,9 @@ class AblationStudy:
         except (OSError, KeyError, ValueError):
             return None
 
-    def run_one(self, setting: str, seed: int, label: str = "") -> dict:
-        """Train (or continue) and evaluate one run, write its record and return it."""
+    def run_one(self, setting: str, seed: int, label: str = "", env: Mapping[str, str] | None = None) -> dict:
+        """Train (or continue) and evaluate one run, write its record and return it (``env``: extra environment
+        of its bundle processes)."""
         run_dir = self.run_dir(setting, seed)
         os.makedirs(run_dir, exist_ok=True)
         log_path = os.path.join(run_dir, "bundle.log")
@@ -281,13 +296,13 @@ class AblationStudy:
         if not os.path.exists(done_marker):
             resume = self.latest_checkpoint(run_dir)
             self.log(f"{label}: training" + (f" (continuing from {os.path.basename(resume)})" if resume else ""))
-            self._stream(self.train_command(setting, seed, resume), log_path, label, self._max_epochs(), start)
+            self._stream(self.train_command(setting, seed, resume), log_path, label, self._max_epochs(), start, env)
             with open(done_marker, "w") as f:
                 f.write(f"{time.time() - start:.1f}\n")
         train_s = float(open(done_marker).read().strip() or "nan")
         self.log(f"{label}: evaluating every modality combination of the test split")
         eval_start = time.time()
-        self._stream(self.evaluate_command(setting, seed), log_path, label, None, eval_start)
+        self._stream(self.evaluate_command(setting, seed), log_path, label, None, eval_start, env)
         with open(os.path.join(run_dir, "eval", "evaluation.json")) as f:
             evaluation = json.load(f)
         record = {
@@ -302,6 +317,7 @@ class AblationStudy:
             "train_command": self.train_command(setting, seed),
             "versions": _versions(),
             "code_commit": _git_commit(self.bundle_dir),
+            "environment": dict(env or {}),
             "train_seconds": train_s,
             "evaluate_seconds": time.time() - eval_start,
             "evaluation": evaluation,
@@ -313,21 +329,72 @@ class AblationStudy:
         return record
 
     def run(self) -> dict:
-        """Every run not yet recorded, in order, with progress and a time-left estimate; then the summary."""
+        """Every run not yet recorded, in order (``jobs`` at a time), with progress and a time-left estimate; then
+        the summary. A failed run does not stop the others; the study raises after the rest have finished."""
         todo = [r for r in self.runs() if not os.path.exists(self.record_path(*r))]
         total = len(self.runs())
+        jobs = min(self.jobs, max(len(todo), 1))
         self.log(f"ablation: {total} runs ({len(self.settings)} settings x {len(self.seeds)} seeds), "
-                 f"{total - len(todo)} already recorded, {len(todo)} to do; study folder {self.out}")
-        durations = []
-        for i, (setting, seed) in enumerate(todo):
+                 f"{total - len(todo)} already recorded, {len(todo)} to do"
+                 + (f", {jobs} at a time" if jobs > 1 else "") + f"; study folder {self.out}")
+        durations: list[float] = []
+        failures: list[str] = []
+        slots = list(range(jobs))
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        gpus = (len(visible) or _cuda_device_count()) if jobs > 1 else 0
+        device_ids = visible or [str(i) for i in range(gpus)]
+        stop = threading.Event()
+        # concurrent runs share the CPUs: each gets its part of them for its own threads (evaluation's CPU work
+        # with every process at the machine's full thread count oversubscribes the cores many times over)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = {"OMP_NUM_THREADS": str(max(1, cpus // jobs))} if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else {}
+        lock = threading.Lock()
+
+        def one(i: int, setting: str, seed: int) -> None:
+            if stop.is_set():  # interrupted: start nothing new
+                return
             label = f"[{total - len(todo) + i + 1}/{total}] {setting} seed {seed}"
-            if durations:
-                left = sum(durations) / len(durations) * (len(todo) - i)
-                self.log(f"{label}: starting; study time left ~{_hms(left)}")
+            with lock:
+                slot = slots.pop(0)
+                if durations:
+                    left = sum(durations) / len(durations) * (len(todo) - i) / jobs
+                    self.log(f"{label}: starting; study time left ~{_hms(left)}")
+            env = dict(threads)
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = device_ids[slot % gpus]  # the parent's own GPU list, in turn
             start = time.time()
-            self.run_one(setting, seed, label)
-            durations.append(time.time() - start)
-        return self.summarize()
+            try:
+                self.run_one(setting, seed, label, env)
+            except Exception as e:  # noqa: BLE001  (reported below; the other runs go on)
+                with lock:
+                    failures.append(f"{label}: {e}")
+                self.log(f"{label}: FAILED ({type(e).__name__}): {e}")
+            else:
+                with lock:
+                    durations.append(time.time() - start)
+            finally:
+                with lock:
+                    slots.append(slot)
+
+        if jobs == 1:
+            for i, (setting, seed) in enumerate(todo):
+                one(i, setting, seed)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(jobs)
+            try:
+                for future in [pool.submit(one, i, setting, seed) for i, (setting, seed) in enumerate(todo)]:
+                    future.result()
+            except BaseException:  # Ctrl-C: no queued run starts; the running ones end with their processes
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+        summary = self.summarize()
+        if failures:
+            raise RuntimeError(f"ablation: {len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
+        return summary
 
     # ------------------------------------------------------------------ summary
     def records(self) -> list[dict]:
@@ -346,6 +413,20 @@ class AblationStudy:
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
         return summary
+
+
+def _print_line(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write: lines of concurrent runs do not interleave
+    sys.stdout.flush()
+
+
+def _cuda_device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001  (no usable torch: no GPUs to share out)
+        return 0
 
 
 def _hms(seconds: float) -> str:

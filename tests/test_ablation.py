@@ -101,3 +101,41 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
     lines.clear()
     study.run()
     assert any("continuing from checkpoint_" in line for line in lines) and os.path.exists(study.record_path("full", 0))
+
+
+def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_myops, tmp_path, monkeypatch):
+    """--jobs N: at most N runs at a time, every run is done once, a failure is reported after the rest ran."""
+    import threading
+    import time
+
+    from dmaf_components.data import build_datalist, write_datalist
+
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(tmp_path / "dl.json"))
+    study = AblationStudy("myops", str(tiny_myops), str(tmp_path / "study"), "dmaf,full", [0, 1],
+                          datalist=str(tmp_path / "dl.json"), log=lambda line: None, jobs=2)
+    running, peak, done, lock, envs = [0], [0], [], threading.Lock(), []
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def fake_run_one(setting, seed, label="", env=None):
+        envs.append(env)
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            done.append((setting, seed))
+        if (setting, seed) == ("dmaf", 0):
+            raise RuntimeError("dmaf seed 0: bundle command failed")
+        return {}
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "summarize", lambda: {})
+    with pytest.raises(RuntimeError, match=r"1 of 6 runs failed; first: \[\d/6\] dmaf seed 0"):
+        study.run()
+    assert sorted(done) == sorted(study.runs()) and peak[0] == 2
+    cpus = len(os.sched_getaffinity(0))
+    assert all(e["OMP_NUM_THREADS"] == str(max(1, cpus // 2)) for e in envs)  # the CPUs shared out between the jobs
+    with pytest.raises(ValueError, match="--jobs: need at least 1"):
+        AblationStudy("myops", str(tiny_myops), str(tmp_path / "s2"), "full", 1, datalist=str(tmp_path / "dl.json"),
+                      jobs=0)
