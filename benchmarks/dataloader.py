@@ -65,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/loader_bench", help="synthetic set (created when missing)")
     parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--gen-workers", type=int, default=1, help="processes writing the synthetic set")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--cache-rates", type=float, nargs="+", default=None,
@@ -72,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     from dmaf_components.data import build_datalist, synthesize_brats, write_datalist
 
-    synthesize_brats(args.data, cases=args.cases, seed=0)
+    synthesize_brats(args.data, cases=args.cases, seed=0, workers=args.gen_workers)
     datalist = os.path.join(args.data, "datalist.json")
     if not os.path.exists(datalist):
         write_datalist(build_datalist(args.data, "brats", split=(args.cases, 0, 0), seed=0), datalist)

@@ -24,15 +24,23 @@ against that peak.
 
 The reference peak is a dense matmul in the dtype the convolutions run in: fp32 on CPU, fp16 under --amp on CUDA
 (so the percentage compares like with like).
+
+GPU options (each a variant of the same step, for side-by-side runs): ``--bf16`` (bfloat16 autocast, no
+GradScaler), ``--fused-adamw``, ``--compile`` (``torch.compile`` of the network; its compile time is printed
+separately), ``--profile DIR`` (one profiled step: the share of the step's wall time the GPU spends in kernels, the
+number of host-device synchronisations, and the top operators, written to DIR), ``--concurrent N`` (N copies of
+each configuration at once, e.g. N ablation runs sharing one GPU: mean s/step of each copy).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -54,9 +62,35 @@ def matmul_peak(device: str, dtype=torch.float32, n: int = 2048, reps: int = 10)
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def _gpu_profile(step, row, out_dir: str, tag: str) -> dict:
+    """Profile one step: GPU kernel time / wall time, host-device syncs, and the top operators (to ``out_dir``)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step(row)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernel_us = sum(getattr(e, "self_device_time_total", 0) for e in events if e.device_type == DeviceType.CUDA)
+    # (aten::item on the CPU step counters of AdamW is no sync: count the CUDA runtime's synchronising calls)
+    syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
+    launches = sum(e.count for e in events
+                   if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
+    host_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
+        f.write(events.table(sort_by="self_device_time_total", row_limit=30) + "\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+    return {"profiled_wall_s": wall, "gpu_busy_pct": 100 * kernel_us / 1e6 / wall, "gpu_kernel_s": kernel_us / 1e6,
+            "host_s": host_us / 1e6, "syncs": syncs, "copies": copies, "kernel_launches": launches}
+
+
 def worker(
     size: int, variant: str, masks: str, steps: int, device: str, amp: bool, ckpt: bool = False,
-    channels_last: bool | None = None, count_flops: bool = True,
+    channels_last: bool | None = None, count_flops: bool = True, bf16: bool = False, fused_adamw: bool = False,
+    compile_net: bool = False, profile_dir: str | None = None, barrier: str | None = None,
 ) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,9 +109,10 @@ def worker(
     ).to(device).train()
     loss_fn = DMAFLoss(4, 4, 128, distillation=full).to(device)
     params = list(net.parameters()) + (list(loss_fn.parameters()) if full else [])
-    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4, **({"fused": True} if fused_adamw else {}))
     dtm = DynamicTrainingMonitor(loss_fn, net) if full else None
-    scaler = torch.amp.GradScaler("cuda") if amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp and not bf16 else None
+    model = torch.compile(net) if compile_net else net  # DTM reads net.encoders: the same parameters
     # flair, t1, t1ce, t2 missing rates .6 .2 .4 .8; the same sequence for every configuration
     seq = idt_masks(steps + 1, [0.6, 0.2, 0.4, 0.8], seed=1) if masks == "idt" else [[1, 1, 1, 1]] * (steps + 1)
     x = torch.randn(1, 4, size, size, size, device=device)
@@ -86,8 +121,9 @@ def worker(
     def step(mask_row):
         mask = torch.tensor([list(mask_row)], dtype=torch.bool, device=device)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, enabled=amp, dtype=torch.float16 if device == "cuda" else torch.bfloat16):
-            loss = loss_fn(net(x, mask), y)
+        half = torch.float16 if device == "cuda" and not bf16 else torch.bfloat16
+        with torch.autocast(device, enabled=amp, dtype=half):
+            loss = loss_fn(model(x, mask), y)
         if scaler is not None:
             scaler.scale(loss).backward()
         else:
@@ -105,10 +141,18 @@ def worker(
     # warm-up: on CUDA every mask of the sequence once (cuDNN autotunes each new shape: the present modalities set the
     # shared decoder's batch), so that the timed steps are steady-state; on CPU one step
     warm = list(dict.fromkeys(tuple(r) for r in seq)) if device.startswith("cuda") else [tuple(seq[0])]
+    t = time.perf_counter()
     for row in warm:
         step(row)
+    warm_s = time.perf_counter() - t  # includes torch.compile's compilation
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if barrier:  # --concurrent: every copy starts its timed steps together, after all have warmed up
+        folder, n = barrier.rsplit(":", 1)
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        deadline = time.time() + 600
+        while len(os.listdir(folder)) < int(n) and time.time() < deadline:
+            time.sleep(0.05)
     times = []
     for i in range(steps):
         start = time.perf_counter()
@@ -116,6 +160,12 @@ def worker(
         times.append(time.perf_counter() - start)
     peak_gpu = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # before FLOP counting, which adds its own
+    prof = {}
+    if profile_dir and device == "cuda":
+        try:
+            prof = _gpu_profile(step, seq[1], profile_dir, f"{size}_{variant}_{masks}")
+        except Exception as e:  # noqa: BLE001  (a profiler problem must not lose the timings)
+            prof = {"profile_error": f"{type(e).__name__}: {e}"}
     # FLOPs are counted in separate passes over the same masks, so counting does not slow the timed steps, and with
     # the CPU convolutions' padded backward off: the model's arithmetic, not the zero sample that it pads batch-1
     # coarse-level convolutions with to get oneDNN
@@ -139,6 +189,8 @@ def worker(
         "peak_rss_gb": peak_rss,
         "peak_gpu_gb": peak_gpu,
         "mean_present": float(sum(sum(r) for r in seq[1:]) / steps),
+        "warmup_s": warm_s,
+        **prof,
     }
 
 
@@ -155,13 +207,24 @@ def main() -> None:
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                         help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), off = plain")
     parser.add_argument("--masks", nargs="+", default=["all", "idt"])
+    parser.add_argument("--bf16", action="store_true", help="with --amp: bfloat16 autocast, no GradScaler")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="CUDA: profile one step, tables to DIR")
+    parser.add_argument("--concurrent", type=int, default=1, help="copies of each configuration run at once")
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "VARIANT", "MASKS"), help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bf16 and not args.amp:
+        parser.error("--bf16 needs --amp (it selects the autocast type)")
+    if args.compile:
+        args.skip_flops = True  # the FLOP counter would count the compiled graph's kernels, not the model's ops
     if args.worker:
         size, variant, masks = args.worker
         cl = {"auto": None, "on": True, "off": False}[args.channels_last]
         print(json.dumps(worker(int(size), variant, masks, args.steps, args.device, args.amp,
-                                args.gradient_checkpointing, cl, not args.skip_flops)))
+                                args.gradient_checkpointing, cl, not args.skip_flops, args.bf16, args.fused_adamw,
+                                args.compile, args.profile, args.barrier)))
         return
 
     gpu = args.device.startswith("cuda")
@@ -169,8 +232,9 @@ def main() -> None:
     peak = matmul_peak(args.device, peak_dtype, n=8192 if gpu else 2048)
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({name}), "
-          f"amp {args.amp}, gradient checkpointing {args.gradient_checkpointing}, channels-last {args.channels_last}; "
-          f"measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s")
+          f"amp {args.amp}{' bf16' if args.bf16 else ''}, gradient checkpointing {args.gradient_checkpointing}, "
+          f"channels-last {args.channels_last}, fused AdamW {args.fused_adamw}, compile {args.compile}, "
+          f"{args.concurrent} at once; measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s")
     results = []
     for size in args.sizes:
         for variant in args.variants:
@@ -179,19 +243,47 @@ def main() -> None:
                        "--device", args.device] + (["--amp"] if args.amp else [])
                 cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 cmd += ["--channels-last", args.channels_last] + (["--skip-flops"] if args.skip_flops else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    print(out.stderr[-3000:])
-                    raise SystemExit(f"worker {size} {variant} {masks} failed")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                cmd += [flag for flag, on in (("--bf16", args.bf16), ("--fused-adamw", args.fused_adamw),
+                                              ("--compile", args.compile)) if on]
+                with tempfile.TemporaryDirectory() as tmp:
+                    barrier = os.path.join(tmp, "barrier")
+                    os.makedirs(barrier)
+                    procs, files = [], []
+                    for k in range(args.concurrent):  # output to files: no copy blocks on a full pipe
+                        copy = cmd + (["--profile", args.profile] if args.profile and k == 0 else [])
+                        copy += ["--barrier", f"{barrier}:{args.concurrent}"] if args.concurrent > 1 else []
+                        out_f, err_f = (open(os.path.join(tmp, f"{k}.{x}"), "w+") for x in ("out", "err"))
+                        files.append((out_f, err_f))
+                        procs.append(subprocess.Popen(copy, stdout=out_f, stderr=err_f, text=True))
+                    outs = []
+                    for p, (out_f, err_f) in zip(procs, files):
+                        p.wait()
+                        out_f.seek(0), err_f.seek(0)
+                        outs.append((out_f.read(), err_f.read()))
+                        out_f.close(), err_f.close()
+                for p, (_, err) in zip(procs, outs):
+                    if p.returncode != 0:
+                        print(err[-3000:])
+                        raise SystemExit(f"worker {size} {variant} {masks} failed")
+                copies = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+                r = copies[0]
+                if len(copies) > 1:  # the mean over the copies that ran at once
+                    r["sec_per_step"] = sum(c["sec_per_step"] for c in copies) / len(copies)
+                    r["copies_sec_per_step"] = [c["sec_per_step"] for c in copies]
                 r["pct_of_peak"] = 100 * r["gflop_per_step"] / r["sec_per_step"] / peak
                 results.append(r)
                 gpu = f", peak GPU {r['peak_gpu_gb']:.2f} GB" if r["peak_gpu_gb"] is not None else ""
                 print(f"{size:>4}^3 {variant:<8} {masks:<3} {r['sec_per_step']:7.2f} s/step  "
                       f"{r['gflop_per_step']:8.1f} GFLOP/step  "
                       f"{r['gflop_per_step'] / r['sec_per_step']:6.1f} GFLOP/s ({r['pct_of_peak']:4.1f} % of peak)  "
-                      f"peak RSS {r['peak_rss_gb']:.2f} GB{gpu}  (mean modalities present {r['mean_present']:.2f})",
-                      flush=True)
+                      f"peak RSS {r['peak_rss_gb']:.2f} GB{gpu}  (mean modalities present {r['mean_present']:.2f}; "
+                      f"warm-up {r['warmup_s']:.1f} s)", flush=True)
+                if "profile_error" in r:
+                    print(f"      profiling failed: {r['profile_error']}")
+                if "gpu_busy_pct" in r:
+                    print(f"      profiled step: GPU busy {r['gpu_busy_pct']:.0f} % of {r['profiled_wall_s']:.3f} s "
+                          f"(kernels {r['gpu_kernel_s']:.3f} s, host {r['host_s']:.3f} s), {r['kernel_launches']} "
+                          f"kernel launches, {r['copies']} copies, {r['syncs']} stream syncs", flush=True)
     print("\nratios (targets: full/baseline <= 1.3, idt/all <= 0.6)")
     by = {(r["size"], r["variant"], r["masks"]): r for r in results}
     for size in args.sizes:
@@ -206,7 +298,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"matmul_peak_gflops": peak, "peak_dtype": str(peak_dtype), "device_name": name,
-                       "channels_last": args.channels_last, "results": results}, fh, indent=2)
+                       "channels_last": args.channels_last, "options": {k: getattr(args, k) for k in
+                       ("amp", "bf16", "fused_adamw", "compile", "concurrent")}, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
