@@ -2,7 +2,7 @@
 # Issue-14 §6 figures on a lent GPU in one short run (docs/performance.md "Training on the GPU"):
 #   1. the 128^3 AMP training step of the full model and the baseline (s/step, peak memory), one profiled step each
 #      (GPU busy share, kernel launches, host-device syncs; top operators to OUTDIR/profile_*.txt), and the full
-#      model with fused AdamW;
+#      model with fused AdamW and with instance norm through the group-norm kernel;
 #   2. one real bundle training run (train.json's defaults) on 20 full-size synthetic cases: cache fill, epoch wall
 #      time, loader wait, GPU utilisation, peak memory;
 #   3. the training loader alone at full size with the bundle's defaults (samples/s, first epoch and steady state);
@@ -21,6 +21,9 @@ step "training step 128^3, AMP, full vs baseline" timeout 150 python3 benchmarks
   --sizes 128 --steps 10 --masks all --skip-flops --profile "$out" --json "$out/step_amp.json" 2>&1 | tee "$out/step.log"
 step "full model, fused AdamW" timeout 70 python3 benchmarks/train_step.py --device cuda --amp --sizes 128 --steps 10 \
   --variants full --masks all --skip-flops --fused-adamw 2>&1 | tee -a "$out/step.log"
+step "full model, instance norm through the group-norm kernel" timeout 70 python3 benchmarks/train_step.py \
+  --device cuda --amp --sizes 128 --steps 10 --variants full --masks all --skip-flops --norm group 2>&1 \
+  | tee -a "$out/step.log"
 step "bundle training, 20 full-size cases, 2 epochs" timeout 150 python3 benchmarks/train_epoch.py --data "$data" \
   --cases 20 --epochs 2 --gen-workers 16 --json "$out/epoch.json" 2>&1 | grep -v "Epoch \[\|Iter:\|Loading dataset" \
   | tee "$out/epoch.log"

@@ -26,8 +26,8 @@ The reference peak is a dense matmul in the dtype the convolutions run in: fp32 
 (so the percentage compares like with like).
 
 GPU options (each a variant of the same step, for side-by-side runs): ``--bf16`` (bfloat16 autocast, no
-GradScaler), ``--fused-adamw``, ``--compile`` (``torch.compile`` of the network; its compile time is printed
-separately), ``--profile DIR`` (one profiled step: the share of the step's wall time the GPU spends in kernels, the
+GradScaler), ``--fused-adamw``, ``--norm group`` (instance norm through the group-norm kernel), ``--compile``
+(``torch.compile`` of the network; its compile time is printed separately), ``--profile DIR`` (one profiled step: the share of the step's wall time the GPU spends in kernels, the
 number of host-device synchronisations, and the top operators, written to DIR), ``--concurrent N`` (N copies of
 each configuration at once, e.g. N ablation runs sharing one GPU: mean s/step of each copy).
 """
@@ -87,10 +87,33 @@ def _gpu_profile(step, row, out_dir: str, tag: str) -> dict:
             "host_s": host_us / 1e6, "syncs": syncs, "copies": copies, "kernel_launches": launches}
 
 
+class _GroupInstanceNorm(torch.nn.Module):
+    """Instance norm computed by the group-norm kernel (one group per channel): the same function as an
+    ``InstanceNorm{2,3}d(affine=True, track_running_stats=False)`` with the same parameters, for ``--norm group``."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
+
+
+def use_group_norm_kernel(net: torch.nn.Module) -> int:
+    """Swap every instance norm of ``net`` for :class:`_GroupInstanceNorm`; returns how many."""
+    swapped = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
+                setattr(module, name, _GroupInstanceNorm(child))
+                swapped += 1
+    return swapped
+
+
 def worker(
     size: int, variant: str, masks: str, steps: int, device: str, amp: bool, ckpt: bool = False,
     channels_last: bool | None = None, count_flops: bool = True, bf16: bool = False, fused_adamw: bool = False,
-    compile_net: bool = False, profile_dir: str | None = None, barrier: str | None = None,
+    compile_net: bool = False, profile_dir: str | None = None, barrier: str | None = None, norm: str = "instance",
 ) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -107,6 +130,8 @@ def worker(
     net = DMAFNet(
         3, 4, 4, fusion="dmaf" if full else "concat", gradient_checkpointing=ckpt, channels_last=channels_last
     ).to(device).train()
+    if norm == "group":
+        use_group_norm_kernel(net)
     loss_fn = DMAFLoss(4, 4, 128, distillation=full).to(device)
     params = list(net.parameters()) + (list(loss_fn.parameters()) if full else [])
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4, **({"fused": True} if fused_adamw else {}))
@@ -213,6 +238,8 @@ def main() -> None:
     parser.add_argument("--profile", default=None, metavar="DIR", help="CUDA: profile one step, tables to DIR")
     parser.add_argument("--concurrent", type=int, default=1, help="copies of each configuration run at once")
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "VARIANT", "MASKS"), help=argparse.SUPPRESS)
+    parser.add_argument("--norm", choices=["instance", "group"], default="instance",
+                        help="group: instance norm computed by the group-norm kernel (same function)")
     parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bf16 and not args.amp:
@@ -224,7 +251,7 @@ def main() -> None:
         cl = {"auto": None, "on": True, "off": False}[args.channels_last]
         print(json.dumps(worker(int(size), variant, masks, args.steps, args.device, args.amp,
                                 args.gradient_checkpointing, cl, not args.skip_flops, args.bf16, args.fused_adamw,
-                                args.compile, args.profile, args.barrier)))
+                                args.compile, args.profile, args.barrier, args.norm)))
         return
 
     gpu = args.device.startswith("cuda")
@@ -234,6 +261,7 @@ def main() -> None:
     print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({name}), "
           f"amp {args.amp}{' bf16' if args.bf16 else ''}, gradient checkpointing {args.gradient_checkpointing}, "
           f"channels-last {args.channels_last}, fused AdamW {args.fused_adamw}, compile {args.compile}, "
+          f"norm kernel {args.norm}, "
           f"{args.concurrent} at once; measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s")
     results = []
     for size in args.sizes:
@@ -244,7 +272,7 @@ def main() -> None:
                 cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
                 cmd += ["--channels-last", args.channels_last] + (["--skip-flops"] if args.skip_flops else [])
                 cmd += [flag for flag, on in (("--bf16", args.bf16), ("--fused-adamw", args.fused_adamw),
-                                              ("--compile", args.compile)) if on]
+                                              ("--compile", args.compile)) if on] + ["--norm", args.norm]
                 with tempfile.TemporaryDirectory() as tmp:
                     barrier = os.path.join(tmp, "barrier")
                     os.makedirs(barrier)
@@ -299,7 +327,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"matmul_peak_gflops": peak, "peak_dtype": str(peak_dtype), "device_name": name,
                        "channels_last": args.channels_last, "options": {k: getattr(args, k) for k in
-                       ("amp", "bf16", "fused_adamw", "compile", "concurrent")}, "results": results}, fh, indent=2)
+                       ("amp", "bf16", "fused_adamw", "compile", "concurrent", "norm")}, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
