@@ -27,9 +27,10 @@ The reference peak is a dense matmul in the dtype the convolutions run in: fp32 
 
 GPU options (each a variant of the same step, for side-by-side runs): ``--bf16`` (bfloat16 autocast, no
 GradScaler), ``--fused-adamw``, ``--norm group`` (instance norm through the group-norm kernel), ``--compile``
-(``torch.compile`` of the network; its compile time is printed separately), ``--profile DIR`` (one profiled step: the share of the step's wall time the GPU spends in kernels, the
-number of host-device synchronisations, and the top operators, written to DIR), ``--concurrent N`` (N copies of
-each configuration at once, e.g. N ablation runs sharing one GPU: mean s/step of each copy).
+(``torch.compile`` of the network; its compile time is printed separately), ``--profile DIR`` (one profiled
+step: the share of its wall time the GPU spends in kernels, kernel launches, copies and stream synchronisations, and
+the top operators, written to DIR), ``--concurrent N`` (N copies of each configuration at once, e.g. N ablation runs
+sharing one GPU, starting their timed steps together: mean s/step of the copies).
 """
 
 from __future__ import annotations
