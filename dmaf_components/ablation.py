@@ -347,7 +347,9 @@ class AblationStudy:
         # concurrent runs share the CPUs: each gets its part of them for its own threads (evaluation's CPU work
         # with every process at the machine's full thread count oversubscribes the cores many times over)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = {"OMP_NUM_THREADS": str(max(1, cpus // jobs))} if jobs > 1 and "OMP_NUM_THREADS" not in os.environ else {}
+        threads = {}
+        if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            threads["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))
         lock = threading.Lock()
 
         def one(i: int, setting: str, seed: int) -> None:

@@ -63,6 +63,13 @@ def _sizes(value, name: str) -> list[float] | None:
         raise DMAFDataError(f"--{name}: expected numbers, got {value!r}") from None
 
 
+def _count(value, name: str) -> int:
+    """A whole number >= 1 given on the command line (fire passes 2 as int, "x" or 2.5 as they are)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DMAFDataError(f"--{name}: need a whole number of at least 1, got {value!r}")
+    return value
+
+
 class DMAF:
     """DMAF-Net tools: datalists, data checks, synthetic data, and the README demo."""
 
@@ -165,10 +172,9 @@ class DMAF:
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
         if profile not in ("demo", "study"):
             raise DMAFDataError(f"--profile: expected demo or study, got {profile!r}")
-        if int(workers) < 1:
-            raise DMAFDataError(f"--workers: need at least 1, got {workers}")
+        workers = _count(workers, "workers")
         make = synthesize_brats if kind == "brats" else synthesize_myops
-        make(out_dir, cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=int(workers), **kwargs)
+        make(out_dir, cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=workers, **kwargs)
         print(f"synthetic {kind}: {cases} cases in {out_dir}")
         return out_dir
 
@@ -200,7 +206,7 @@ class DMAF:
         """
         from .ablation import AblationStudy
 
-        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=jobs)
+        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=_count(jobs, "jobs"))
         if summarize_only:
             study.summarize()
         else:

@@ -115,4 +115,7 @@ def test_synthetic_study_profile_for_both_datasets_and_bad_workers(tmp_path, cap
                        "study", "--workers", "2"], capsys)
     assert code == 0 and len(list((tmp_path / "b" / "MICCAI_BraTS2020_TrainingData").iterdir())) == 2
     code, _, err = _run(["synthetic", "myops", str(tmp_path / "m"), "--workers", "0"], capsys)
-    assert code != 0 and "--workers: need at least 1, got 0" in err and not (tmp_path / "m").exists()
+    assert code != 0 and "--workers: need a whole number of at least 1, got 0" in err
+    assert not (tmp_path / "m").exists()  # refused before anything is written
+    code, _, err = _run(["synthetic", "myops", str(tmp_path / "m"), "--workers", "two"], capsys)
+    assert code != 0 and "--workers: need a whole number of at least 1, got 'two'" in err
