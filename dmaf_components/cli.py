@@ -170,8 +170,6 @@ class DMAF:
             raise DMAFDataError(f"dataset: expected brats or myops, got {dataset!r}")
         size = _sizes(shape, "shape")
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
-        if profile not in ("demo", "study"):
-            raise DMAFDataError(f"--profile: expected demo or study, got {profile!r}")
         workers = _count(workers, "workers")
         make = synthesize_brats if kind == "brats" else synthesize_myops
         make(out_dir, cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=workers, **kwargs)

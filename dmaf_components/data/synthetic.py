@@ -65,6 +65,14 @@ def _uniform(gen: torch.Generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=gen))
 
 
+_PROFILES = ("demo", "study")
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in _PROFILES:
+        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
+
+
 def _brats_tissues(
     regions: dict[str, np.ndarray], contrast: dict[str, float], gen: torch.Generator, shape: Sequence[int]
 ) -> tuple[float, np.ndarray]:
@@ -92,8 +100,7 @@ def brats_case(
     Returns:
         ``({modality: int16 volume}, uint8 label)`` with labels 0/1/2/4 as in BraTS2020.
     """
-    if profile not in ("demo", "study"):
-        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
+    _check_profile(profile)
     gen = torch.Generator().manual_seed(int(seed))
     shape = tuple(int(s) for s in shape)
     x, y, z = _grid(shape)
@@ -230,8 +237,7 @@ def myops_case(
     Returns:
         ``({modality: int16 volume}, uint16 label)`` with the MyoPS2020 raw label values (0/200/500/600/1220/2221).
     """
-    if profile not in ("demo", "study"):
-        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
+    _check_profile(profile)
     study = profile == "study"
     contrast = _MYOPS_STUDY_CONTRAST if study else _MYOPS_CONTRAST
     gen = torch.Generator().manual_seed(int(seed))
@@ -350,9 +356,8 @@ def synthesize_brats(
     Existing case folders are kept unless ``overwrite`` (``profile``: see :func:`brats_case`; ``workers``: cases
     written in parallel processes, the same files as one). Returns the case folders.
     """
+    _check_profile(profile)  # before _check_out creates the folder
     shape = _check_out(out_dir, cases, shape, 3)
-    if profile not in ("demo", "study"):
-        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
     root = os.path.join(out_dir, "MICCAI_BraTS2020_TrainingData")
     folders, jobs = [], []
     for i in range(1, cases + 1):
@@ -371,9 +376,8 @@ def synthesize_myops(
 ) -> list[str]:
     """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``
     (``profile``: see :func:`myops_case`; ``workers``: as :func:`synthesize_brats`)."""
+    _check_profile(profile)  # before _check_out creates the folder
     shape = _check_out(out_dir, cases, shape, 3)
-    if profile not in ("demo", "study"):
-        raise DMAFDataError(f"profile: expected demo or study, got {profile!r}")
     img_dir, gd_dir = os.path.join(out_dir, "train25"), os.path.join(out_dir, "train25_myops_gd")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(gd_dir, exist_ok=True)
