@@ -496,6 +496,8 @@ def summarize_records(records: Sequence[dict]) -> dict:
                 diffs = np.stack([cell(runs[s]) - cell(base[s]) for s in paired])  # (seeds, cases)
                 mean, low, high = paired_bootstrap(diffs)
                 row[f"{name}_avg_diff"], row[f"{name}_avg_diff_low"], row[f"{name}_avg_diff_high"] = mean, low, high
+                for s, d in zip(paired, diffs):  # the same difference, seed by seed
+                    row[f"{name}_avg_diff_seed{s}"] = float(np.nanmean(d))
             for c, combo in enumerate(combos):
                 if metric == "dice":
                     combo_rows.append({"setting": setting, "combination": combo,
@@ -546,6 +548,13 @@ def write_summary(summary: dict, out: str) -> None:
               "| combination | " + " | ".join(settings) + " |", "|" + "---|" * (len(settings) + 1)]
     for combo in combos:
         lines.append(f"| {combo} | " + " | ".join(f"{value[(s, combo)]:.2f}" for s in settings) + " |")
+    seeds = sorted({int(k.rsplit("seed", 1)[1]) for r in rows for k in r if k.startswith("DSC_avg_diff_seed")})
+    if seeds:
+        lines += ["", "Paired difference of the average DSC to the baseline, seed by seed:", "",
+                  "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+        for row in rows[1:]:
+            lines.append(f"| {row['setting']} | " + " | ".join(
+                f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds) + " |")
     note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
             "Table 3). Δ: paired difference to the baseline (same seeds, same test cases) with a percentile bootstrap "
             "95 % interval resampling seeds and cases.")
