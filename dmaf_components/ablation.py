@@ -20,6 +20,7 @@ summary (``table3.csv``, ``table3.md``, ``table3.png``, ``combinations.csv``) is
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import math
@@ -72,15 +73,18 @@ def setting_overrides(name: str) -> dict[str, Any]:
     }
 
 
-def resolve_settings(spec: str | Sequence[str]) -> list[str]:
+def resolve_settings(spec: str | Sequence[str], with_baseline: bool = True) -> list[str]:
     """``table3`` (all eight rows), or names separated by commas, e.g. ``baseline,full``; returned in Table 3's
-    order, the baseline always first (every difference is taken against it)."""
+    order, the baseline always first (every difference is taken against it) unless ``with_baseline`` is False (a
+    study compared with a reference study instead)."""
     names = list(spec) if not isinstance(spec, str) else [s.strip() for s in spec.split(",") if s.strip()]
     if names == ["table3"]:
         return list(SETTINGS)
     for name in names:
         setting_overrides(name)
-    chosen = set(names) | {"baseline"}
+    if not names:
+        raise DMAFDataError("--settings: no setting named")
+    chosen = set(names) | ({"baseline"} if with_baseline else set())
     return [s for s in SETTINGS if s in chosen]
 
 
@@ -134,11 +138,13 @@ class AblationStudy:
         dataset: ``brats``, ``msd`` (3-D) or ``myops`` (2-D): selects the bundle configs.
         data_dir: the dataset folder (``--dataset_dir``).
         out: the study folder (``runs/<setting>/seed<k>/`` and the summary files).
-        settings: ``table3`` or names (see :data:`SETTINGS`); the baseline is always included.
+        settings: ``table3`` or names (see :data:`SETTINGS`); the baseline is always included unless ``reference``
+            is given.
         seeds: number of seeds (0 .. seeds-1) or explicit seeds.
         datalist: datalist file (default ``data_dir/datalist.json``).
-        overrides: further bundle overrides for every run, e.g. ``{"max_epochs": 50}``; they may not set what a
-            setting sets (fusion, distillation, dtm_*), the seed or the paths.
+        overrides: further bundle overrides for every run, e.g. ``{"max_epochs": 50}``; they may not set the seed or
+            the paths, nor what a setting sets (fusion, distillation, dtm_reweight, dtm_scaling) unless ``reference``
+            is given (a variant such as the full model with ``dtm_scaling="none"``; the record keeps the override).
         bundle_dir: the bundle (default: the one next to this package).
         python: interpreter that runs the bundle.
         log: where progress lines go (default stdout).
@@ -148,6 +154,10 @@ class AblationStudy:
             the CPUs (``OMP_NUM_THREADS``, unless set; recorded in each run's record). A different thread count
             can change float rounding (and on the CPU which convolution kernel PyTorch picks), so results match
             one-at-a-time runs closely, not bit for bit.
+        reference: another study folder on the same datalist (e.g. the same settings without an override): each
+            setting's paired difference is then taken against the reference's same setting and seeds instead of
+            against the baseline, and the baseline is not run unless named. This measures a variant (an option, a
+            budget) with the pairing of Table 3.
     """
 
     def __init__(
@@ -163,6 +173,7 @@ class AblationStudy:
         python: str | None = None,
         log=None,
         jobs: int = 1,
+        reference: str | None = None,
     ) -> None:
         self.dataset = dataset.lower()
         if self.dataset not in _CONFIGS:
@@ -171,7 +182,12 @@ class AblationStudy:
         if not os.path.isdir(self.data_dir):
             raise DMAFDataError(f"{data_dir}: dataset folder not found")
         self.out = os.path.abspath(out)
-        self.settings = resolve_settings(settings)
+        self.reference = os.path.abspath(reference) if reference else None
+        if self.reference is not None and not os.path.isdir(os.path.join(self.reference, "runs")):
+            raise DMAFDataError(f"--reference {reference}: not a study folder (no runs/ inside)")
+        if self.reference == self.out:
+            raise DMAFDataError(f"--reference {reference}: is the study's own folder")
+        self.settings = resolve_settings(settings, with_baseline=self.reference is None)
         self.seeds = list(range(int(seeds))) if isinstance(seeds, (int, str)) else [int(s) for s in seeds]
         if not self.seeds:
             raise DMAFDataError("--seeds: need at least one seed")
@@ -179,11 +195,13 @@ class AblationStudy:
         if not os.path.isfile(self.datalist):
             raise DMAFDataError(f"{self.datalist}: datalist not found; create it with `dmaf datalist`")
         self.overrides = dict(overrides or {})
-        reserved = {"fusion", "distillation", "dtm_reweight", "dtm_scaling", "seed", "bundle_root", "dataset_dir",
-                    "datalist", "data_list_file_path", "resume_from"}
+        reserved = {"seed", "bundle_root", "dataset_dir", "datalist", "data_list_file_path", "resume_from"}
+        if self.reference is None:  # a variant study may change a component's option, e.g. --dtm_scaling none
+            reserved |= {"fusion", "distillation", "dtm_reweight", "dtm_scaling"}
         clash = sorted(reserved & set(self.overrides))
         if clash:
-            raise DMAFDataError(f"overrides {clash}: set by the study itself (settings, seeds, paths)")
+            raise DMAFDataError(f"overrides {clash}: set by the study itself (settings, seeds, paths)"
+                                + ("" if self.reference else "; a variant study with --reference may set the settings' keys"))
         self.bundle_dir = os.path.abspath(bundle_dir or BUNDLE_DIR)
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "train.json")):
             raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
@@ -408,9 +426,30 @@ class AblationStudy:
                     out.append(json.load(f))
         return out
 
+    def reference_records(self) -> list[dict] | None:
+        """The reference study's records of this study's settings and seeds (None without a reference); refused
+        when they were made on another datalist (their test cases would not pair)."""
+        if self.reference is None:
+            return None
+        out, sha = [], _sha256(self.datalist)
+        for path in sorted(glob.glob(os.path.join(self.reference, "runs", "*", "seed*", "record.json"))):
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("setting") not in self.settings or record.get("seed") not in self.seeds:
+                continue
+            if record.get("datalist_sha256") != sha:
+                raise DMAFDataError(f"{path}: datalist_sha256 differs from {self.datalist}'s; the reference study was "
+                                    "made on other data and cannot be paired")
+            out.append(record)
+        return out
+
     def summarize(self) -> dict:
         """Write ``table3.csv``/``.md``/``.png`` and ``combinations.csv`` from the records; return the summary."""
-        summary = summarize_records(self.records())
+        reference = self.reference_records()
+        if reference is not None and not reference:
+            self.log(f"ablation: the reference {self.reference} has no finished run of these settings and seeds")
+        summary = summarize_records(self.records(), reference=reference,
+                                    reference_name=self.reference and os.path.relpath(self.reference, self.out))
         if summary["rows"]:
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
@@ -463,20 +502,26 @@ def _case_values(record: dict, metric: str) -> np.ndarray:
     return np.array([per_case[c][metric] for c in per_case], dtype=np.float64)
 
 
-def summarize_records(records: Sequence[dict]) -> dict:
+def summarize_records(
+    records: Sequence[dict], reference: Sequence[dict] | None = None, reference_name: str | None = None
+) -> dict:
     """Mean ± std over seeds per setting and region (averaged over every modality combination, as Table 3), the
     per-combination means, and the paired difference of each setting's average DSC/HD95 to the baseline with a
-    bootstrap interval over seeds and cases (:func:`paired_bootstrap`)."""
+    bootstrap interval over seeds and cases (:func:`paired_bootstrap`); with ``reference`` records, to the
+    reference's same setting instead."""
     by_setting: dict[str, dict[int, dict]] = {}
     for r in records:
         by_setting.setdefault(r["setting"], {})[r["seed"]] = r
     rows, combo_rows = [], []
     if not records:
-        return {"rows": rows, "combinations": combo_rows, "regions": [], "n_records": 0}
+        return {"rows": rows, "combinations": combo_rows, "regions": [], "n_records": 0, "compared_to": "baseline"}
     regions = records[0]["evaluation"]["regions"]
     combos = list(records[0]["evaluation"]["per_case"]["raw"])
-    base = by_setting.get("baseline", {})
+    ref_by_setting: dict[str, dict[int, dict]] = {}
+    for r in reference or []:
+        ref_by_setting.setdefault(r["setting"], {})[r["seed"]] = r
     for setting in [s for s in SETTINGS if s in by_setting]:
+        base = by_setting.get("baseline", {}) if reference is None else ref_by_setting.get(setting, {})
         runs = by_setting[setting]
         seeds = sorted(runs)
         row: dict[str, Any] = {"setting": setting, **dict(zip(("dmaf", "distillation", "dtm"), SETTINGS[setting])),
@@ -491,7 +536,7 @@ def summarize_records(records: Sequence[dict]) -> dict:
             row[f"{name}_avg"] = float(avg.mean())
             row[f"{name}_avg_std"] = float(avg.std(ddof=1)) if len(seeds) > 1 else math.nan
             paired = [s for s in seeds if s in base]
-            if setting != "baseline" and paired:
+            if (setting != "baseline" or reference is not None) and paired:
                 cell = lambda rec: np.nanmean(np.nanmean(_case_values(rec, metric), axis=2), axis=0)  # noqa: E731
                 diffs = np.stack([cell(runs[s]) - cell(base[s]) for s in paired])  # (seeds, cases)
                 mean, low, high = paired_bootstrap(diffs)
@@ -503,7 +548,9 @@ def summarize_records(records: Sequence[dict]) -> dict:
                     combo_rows.append({"setting": setting, "combination": combo,
                                        "DSC_avg": float(np.nanmean(vals[:, c])), "seeds": len(seeds)})
         rows.append(row)
-    return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records)}
+    compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
+    return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
+            "compared_to": compared_to}
 
 
 def write_summary(summary: dict, out: str) -> None:
@@ -530,9 +577,11 @@ def write_summary(summary: dict, out: str) -> None:
             return "–"
         return f"{row[f'{name}_avg_diff']:+.2f} [{row[f'{name}_avg_diff_low']:+.2f}, {row[f'{name}_avg_diff_high']:+.2f}]"
 
+    compared_to = summary.get("compared_to", "baseline")
+    vs = "baseline" if compared_to == "baseline" else "reference"
     tick = lambda v: "•" if v else "–"  # noqa: E731
     head = (["DMAF", "Distillation", "DTM"] + [f"DSC {r}" for r in regions] + ["DSC Avg."]
-            + [f"HD95 {r}" for r in regions] + ["HD95 Avg.", "Δ DSC Avg. vs baseline [95% CI]",
+            + [f"HD95 {r}" for r in regions] + ["HD95 Avg.", f"Δ DSC Avg. vs {vs} [95% CI]",
                                                  "Δ HD95 Avg. [95% CI]", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -550,20 +599,22 @@ def write_summary(summary: dict, out: str) -> None:
         lines.append(f"| {combo} | " + " | ".join(f"{value[(s, combo)]:.2f}" for s in settings) + " |")
     seeds = sorted({int(k.rsplit("seed", 1)[1]) for r in rows for k in r if k.startswith("DSC_avg_diff_seed")})
     if seeds:
-        lines += ["", "Paired difference of the average DSC to the baseline, seed by seed:", "",
+        lines += ["", f"Paired difference of the average DSC to the {vs}, seed by seed:", "",
                   "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
-        for row in rows[1:]:
+        for row in [r for r in rows if "DSC_avg_diff" in r]:
             lines.append(f"| {row['setting']} | " + " | ".join(
                 f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds) + " |")
+    against = ("the baseline" if compared_to == "baseline"
+               else f"the same setting of the {compared_to}")
     note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
-            "Table 3). Δ: paired difference to the baseline (same seeds, same test cases) with a percentile bootstrap "
+            f"Table 3). Δ: paired difference to {against} (same seeds, same test cases) with a percentile bootstrap "
             "95 % interval resampling seeds and cases.")
     with open(os.path.join(out, "table3.md"), "w") as f:
         f.write(note + "\n\n" + "\n".join(lines) + "\n")
-    _plot(rows, os.path.join(out, "table3.png"))
+    _plot(rows, os.path.join(out, "table3.png"), vs)
 
 
-def _plot(rows: Sequence[dict], path: str) -> None:
+def _plot(rows: Sequence[dict], path: str, vs: str = "baseline") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -579,7 +630,7 @@ def _plot(rows: Sequence[dict], path: str) -> None:
     ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(y, [r["setting"] for r in others])
-    ax.set_xlabel("Δ average DSC vs baseline [%] (95 % bootstrap interval)")
+    ax.set_xlabel(f"Δ average DSC vs {vs} [%] (95 % bootstrap interval)")
     ax.set_title("Table 3 ablation: paired differences")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

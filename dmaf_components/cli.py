@@ -186,6 +186,7 @@ class DMAF:
         datalist: str | None = None,
         summarize_only: bool = False,
         jobs: int = 1,
+        reference: str | None = None,
         **overrides,
     ) -> None:
         """Run the paper's Table-3 ablation through the bundle (resumable) and write table3.{csv,md,png}.
@@ -200,11 +201,15 @@ class DMAF:
             datalist: datalist file (default DATA_DIR/datalist.json).
             summarize_only: rebuild the summary from the finished runs without training anything.
             jobs: runs trained at the same time (a GPU that small patches leave idle; several GPUs in turn).
+            reference: a finished study folder on the same datalist: differences are then taken against its same
+                setting and seeds (a variant, e.g. --reference studies/ref --settings full --learn_alpha1 False),
+                and the baseline is run only when named.
             overrides: bundle overrides for every run, e.g. --max_epochs 50 --batch_size 8 --roi_size [96,96].
         """
         from .ablation import AblationStudy
 
-        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=_count(jobs, "jobs"))
+        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=_count(jobs, "jobs"),
+                              reference=reference)
         if summarize_only:
             study.summarize()
         else:

@@ -139,3 +139,46 @@ def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_my
     with pytest.raises(ValueError, match="--jobs: need at least 1"):
         AblationStudy("myops", str(tiny_myops), str(tmp_path / "s2"), "full", 1, datalist=str(tmp_path / "dl.json"),
                       jobs=0)
+
+
+def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path):
+    """--reference: a variant's runs are compared with the reference study's same setting and seeds (not with a
+    baseline, which is then not run), and a reference made on another datalist is refused, naming its record."""
+    from dmaf_components.ablation import _sha256, write_summary
+    from dmaf_components.data import build_datalist, write_datalist
+
+    dl = tmp_path / "dl.json"
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(dl))
+    ones = np.ones((3, 2, 2))
+    ref_dir, var_dir = tmp_path / "ref", tmp_path / "variant"
+    for folder, value in ((ref_dir, {0: 60, 1: 70}), (var_dir, {0: 63, 1: 71})):
+        for seed, dice in value.items():
+            rec = dict(_record("full", seed, dice * ones, 10 * ones), datalist_sha256=_sha256(str(dl)))
+            os.makedirs(folder / "runs" / "full" / f"seed{seed}")
+            with open(folder / "runs" / "full" / f"seed{seed}" / "record.json", "w") as f:
+                json.dump(rec, f)
+    study = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl),
+                          reference=str(ref_dir), log=lambda line: None)
+    assert study.runs() == [("full", 0), ("full", 1)]  # no baseline to run
+    summary = study.summarize()
+    row = summary["rows"][0]
+    assert row["DSC_avg_diff"] == pytest.approx(2.0) and row["DSC_avg_diff_seed0"] == pytest.approx(3.0)
+    assert (row["DSC_avg_diff_low"], row["DSC_avg_diff_high"]) == (pytest.approx(1.0), pytest.approx(3.0))
+    table = open(var_dir / "table3.md").read()
+    assert "vs reference" in table and "the same setting of the reference ../ref" in table
+    # the reference must be on the same data
+    rec_path = ref_dir / "runs" / "full" / "seed1" / "record.json"
+    rec = json.load(open(rec_path))
+    json.dump(dict(rec, datalist_sha256="0" * 64), open(rec_path, "w"))
+    with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):
+        study.summarize()
+    with pytest.raises(ValueError, match="not a study folder"):
+        AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl), reference=str(tmp_path))
+    write_summary(summary, str(tmp_path / "again"))  # the summary is self-contained
+    # a variant may change what a setting sets (the full model without Eq. 18), only against a reference
+    variant = AblationStudy("myops", str(tiny_myops), str(tmp_path / "v2"), "full", 1, datalist=str(dl),
+                            overrides={"dtm_scaling": "none"}, reference=str(ref_dir))
+    assert variant.train_command("full", 0)[-2:] == ["--dtm_scaling", "none"]
+    with pytest.raises(ValueError, match=r"overrides \['dtm_scaling'\]: set by the study itself"):
+        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v3"), "full", 1, datalist=str(dl),
+                      overrides={"dtm_scaling": "none"})

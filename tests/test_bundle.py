@@ -232,6 +232,30 @@ def test_table3_ablations_from_configuration_alone(setting):
     assert dtm.reweight is dtm_on and (dtm.scaling_mode == "gradient") is dtm_on
 
 
+def test_weak_spot_options_reach_the_loss_and_the_optimizer():
+    """The two options docs/accuracy.md's study measures (issue 13 §3) are bundle keys: a constant alpha1 leaves the
+    optimizer's parameters and ``dtm_reweight_norm`` the DTM handler; the defaults are the paper's."""
+    from monai.bundle import ConfigParser
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+        parser.update({"channels": [4, 8, 16, 32], "num_layers": 1, "device": "$torch.device('cpu')", **overrides})
+        index = next(i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith("DynamicTrainingMonitor"))
+        return parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer"), parser.get_parsed_content(
+            f"train#handlers#{index}")
+
+    loss, opt, dtm = parsed()
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(loss.relation.alpha1_logit) in in_opt and dtm.reweight_norm == "sum"
+    loss, opt, dtm = parsed(learn_alpha1=False, dtm_reweight_norm="mean")
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(loss.relation.alpha1_logit) not in in_opt and abs(float(loss.relation.alpha1) - 0.6) < 1e-6
+    assert dtm.reweight_norm == "mean"
+    with pytest.raises(Exception, match="learn_alpha1"):
+        parsed(learn_alpha1="false")
+
+
 def test_myops_2d_trains_and_evaluates_its_7_combinations(tiny_myops, tmp_path):
     from dmaf_components.data import build_datalist, write_datalist
 

@@ -192,3 +192,32 @@ def test_ddp_ranks_compute_identical_weights(tmp_path):
     single = DynamicTrainingMonitor(DMAFLoss(3, 2, 4), _TwoEncoders())
     single.update(torch.tensor([1.0, 0.3]), torch.tensor([0.6, 0.1]), torch.tensor([2.0, 1.0]))
     assert torch.allclose(w0.double(), single.weights(), atol=1e-6)
+
+
+def test_mean_reweight_norm_keeps_lsep_scale_and_gamma():
+    """Eq. 16's w sums to 1, so DTM on divides L_sep by about M; ``reweight_norm="mean"`` writes M * w instead (the
+    same proportions, L_sep on DTM-off's scale) and leaves gamma (Eq. 18) as Eq. 16 gives it."""
+    from dmaf_components.losses import DMAFLossTerms
+
+    m = 3
+    losses, monitors = {}, {}
+    for norm in ("sum", "mean"):
+        losses[norm] = DMAFLoss(2, m, 4)
+        monitors[norm] = DynamicTrainingMonitor(losses[norm], reweight_norm=norm, scaling_mode="none")
+        z = torch.zeros(())
+        losses[norm].last_terms = DMAFLossTerms(z, z, z, z, z, torch.tensor([0.8, 0.2, 0.5]),
+                                                torch.tensor([0.6, 0.1, 0.3]), torch.ones(m), torch.tensor(0.6))
+        monitors[norm].step([])
+    w_sum, w_mean = losses["sum"].modality_weights, losses["mean"].modality_weights
+    assert abs(float(w_sum.sum()) - 1.0) < 1e-6 and not torch.allclose(w_sum, w_sum.mean().expand(m))
+    assert torch.allclose(w_mean, m * w_sum)
+    assert torch.equal(monitors["sum"].gammas(), monitors["mean"].gammas())
+    logits, target = torch.randn(2, m, 2, 8, 8), torch.randint(0, 2, (2, 1, 8, 8))
+    mask = torch.ones(2, m, dtype=torch.bool)
+    plain = DMAFLoss(2, m, 4)  # DTM off: w = 1 per modality
+    sep = {k: float(v.sep_loss(logits, target, mask)) for k, v in {**losses, "off": plain}.items()}
+    assert abs(sep["mean"] - m * sep["sum"]) < 1e-5
+    # with w near uniform, "mean" is on DTM-off's scale and "sum" about M times below it
+    assert 0.5 < sep["mean"] / sep["off"] < 2.0 and sep["sum"] / sep["off"] < 2.0 / m
+    with pytest.raises(ValueError, match="dtm_reweight_norm"):
+        DynamicTrainingMonitor(DMAFLoss(2, m, 4), reweight_norm="none")

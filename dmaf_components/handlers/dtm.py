@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["DynamicTrainingMonitor", "SCALING_MODES"]
 
 SCALING_MODES = ("gradient", "update", "none")
+REWEIGHT_NORMS = ("sum", "mean")
 
 
 class DynamicTrainingMonitor:
@@ -47,6 +48,11 @@ class DynamicTrainingMonitor:
        the previous (unscaled) gradient of encoder m is below -0.5 (Eq. 18);
     5. writes w into ``loss.modality_weights``, used by L_sep at the next iteration (Eq. 17).
 
+    ``reweight_norm``: Eq. 16's w sums to 1 (``"sum"``, paper, default), so turning DTM on also divides L_sep by
+    about M compared with w = 1 per modality without DTM (an effective lambda2 of lambda2 / M). ``"mean"`` gives L_sep
+    M * w instead (mean 1), so DTM only redistributes L_sep's weight between the modalities; gamma (Eq. 18) is
+    computed from Eq. 16's w either way. docs/accuracy.md measures both.
+
     ``scaling_mode``: ``"gradient"`` (paper, default) multiplies encoder m's gradients; under Adam/AdamW the
     per-parameter normalisation cancels a constant factor, so only its change over time acts. ``"update"`` applies
     the factor to the optimizer's step instead (parameters are moved to p_old + gamma * (p_new - p_old) after the
@@ -60,6 +66,7 @@ class DynamicTrainingMonitor:
         network: the DMAF-Net (or a DDP wrapper); default the engine's network.
         modality_names: names used in logs, default ``m0, m1, ...``.
         reweight: apply w to L_sep (Eq. 17); when False the loss keeps w = 1.
+        reweight_norm: ``"sum"`` (Eq. 16) or ``"mean"``, see above.
         scaling_mode: see above.
         gamma_range: clip range of gamma.
         conflict_threshold: cosine below which the conflict factor applies (-0.5).
@@ -74,6 +81,7 @@ class DynamicTrainingMonitor:
         network: nn.Module | None = None,
         modality_names: Sequence[str] | None = None,
         reweight: bool = True,
+        reweight_norm: str = "sum",
         scaling_mode: str = "gradient",
         gamma_range: Sequence[float] = (0.1, 10.0),
         conflict_threshold: float = -0.5,
@@ -83,6 +91,8 @@ class DynamicTrainingMonitor:
     ) -> None:
         if scaling_mode not in SCALING_MODES:
             raise ValueError(f"scaling_mode must be one of {SCALING_MODES}, got {scaling_mode!r}.")
+        if reweight_norm not in REWEIGHT_NORMS:
+            raise ValueError(f"reweight_norm (dtm_reweight_norm) must be one of {REWEIGHT_NORMS}, got {reweight_norm!r}.")
         m = getattr(loss, "module", loss).num_modalities
         self.loss = getattr(loss, "module", loss)  # a DDP-wrapped loss (multi-GPU config)
         self.network = network
@@ -92,6 +102,7 @@ class DynamicTrainingMonitor:
         if not isinstance(reweight, bool):  # "false" from a command line would silently mean True
             raise TypeError(f"reweight (dtm_reweight) must be True or False, got {reweight!r} (on the command line: False).")
         self.reweight = reweight
+        self.reweight_norm = reweight_norm
         self.scaling_mode = scaling_mode
         self.gamma_range = (float(gamma_range[0]), float(gamma_range[1]))
         self.conflict_threshold = conflict_threshold
@@ -149,7 +160,11 @@ class DynamicTrainingMonitor:
         return (1.0 / self.weights()).clamp(*self.gamma_range)
 
     def _apply_weights(self) -> None:
-        w = self.weights() if self.reweight else torch.ones(len(self.names), dtype=torch.float64)
+        m = len(self.names)
+        if not self.reweight:
+            w = torch.ones(m, dtype=torch.float64)
+        else:
+            w = self.weights() * (m if self.reweight_norm == "mean" else 1.0)
         self.loss.modality_weights.copy_(w.to(self.loss.modality_weights))
 
     # ----------------------------------------------------------------- Eq. 18

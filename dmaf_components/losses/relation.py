@@ -65,6 +65,8 @@ class RelationDistillationLoss(nn.Module):
         super().__init__()
         if not 0.0 < alpha1 < 1.0:
             raise ValueError(f"alpha1 must lie in (0, 1), got {alpha1}.")
+        if not isinstance(learn_alpha1, bool):  # "false" from a command line would silently mean True
+            raise TypeError(f"learn_alpha1 must be True or False, got {learn_alpha1!r} (on the command line: False).")
         while channels % num_heads:
             num_heads -= 1
         self.projection = nn.Parameter(torch.eye(channels).repeat(num_modalities, 1, 1))
