@@ -19,6 +19,17 @@ epochs. Prints the cache's size in memory.
 
     python benchmarks/dataloader.py                                  # 8 cases, 3 epochs, workers 1 2 4
     python benchmarks/dataloader.py --cache-rates 1.0 0.0 --workers 2
+    python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --augmentation bundle crop
+    python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --heap off main workers --epochs 7 --rounds 2
+
+``--augmentation crop`` keeps only the bundle's patch crop (``RandSpatialCropd``, ``SpatialPadd``, ``EnsureTyped``)
+of ``train#augmentation``: what moving a sample costs without the random augmentation (the floor the transforms sit
+on: cache read, crop copy, collation, and with workers the transfer between processes). ``--workers 0`` runs the
+same pipeline in the main process (each configuration is measured in a fresh process): the transforms' own cost with no transfer. ``--heap`` says where glibc's malloc is
+told to keep freed memory (``dmaf_components.data.keep_freed_memory``; no page faults per 33 MB patch): ``main``
+as the bundle does (first in ``initialize``: the main process, inherited by the workers), ``workers`` in the workers
+only, ``off`` nowhere (glibc's default, before release 0.1.6). "worker RSS" is the largest peak resident memory
+among the workers.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -33,8 +46,30 @@ import torch
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
 
-def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int) -> dict:
+CROP_ONLY = ("RandSpatialCropd", "SpatialPadd", "EnsureTyped")
+
+
+def worker_peak_rss_gb() -> float:
+    """Largest peak resident memory (VmHWM) among this process's live children (the loader's workers), in GB."""
+    pid, peak = os.getpid(), 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return float("nan")
+    for child in children:
+        try:
+            with open(f"/proc/{child}/status") as f:
+                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM:")])
+        except OSError:
+            continue
+    return peak / 1024**2
+
+
+def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, augmentation: str = "bundle",
+            heap: str = "main") -> dict:
     from monai.bundle import ConfigParser
+    from monai.data.utils import worker_init_fn as monai_worker_init_fn
 
     from dmaf_components.data import cache_bytes
 
@@ -44,9 +79,23 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int) 
     if cache_rate is not None:
         updates["cache_rate"] = cache_rate
     parser.update(updates)
+    from dmaf_components.data import keep_freed_memory
+
+    if heap == "main":  # as the bundle's initialize does: before the cache is built; forked workers inherit it
+        keep_freed_memory()
+    if augmentation == "crop":
+        parser["train#augmentation"] = [t for t in parser["train#augmentation"] if t["_target_"] in CROP_ONLY]
     start = time.perf_counter()
     dataset = parser.get_parsed_content("train#dataset")
     build = time.perf_counter() - start
+    if heap == "workers":  # in the workers only, after MONAI's seeding
+
+        def init(worker_id: int) -> None:
+            monai_worker_init_fn(worker_id)
+            keep_freed_memory()
+
+        parser["train#dataloader"]["worker_init_fn"] = init
+        parser["train#dataloader"]["worker_init_fn"] = "$monai.data.utils.worker_init_fn"
     loader = parser.get_parsed_content("train#dataloader")
     rates = []
     for epoch in range(epochs):
@@ -57,8 +106,10 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int) 
         n = sum(int(batch["image"].shape[0]) for batch in loader)
         elapsed = time.perf_counter() - t + (build if epoch == 0 else 0.0)
         rates.append(n / elapsed)
+    rss = worker_peak_rss_gb() if workers > 0 else float("nan")
     return {"cache_rate": parser.get_parsed_content("cache_rate"), "workers": workers, "rates": rates,
-            "cache_gb": cache_bytes(dataset) / 1024**3, "build_s": build}
+            "cache_gb": cache_bytes(dataset) / 1024**3, "build_s": build,
+            "worker_rss_gb": rss}
 
 
 def main() -> None:
@@ -68,9 +119,20 @@ def main() -> None:
     parser.add_argument("--gen-workers", type=int, default=1, help="processes writing the synthetic set")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--augmentation", nargs="+", default=["bundle"], choices=["bundle", "crop"],
+                        help="the bundle's random augmentation, or the patch crop alone")
+    parser.add_argument("--heap", nargs="+", default=["main"], choices=["main", "workers", "off"],
+                        help="where glibc keeps freed memory (dmaf_components.data.keep_freed_memory): main = in the "
+                             "main process before the cache is built, inherited by the workers it forks (the bundle's "
+                             "default, `keep_freed_memory` in initialize); workers = in the workers only; off = nowhere")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
+    parser.add_argument("--rounds", type=int, default=1, help="repeat each comparison, alternating its settings")
     parser.add_argument("--cache-rates", type=float, nargs="+", default=None,
                         help="cache rates to compare (default: the bundle's default, then 0)")
     args = parser.parse_args()
+    if args.one:  # a fresh process per configuration: allocator state and caches cannot carry over
+        print("RESULT " + json.dumps(measure(**json.loads(args.one))))
+        return
     from dmaf_components.data import build_datalist, synthesize_brats, write_datalist
 
     synthesize_brats(args.data, cases=args.cases, seed=0, workers=args.gen_workers)
@@ -81,13 +143,21 @@ def main() -> None:
     rates = args.cache_rates or [default, 0.0]
     print(f"full-size BraTS loader: {args.cases} cases 240x240x155, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; bundle default cache_rate {default}")
-    print(f"{'cache_rate':>10} {'workers':>7} {'first epoch':>12} {'steady':>9} {'cache':>9}")
-    for rate in rates:
-        for workers in args.workers:
-            r = measure(args.data, rate, workers, args.epochs)
-            steady = sum(r["rates"][1:]) / max(len(r["rates"]) - 1, 1)
-            print(f"{r['cache_rate']:>10} {workers:>7} {r['rates'][0]:>8.2f} s/s {steady:>5.2f} s/s "
-                  f"{r['cache_gb']:>6.2f} GB   (samples/s; first epoch includes the cache fill, {r['build_s']:.0f} s)")
+    print(f"{'heap':>6} {'augmentation':>12} {'cache_rate':>10} {'workers':>7} {'first epoch':>12} {'steady':>9} "
+          f"{'cache':>9} {'worker RSS':>10}")
+    for augmentation in args.augmentation:
+        for rate in rates:
+            for workers in args.workers:
+                for heap in [h for _ in range(args.rounds) for h in args.heap]:  # side by side, alternating
+                    one = {"data_dir": args.data, "cache_rate": rate, "workers": workers, "epochs": args.epochs,
+                           "augmentation": augmentation, "heap": heap}
+                    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
+                                          text=True, check=True)
+                    r = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+                    steady = sum(r["rates"][1:]) / max(len(r["rates"]) - 1, 1)
+                    print(f"{heap:>6} {augmentation:>12} {r['cache_rate']:>10} {workers:>7} {r['rates'][0]:>8.2f} s/s "
+                          f"{steady:>5.2f} s/s {r['cache_gb']:>6.2f} GB {r['worker_rss_gb']:>7.2f} GB   (samples/s; "
+                          f"first epoch includes the cache fill, {r['build_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

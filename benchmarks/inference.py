@@ -16,6 +16,7 @@ prints the wall time of each (model weights are freshly initialised: timing does
 
     python benchmarks/inference.py                 # defaults: roi 128^3, overlap as in inference.json
     python benchmarks/inference.py --overlap 0.25
+    for k in false true false true; do python benchmarks/inference.py --keep-freed-memory $k; done   # allocator A/B
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: config's)")
     parser.add_argument("--roi", type=int, default=128)
+    parser.add_argument("--keep-freed-memory", default="true", choices=["true", "false"],
+                        help="the bundle key keep_freed_memory (glibc keeps freed memory; a fresh process per value)")
     args = parser.parse_args()
 
     from monai.bundle import ConfigWorkflow
@@ -49,7 +52,7 @@ def main() -> None:
         os.makedirs(os.path.join(work, "root", "models"))
         torch.save(DMAFNet().state_dict(), os.path.join(work, "root", "models", "model.pt"))
         print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"cuda {torch.cuda.is_available()}; roi {args.roi}^3")
+              f"cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory {args.keep_freed_memory}")
         for label, modalities in (("all 4 modalities", ("flair", "t1", "t1ce", "t2")), ("FLAIR + T1ce", ("flair", "t1ce"))):
             studies = os.path.join(work, f"studies_{len(modalities)}", "study")
             os.makedirs(studies)
@@ -57,7 +60,8 @@ def main() -> None:
                 shutil.copy(os.path.join(case, f"BraTS20_Training_001_{m}.nii.gz"), studies)
             overrides = {"dataset_dir": os.path.dirname(studies), "bundle_root": os.path.join(work, "root"),
                          "output_dir": os.path.join(work, f"out_{len(modalities)}"), "num_workers": 0,
-                         "roi_size": [args.roi] * 3}
+                         "roi_size": [args.roi] * 3,
+                         "keep_freed_memory": args.keep_freed_memory == "true"}
             if args.overlap is not None:
                 overrides["sw_overlap"] = args.overlap
             start = time.perf_counter()

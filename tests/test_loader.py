@@ -46,3 +46,77 @@ def test_bundle_caches_the_deterministic_prefix_and_says_how_much(data_dir, capl
     assert size > 4 * 4 * 20**3 * 4  # four cases of four channels, cropped to the foreground
     assert "training cache: 4 of 4 cases in memory" in caplog.text
     assert any("log_cache_size" in step for step in parser["run"])
+
+
+_FAULTS = r"""
+import json, resource, sys, torch
+from dmaf_components.data import keep_freed_memory
+
+def faults():  # minor page faults of 5 rounds of a 4 x 96^3 x 10 float32 array (35 MB, above glibc's mmap threshold)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        x = torch.empty(40, 96, 96, 96)
+        x.fill_(1.0)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+class Rounds(torch.utils.data.Dataset):  # a data-loader worker forked after the setting: each item is faults()
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return faults()
+
+
+if __name__ == "__main__":
+    default = faults()
+    applied = keep_freed_memory()
+    faults()  # the heap grows once
+    kept = faults()
+    worker = [int(n) for n in torch.utils.data.DataLoader(Rounds(), num_workers=1, batch_size=None)]
+    print(json.dumps({"default": default, "applied": applied, "kept": kept, "worker": worker}))
+"""
+
+
+def test_keep_freed_memory_stops_the_page_faults_of_large_arrays(tmp_path):
+    """Arrays above glibc's mmap threshold are unmapped at free, so each new one page-faults all its pages again
+    (the cost behind the loader's and the CPU inference's time, docs/performance.md); after keep_freed_memory() a
+    freed block is reused, in the process and in the loader workers it forks. Run in a fresh process: the setting is
+    process-wide."""
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    if not r["applied"]:
+        pytest.skip("not glibc: keep_freed_memory() changes nothing here")
+    pages = 40 * 96**3 * 4 // 4096
+    assert r["default"] > 4 * pages  # glibc as it comes: every round faults the whole array in again
+    assert r["kept"] < pages // 10  # kept: the rounds reuse the same mapped pages
+    assert r["worker"][1] < pages // 10  # a loader worker forked afterwards inherits it (after its first item)
+
+
+def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
+    """Every workflow config calls keep_freed_memory() before anything else (before the cache is filled and the
+    workers are forked), and `--keep_freed_memory False` leaves the allocator alone."""
+    import json
+    from unittest import mock
+
+    from monai.bundle import ConfigParser
+
+    for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "multi_gpu_evaluate.json"):
+        with open(os.path.join(BUNDLE, "configs", name)) as f:
+            first = json.load(f)["initialize"][0]
+        assert "dmaf_components.data.keep_freed_memory()" in first and "@keep_freed_memory" in first, name
+    for value, calls in ((True, 1), (False, 0)):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+        parser["keep_freed_memory"] = value
+        with mock.patch("dmaf_components.data.keep_freed_memory", return_value=True) as keep:
+            parser.get_parsed_content("initialize#0")
+        assert keep.call_count == calls

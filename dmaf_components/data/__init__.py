@@ -40,8 +40,10 @@ from .io import load_datalist
 from .names import classify_files, is_label_file, is_nifti, modality_of, nifti_stem
 from .studies import check_output_dir, find_studies
 from .synthetic import BRATS_AFFINE, brats_case, myops_case, synthesize_brats, synthesize_myops
+from .allocator import keep_freed_memory
 
 __all__ = list(_constants_all) + [
+    "keep_freed_memory",
     "PAPER_MISSING_RATES",
     "build_datalist",
     "write_datalist",
