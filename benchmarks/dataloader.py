@@ -95,7 +95,6 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, 
             keep_freed_memory()
 
         parser["train#dataloader"]["worker_init_fn"] = init
-        parser["train#dataloader"]["worker_init_fn"] = "$monai.data.utils.worker_init_fn"
     loader = parser.get_parsed_content("train#dataloader")
     rates = []
     for epoch in range(epochs):

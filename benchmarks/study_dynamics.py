@@ -77,7 +77,10 @@ def presence_rates(datalist: str, modalities: list[str]) -> list[float]:
 
 
 def lr_sum(record: dict, iterations: int) -> float:
-    """Sum of the learning rate over the run's iterations (AdamW, PolynomialLR(power 0.9) stepped per epoch)."""
+    """Sum of the learning rate over the run's iterations (AdamW, PolynomialLR(power 0.9) stepped per epoch); NaN
+    when the study did not set ``max_epochs`` and ``learning_rate`` (the schedule is then not in the record)."""
+    if "max_epochs" not in record["overrides"] or "learning_rate" not in record["overrides"]:
+        return math.nan
     epochs = int(record["overrides"]["max_epochs"])
     base = float(record["overrides"]["learning_rate"])
     per_epoch = iterations // epochs
@@ -135,10 +138,12 @@ def main() -> None:
         print(f"  {setting}:")
         factors = []
         per_mod: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in modalities}
-        for _, (_, sc) in sorted(runs[setting].items()):
+        for _, (record, sc) in sorted(runs[setting].items()):
             n = len(sc["loss/total"])
-            w = [sc[f"dtm/w/{m}"] for m in modalities]
-            factors.append(statistics.mean(sum(p[m] * w[m][i] for m in range(len(p))) / sum(p) for i in range(n)))
+            w = [sc[f"dtm/w/{m}"] for m in modalities]  # Eq. 16's w, as logged
+            scale = len(p) if record["overrides"].get("dtm_reweight_norm") == "mean" else 1.0  # what L_sep got
+            factors.append(scale * statistics.mean(sum(p[m] * w[m][i] for m in range(len(p))) / sum(p)
+                                                   for i in range(n)))
             for m, name in enumerate(modalities):
                 g, a = sc[f"dtm/gamma/{name}"], sc[f"dtm/applied_scale/{name}"]
                 present = [i for i in range(n) if not math.isclose(a[i], 1.0) or math.isclose(g[i], 1.0)]

@@ -451,6 +451,9 @@ class AblationStudy:
         summary = summarize_records(self.records(), reference=reference,
                                     reference_name=self.reference and os.path.relpath(self.reference, self.out))
         if summary["rows"]:
+            if summary["unpaired"]:
+                self.log(f"ablation: no counterpart in the {summary['compared_to']} for {', '.join(summary['unpaired'])}"
+                         "; their differences are left out")
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
         return summary
@@ -502,6 +505,27 @@ def _case_values(record: dict, metric: str) -> np.ndarray:
     return np.array([per_case[c][metric] for c in per_case], dtype=np.float64)
 
 
+def _components(record: dict, setting: str) -> tuple[bool, bool, bool]:
+    """(DMAF, distillation, DTM) a run trained with: from its overrides (a variant study may change them), else from
+    its setting's name."""
+    ov = record.get("overrides")
+    if not ov:
+        return SETTINGS[setting]
+    dtm = bool(ov.get("dtm_reweight", True)) or ov.get("dtm_scaling", "gradient") != "none"
+    return ov.get("fusion", "dmaf") == "dmaf", bool(ov.get("distillation", True)), dtm
+
+
+def _override_changes(pairs: Sequence[tuple[dict, dict]]) -> dict[str, str]:
+    """What the runs' overrides set differently from their reference runs': ``{key: "value (reference: value)"}``."""
+    changes: dict[str, set[str]] = {}
+    for run, ref in pairs:
+        a, b = run.get("overrides") or {}, ref.get("overrides") or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "default") != b.get(key, "default"):
+                changes.setdefault(key, set()).add(f"{a.get(key, 'default')} (reference: {b.get(key, 'default')})")
+    return {key: "; ".join(sorted(values)) for key, values in changes.items()}
+
+
 def summarize_records(
     records: Sequence[dict], reference: Sequence[dict] | None = None, reference_name: str | None = None
 ) -> dict:
@@ -520,12 +544,19 @@ def summarize_records(
     ref_by_setting: dict[str, dict[int, dict]] = {}
     for r in reference or []:
         ref_by_setting.setdefault(r["setting"], {})[r["seed"]] = r
+    unpaired: list[str] = []
+    pairs: list[tuple[dict, dict]] = []
     for setting in [s for s in SETTINGS if s in by_setting]:
         base = by_setting.get("baseline", {}) if reference is None else ref_by_setting.get(setting, {})
         runs = by_setting[setting]
         seeds = sorted(runs)
-        row: dict[str, Any] = {"setting": setting, **dict(zip(("dmaf", "distillation", "dtm"), SETTINGS[setting])),
+        row: dict[str, Any] = {"setting": setting,
+                               **dict(zip(("dmaf", "distillation", "dtm"), _components(runs[seeds[0]], setting))),
                                "seeds": len(seeds)}
+        if setting != "baseline" or reference is not None:
+            row["paired_seeds"] = sum(s in base for s in seeds)
+            unpaired += [f"{setting} seed {s}" for s in seeds if s not in base]
+            pairs += [(runs[s], base[s]) for s in seeds if s in base]
         for metric, name in (("dice", "DSC"), ("hd95", "HD95")):
             vals = np.stack([_case_values(runs[s], metric) for s in seeds])  # (seeds, combos, cases, regions)
             per_seed = np.nanmean(vals, axis=2).mean(axis=1)  # combination means, then their mean (Table 3)
@@ -550,7 +581,8 @@ def summarize_records(
         rows.append(row)
     compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
     return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
-            "compared_to": compared_to}
+            "compared_to": compared_to, "unpaired": unpaired,
+            "changes": _override_changes(pairs) if reference is not None else {}}
 
 
 def write_summary(summary: dict, out: str) -> None:
@@ -575,7 +607,9 @@ def write_summary(summary: dict, out: str) -> None:
     def diff(row, name):
         if f"{name}_avg_diff" not in row:
             return "–"
-        return f"{row[f'{name}_avg_diff']:+.2f} [{row[f'{name}_avg_diff_low']:+.2f}, {row[f'{name}_avg_diff_high']:+.2f}]"
+        text = f"{row[f'{name}_avg_diff']:+.2f} [{row[f'{name}_avg_diff_low']:+.2f}, {row[f'{name}_avg_diff_high']:+.2f}]"
+        paired = row.get("paired_seeds", row["seeds"])
+        return text + (f" ({paired} of {row['seeds']} seeds paired)" if paired < row["seeds"] else "")
 
     compared_to = summary.get("compared_to", "baseline")
     vs = "baseline" if compared_to == "baseline" else "reference"
@@ -609,6 +643,11 @@ def write_summary(summary: dict, out: str) -> None:
     note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
             f"Table 3). Δ: paired difference to {against} (same seeds, same test cases) with a percentile bootstrap "
             "95 % interval resampling seeds and cases.")
+    if summary.get("changes"):
+        note += " The runs differ from the reference in: " + ", ".join(
+            f"{key} = {value}" for key, value in summary["changes"].items()) + "."
+    if summary.get("unpaired"):
+        note += " Without a counterpart (left out of Δ): " + ", ".join(summary["unpaired"]) + "."
     with open(os.path.join(out, "table3.md"), "w") as f:
         f.write(note + "\n\n" + "\n".join(lines) + "\n")
     _plot(rows, os.path.join(out, "table3.png"), vs)

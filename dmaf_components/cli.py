@@ -196,7 +196,7 @@ class DMAF:
             data_dir: the dataset folder.
             out: the study folder (one folder per run, the summary files).
             settings: table3 (all eight rows) or names, e.g. baseline,full (baseline, dmaf, distill, dtm,
-                dmaf+distill, dmaf+dtm, distill+dtm, full); the baseline is always run.
+                dmaf+distill, dmaf+dtm, distill+dtm, full); the baseline is always run, unless --reference is given.
             seeds: number of seeds per setting (0 .. seeds-1).
             datalist: datalist file (default DATA_DIR/datalist.json).
             summarize_only: rebuild the summary from the finished runs without training anything.

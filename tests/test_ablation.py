@@ -166,6 +166,21 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     assert (row["DSC_avg_diff_low"], row["DSC_avg_diff_high"]) == (pytest.approx(1.0), pytest.approx(3.0))
     table = open(var_dir / "table3.md").read()
     assert "vs reference" in table and "the same setting of the reference ../ref" in table
+    # a variant's overrides are named in the note; a seed without counterpart is left out of Δ, and said so
+    rec = json.load(open(var_dir / "runs" / "full" / "seed0" / "record.json"))
+    json.dump(dict(rec, overrides={"learn_alpha1": False}), open(var_dir / "runs" / "full" / "seed0" / "record.json", "w"))
+    os.makedirs(var_dir / "runs" / "full" / "seed2")
+    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl))),
+              open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"))
+    lines = []
+    three = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 3, datalist=str(dl),
+                          reference=str(ref_dir), log=lines.append)
+    row = three.summarize()["rows"][0]
+    assert row["seeds"] == 3 and row["paired_seeds"] == 2 and row["DSC_avg_diff"] == pytest.approx(2.0)
+    table = open(var_dir / "table3.md").read()
+    assert "(2 of 3 seeds paired)" in table and "Without a counterpart (left out of Δ): full seed 2" in table
+    assert "learn_alpha1 = False (reference: default)" in table
+    assert any("no counterpart" in line and "full seed 2" in line for line in lines)
     # the reference must be on the same data
     rec_path = ref_dir / "runs" / "full" / "seed1" / "record.json"
     rec = json.load(open(rec_path))

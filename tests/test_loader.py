@@ -96,9 +96,11 @@ def test_keep_freed_memory_stops_the_page_faults_of_large_arrays(tmp_path):
     if not r["applied"]:
         pytest.skip("not glibc: keep_freed_memory() changes nothing here")
     pages = 40 * 96**3 * 4 // 4096
-    assert r["default"] > 4 * pages  # glibc as it comes: every round faults the whole array in again
-    assert r["kept"] < pages // 10  # kept: the rounds reuse the same mapped pages
-    assert r["worker"][1] < pages // 10  # a loader worker forked afterwards inherits it (after its first item)
+    if r["default"] < 4 * pages:  # e.g. transparent huge pages "always": a 2 MB page per fault
+        pytest.skip(f"this kernel faults these arrays in with large pages ({r['default']} faults for 5 rounds)")
+    # glibc as it comes: every round faults the whole array in again; kept: the rounds reuse the same mapped pages
+    assert r["kept"] * 20 < r["default"]
+    assert r["worker"][1] * 20 < r["default"]  # a loader worker forked afterwards inherits it (after its first item)
 
 
 def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
@@ -107,16 +109,20 @@ def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
     import json
     from unittest import mock
 
+    import pytest
     from monai.bundle import ConfigParser
 
     for name in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json", "multi_gpu_evaluate.json"):
         with open(os.path.join(BUNDLE, "configs", name)) as f:
             first = json.load(f)["initialize"][0]
-        assert "dmaf_components.data.keep_freed_memory()" in first and "@keep_freed_memory" in first, name
-    for value, calls in ((True, 1), (False, 0)):
-        parser = ConfigParser()
-        parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
-        parser["keep_freed_memory"] = value
-        with mock.patch("dmaf_components.data.keep_freed_memory", return_value=True) as keep:
-            parser.get_parsed_content("initialize#0")
-        assert keep.call_count == calls
+        assert first == "$dmaf_components.data.keep_freed_memory(@keep_freed_memory)", name
+    from dmaf_components.data import keep_freed_memory
+
+    assert keep_freed_memory(False) is False  # off: nothing is set (this process is left alone)
+    with pytest.raises(TypeError, match="keep_freed_memory must be True or False"):
+        keep_freed_memory("false")
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
+    with mock.patch("dmaf_components.data.keep_freed_memory", return_value=True) as keep:
+        parser.get_parsed_content("initialize#0")
+    keep.assert_called_once_with(True)  # the bundle's default

@@ -34,7 +34,7 @@ _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_MAX = -4
 
 
-def keep_freed_memory(trim_threshold: int = 2**30) -> bool:
+def keep_freed_memory(enabled: bool = True, trim_threshold: int = 2**30) -> bool:
     """Have glibc's malloc serve large blocks from the heap rather than ``mmap`` (``M_MMAP_MAX`` 0) and return free
     memory at the top of the heap to the system only beyond ``trim_threshold`` bytes (``M_TRIM_THRESHOLD``).
 
@@ -42,11 +42,20 @@ def keep_freed_memory(trim_threshold: int = 2**30) -> bool:
     place in a heap still falls back to ``mmap``, so nothing fails that would not have failed before.
 
     Args:
+        enabled: False does nothing (the bundle key ``keep_freed_memory``).
         trim_threshold: free memory kept at the top of the heap (default 1 GiB; at most 2^31 - 1).
 
     Returns:
-        True where applied (Linux with glibc); False elsewhere (macOS, Windows, musl), where nothing changes.
+        True where applied (Linux with glibc); False when not enabled or elsewhere (macOS, Windows, musl), where
+        nothing changes.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool (``"false"`` from a command line would otherwise mean True).
     """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"keep_freed_memory must be True or False, got {enabled!r} (on the command line: False).")
+    if not enabled:
+        return False
     if not sys.platform.startswith("linux"):
         return False
     try:
