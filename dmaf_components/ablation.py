@@ -526,6 +526,42 @@ def _override_changes(pairs: Sequence[tuple[dict, dict]]) -> dict[str, str]:
     return {key: "; ".join(sorted(values)) for key, values in changes.items()}
 
 
+_COMPONENTS = ("DMAF", "distillation", "DTM")
+
+
+def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict]:
+    """Each component's effect on the average DSC in the factorial design of Table 3, when all eight settings are
+    there: ``averaged`` is its paired difference (with - without, the other two components held fixed) averaged over
+    the four combinations of the other two (its main effect); ``in_full`` is the full model minus the full model
+    without it. Paired by seed and test case over the seeds every setting has, with :func:`paired_bootstrap`.
+
+    Returns:
+        one dict per component: ``component``, ``averaged`` and ``in_full`` as ``(mean, low, high)``, ``seeds``.
+    """
+    if not all(name in by_setting for name in SETTINGS):
+        return []
+    seeds = sorted(set.intersection(*(set(by_setting[name]) for name in SETTINGS)))
+    if not seeds:
+        return []
+    name_of = {flags: name for name, flags in SETTINGS.items()}
+
+    def cell(setting: str) -> np.ndarray:  # (seeds, cases): average DSC over combinations and regions
+        return np.stack([np.nanmean(np.nanmean(_case_values(by_setting[setting][s], "dice"), axis=2), axis=0)
+                         for s in seeds])
+
+    out = []
+    for c, component in enumerate(_COMPONENTS):
+        contexts = []
+        for flags in SETTINGS.values():
+            if flags[c]:
+                without = tuple(False if i == c else f for i, f in enumerate(flags))
+                contexts.append(cell(name_of[flags]) - cell(name_of[without]))
+        in_full = contexts[[flags for flags in SETTINGS.values() if flags[c]].index((True, True, True))]
+        out.append({"component": component, "averaged": paired_bootstrap(np.mean(contexts, axis=0)),
+                    "in_full": paired_bootstrap(in_full), "seeds": len(seeds)})
+    return out
+
+
 def summarize_records(
     records: Sequence[dict], reference: Sequence[dict] | None = None, reference_name: str | None = None
 ) -> dict:
@@ -581,13 +617,14 @@ def summarize_records(
         rows.append(row)
     compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
     return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
-            "compared_to": compared_to, "unpaired": unpaired,
+            "compared_to": compared_to, "unpaired": unpaired, "effects": component_effects(by_setting),
             "changes": _override_changes(pairs) if reference is not None else {}}
 
 
 def write_summary(summary: dict, out: str) -> None:
-    """``table3.csv`` (every column), ``table3.md`` (Table 3's layout, mean ± std, paired differences),
-    ``combinations.csv`` (average DSC per setting and modality combination) and ``table3.png``."""
+    """``table3.csv`` (every column), ``table3.md`` (Table 3's layout, mean ± std, paired differences, each
+    component's effect), ``combinations.csv`` (average DSC per setting and modality combination), ``effects.csv``
+    (:func:`component_effects`, when all eight settings are there) and ``table3.png``."""
     rows, regions = summary["rows"], summary["regions"]
     os.makedirs(out, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -595,6 +632,13 @@ def write_summary(summary: dict, out: str) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
+    if summary.get("effects"):
+        with open(os.path.join(out, "effects.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["component", "averaged", "averaged_low", "averaged_high", "in_full", "in_full_low",
+                             "in_full_high", "seeds"])
+            for e in summary["effects"]:
+                writer.writerow([e["component"], *e["averaged"], *e["in_full"], e["seeds"]])
     with open(os.path.join(out, "combinations.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["setting", "combination", "DSC_avg", "seeds"])
         writer.writeheader()
@@ -638,6 +682,14 @@ def write_summary(summary: dict, out: str) -> None:
         for row in [r for r in rows if "DSC_avg_diff" in r]:
             lines.append(f"| {row['setting']} | " + " | ".join(
                 f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds) + " |")
+    effects = summary.get("effects") or []
+    if effects:
+        ci = lambda e: f"{e[0]:+.2f} [{e[1]:+.2f}, {e[2]:+.2f}]"  # noqa: E731
+        lines += ["", f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; paired differences with "
+                  "a bootstrap 95 % interval): averaged over the four combinations of the other two components, and "
+                  "in the full model (full minus full without it):", "",
+                  "| component | averaged over the other two | in the full model |", "|---|---|---|"]
+        lines += [f"| {e['component']} | {ci(e['averaged'])} | {ci(e['in_full'])} |" for e in effects]
     against = ("the baseline" if compared_to == "baseline"
                else f"the same setting of the {compared_to}")
     note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
