@@ -611,9 +611,19 @@ def summarize_records(
                 for s, d in zip(paired, diffs):  # the same difference, seed by seed
                     row[f"{name}_avg_diff_seed{s}"] = float(np.nanmean(d))
             for c, combo in enumerate(combos):
-                if metric == "dice":
-                    combo_rows.append({"setting": setting, "combination": combo,
-                                       "DSC_avg": float(np.nanmean(vals[:, c])), "seeds": len(seeds)})
+                if metric != "dice":
+                    continue
+                crow: dict[str, Any] = {"setting": setting, "combination": combo,
+                                        "DSC_avg": float(np.nanmean(vals[:, c])), "seeds": len(seeds)}
+                for r, region in enumerate(regions):
+                    crow[f"DSC_{region}"] = float(np.nanmean(vals[:, c, :, r]))
+                    if (setting != "baseline" or reference is not None) and paired:
+                        ref_vals = np.stack([_case_values(base[s_], metric)[c, :, r] for s_ in paired])
+                        run_vals = np.stack([_case_values(runs[s_], metric)[c, :, r] for s_ in paired])
+                        mean, low, high = paired_bootstrap(run_vals - ref_vals)  # (seeds, cases) of this region
+                        crow[f"DSC_{region}_diff"], crow[f"DSC_{region}_diff_low"] = mean, low
+                        crow[f"DSC_{region}_diff_high"] = high
+                combo_rows.append(crow)
         rows.append(row)
     compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
     return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
@@ -640,7 +650,8 @@ def write_summary(summary: dict, out: str) -> None:
             for e in summary["effects"]:
                 writer.writerow([e["component"], *e["averaged"], *e["in_full"], e["seeds"]])
     with open(os.path.join(out, "combinations.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["setting", "combination", "DSC_avg", "seeds"])
+        fields = list(dict.fromkeys(k for c in summary["combinations"] for k in c))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(summary["combinations"])
 

@@ -58,6 +58,12 @@ def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
     table = open(tmp_path / "table3.md").read()
     assert "| DMAF | Distillation | DTM | DSC R1 | DSC R2 | DSC Avg. | HD95 R1 | HD95 R2 | HD95 Avg." in table
     assert "| • | • | • | 67.00 ± 2.83 |" in table and "+6.00 [+5.00, +7.00]" in table
+    # per combination and region: the paired difference to the baseline with its interval
+    with open(tmp_path / "combinations.csv") as f:
+        combo = {(r["setting"], r["combination"]): r for r in csv.DictReader(f)}
+    assert float(combo[("full", "a+b")]["DSC_R2"]) == 67.0 and float(combo[("full", "a+b")]["DSC_R2_diff"]) == 6.0
+    assert (float(combo[("full", "a")]["DSC_R1_diff_low"]), float(combo[("full", "a")]["DSC_R1_diff_high"])) == (5.0, 7.0)
+    assert combo[("baseline", "a")]["DSC_R1_diff"] == ""
     assert os.path.getsize(tmp_path / "table3.png") > 0
 
 
