@@ -556,7 +556,7 @@ def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict
             if flags[c]:
                 without = tuple(False if i == c else f for i, f in enumerate(flags))
                 contexts.append(cell(name_of[flags]) - cell(name_of[without]))
-        in_full = contexts[[flags for flags in SETTINGS.values() if flags[c]].index((True, True, True))]
+        in_full = cell("full") - cell(name_of[tuple(i != c for i in range(len(_COMPONENTS)))])
         out.append({"component": component, "averaged": paired_bootstrap(np.mean(contexts, axis=0)),
                     "in_full": paired_bootstrap(in_full), "seeds": len(seeds)})
     return out

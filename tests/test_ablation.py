@@ -207,25 +207,26 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
 
 def test_component_effects_in_the_factorial_design_by_hand(tmp_path):
     """With all eight settings, each component's main effect (averaged over the other two) and its effect in the full
-    model: on hand-made data DSC = 60 + 3 DMAF - 1 distillation + 2 (DMAF and distillation together) + seed offset,
-    distillation's effect is -1 + 2 * 2/4 = 0 averaged, +1 in the full model; DMAF's +3 + 2/2 = +4 and +5; DTM's 0."""
+    model. On hand-made data DSC = 60 + 3 DMAF - distillation + 2 (DMAF and distillation) + 4 (distillation and DTM)
+    + a seed offset + a case offset (both cancel in the pairing):
+    DMAF: 3 + 2 distillation -> 4 averaged, 5 in the full model; distillation: -1 + 2 DMAF + 4 DTM -> 2 and 5;
+    DTM: 4 distillation -> 2 and 4."""
     from dmaf_components.ablation import SETTINGS, component_effects, write_summary
 
-    ones = np.ones((3, 2, 2))
+    case = np.arange(2)[None, :, None] * 7.0 + np.zeros((3, 2, 2))  # (combinations, cases, regions)
     records = []
     for name, (dmaf, distill, dtm) in SETTINGS.items():
         for seed in (0, 1):
-            dsc = 60 + 3 * dmaf - distill + 2 * (dmaf and distill) + 5 * seed
-            records.append(_record(name, seed, dsc * ones, 10 * ones))
+            dsc = 60 + 3 * dmaf - distill + 2 * (dmaf and distill) + 4 * (distill and dtm) + 5 * seed
+            records.append(_record(name, seed, dsc + case, 10 + case))
     summary = summarize_records(records)
     effects = {e["component"]: e for e in summary["effects"]}
-    assert effects["DMAF"]["averaged"] == pytest.approx((4.0, 4.0, 4.0))
-    assert effects["DMAF"]["in_full"] == pytest.approx((5.0, 5.0, 5.0))
-    assert effects["distillation"]["averaged"] == pytest.approx((0.0, 0.0, 0.0))
-    assert effects["distillation"]["in_full"] == pytest.approx((1.0, 1.0, 1.0))
-    assert effects["DTM"]["averaged"] == pytest.approx((0.0, 0.0, 0.0)) and effects["DTM"]["seeds"] == 2
+    for component, averaged, in_full in (("DMAF", 4.0, 5.0), ("distillation", 2.0, 5.0), ("DTM", 2.0, 4.0)):
+        assert effects[component]["averaged"] == pytest.approx((averaged,) * 3), component
+        assert effects[component]["in_full"] == pytest.approx((in_full,) * 3), component
+    assert effects["DTM"]["seeds"] == 2
     write_summary(summary, str(tmp_path))
-    assert "| distillation | +0.00 [+0.00, +0.00] | +1.00 [+1.00, +1.00] |" in open(tmp_path / "table3.md").read()
+    assert "| distillation | +2.00 [+2.00, +2.00] | +5.00 [+5.00, +5.00] |" in open(tmp_path / "table3.md").read()
     assert open(tmp_path / "effects.csv").read().splitlines()[1].startswith("DMAF,4.0,4.0,4.0,5.0,5.0,5.0,2")
     # without all eight settings there is no factorial design to read
     assert component_effects({"baseline": {0: records[0]}, "full": {0: records[-1]}}) == []
