@@ -5,7 +5,8 @@
 #      model with fused AdamW and with instance norm through the group-norm kernel;
 #   2. one real bundle training run (train.json's defaults) on 20 full-size synthetic cases: cache fill, epoch wall
 #      time, loader wait, GPU utilisation, peak memory;
-#   3. the training loader alone at full size with the bundle's defaults (samples/s, first epoch and steady state);
+#   3. the training loader alone at full size with the bundle's defaults (samples/s, first epoch and steady state),
+#      with glibc keeping freed memory off and on (release 0.1.6's keep_freed_memory);
 #   4. with COMPILE=1, the full model under torch.compile (its compile time printed as the warm-up).
 # Usage: bash benchmarks/gpu_perf.sh OUTDIR     (the package importable: pip install -e . or PYTHONPATH)
 set -u
@@ -27,8 +28,9 @@ step "full model, instance norm through the group-norm kernel" timeout 70 python
 step "bundle training, 20 full-size cases, 2 epochs" timeout 150 python3 benchmarks/train_epoch.py --data "$data" \
   --cases 20 --epochs 2 --gen-workers 16 --json "$out/epoch.json" 2>&1 | grep -v "Epoch \[\|Iter:\|Loading dataset" \
   | tee "$out/epoch.log"
-step "training loader alone, bundle defaults" timeout 60 python3 benchmarks/dataloader.py --data "$data" --cases 20 \
-  --workers 4 --epochs 3 --cache-rates 1.0 2>&1 | grep -v "Loading dataset" | tee "$out/loader.log"
+step "training loader alone, bundle defaults, glibc keeping freed memory off and on" timeout 120 python3 \
+  benchmarks/dataloader.py --data "$data" --cases 20 --workers 4 --epochs 3 --cache-rates 1.0 --heap off main 2>&1 \
+  | grep -v "Loading dataset" | tee "$out/loader.log"
 if [ "${COMPILE:-0}" = 1 ]; then
   step "full model, torch.compile" timeout 240 python3 benchmarks/train_step.py --device cuda --amp --sizes 128 \
     --steps 10 --variants full --masks all --skip-flops --compile 2>&1 | tee -a "$out/step.log"
