@@ -346,10 +346,31 @@ class AblationStudy:
         os.replace(tmp, self.record_path(setting, seed))  # a record exists only when complete
         return record
 
+    def check_bundle_package(self) -> None:
+        """Refuse to start when the bundle's processes would import another ``dmaf_components`` than this runner.
+
+        Each record names the runner's package version and code commit, so both sides must be the same code. They
+        can differ silently: ``python -m`` puts the working directory first on ``sys.path``, so a runner started
+        with ``python -m dmaf_components.cli`` inside a checkout imports that checkout, while the bundle's processes
+        (run in the bundle folder) import what ``PYTHONPATH`` or the installation gives.
+        """
+        probe = "import os, dmaf_components; print(os.path.realpath(os.path.dirname(dmaf_components.__file__)))"
+        out = subprocess.run([self.python, "-c", probe], cwd=self.bundle_dir, capture_output=True, text=True)
+        theirs = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
+        ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+        if theirs != ours:
+            raise DMAFDataError(
+                f"the bundle's processes import dmaf_components from {theirs or '(nowhere: ' + out.stderr.strip()[-200:] + ')'}"
+                f", this runner from {ours}: records would name the wrong code. Start the runner so that both import "
+                "the same package (e.g. `python -P -m dmaf_components.cli`, or from outside the checkout)"
+            )
+
     def run(self) -> dict:
         """Every run not yet recorded, in order (``jobs`` at a time), with progress and a time-left estimate; then
         the summary. A failed run does not stop the others; the study raises after the rest have finished."""
         todo = [r for r in self.runs() if not os.path.exists(self.record_path(*r))]
+        if todo:
+            self.check_bundle_package()
         total = len(self.runs())
         jobs = min(self.jobs, max(len(todo), 1))
         self.log(f"ablation: {total} runs ({len(self.settings)} settings x {len(self.seeds)} seeds), "

@@ -230,3 +230,22 @@ def test_component_effects_in_the_factorial_design_by_hand(tmp_path):
     assert open(tmp_path / "effects.csv").read().splitlines()[1].startswith("DMAF,4.0,4.0,4.0,5.0,5.0,5.0,2")
     # without all eight settings there is no factorial design to read
     assert component_effects({"baseline": {0: records[0]}, "full": {0: records[-1]}}) == []
+
+
+def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_path, monkeypatch):
+    """Records name the runner's code, so the bundle's processes must import the same dmaf_components: a runner
+    that imports another copy (here: the bundle's processes given a different package first on PYTHONPATH) is
+    refused before any run, naming both places."""
+    from dmaf_components.data import build_datalist, write_datalist
+
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(tmp_path / "dl.json"))
+    study = AblationStudy("myops", str(tiny_myops), str(tmp_path / "study"), "full", 1,
+                          datalist=str(tmp_path / "dl.json"), log=lambda line: None)
+    study.check_bundle_package()  # the installed package: the same on both sides
+    other = tmp_path / "other" / "dmaf_components"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(other.parent))
+    with pytest.raises(ValueError, match=f"import dmaf_components from {other}, this runner from"):
+        study.run()
+    assert not (tmp_path / "study" / "runs").exists()  # nothing started
