@@ -14,22 +14,27 @@ number of workers.
 Builds (or reuses) a synthetic BraTS2020-layout set at 240x240x155 (gzip NIfTI, 4 modalities), then builds
 ``train#dataset`` and ``train#dataloader`` from ``bundle/configs/train.json`` exactly as the bundle does (with
 ``--cache_rate`` as given, the bundle's default first), and iterates it for a few epochs. The first epoch of a
-cached dataset includes filling the cache (done when the dataset is built); the steady state is the mean of the later
-epochs. Prints the cache's size in memory.
+cached dataset includes filling the cache (done when the dataset is built); the steady state is the rate over the later
+epochs (their samples over their time). Prints the cache's size in memory.
 
     python benchmarks/dataloader.py                                  # 8 cases, 3 epochs, workers 1 2 4
     python benchmarks/dataloader.py --cache-rates 1.0 0.0 --workers 2
     python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --augmentation bundle crop
     python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --heap off main workers --epochs 7 --rounds 2
+    python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --pipeline previous bundle --cases 16 --rounds 2
+    python benchmarks/dataloader.py --cache-rates 1.0 --workers 0 2 --step-s 0.12 --cases 16
 
 ``--augmentation crop`` keeps only the bundle's patch crop (``RandSpatialCropd``, ``SpatialPadd``, ``EnsureTyped``)
 of ``train#augmentation``: what moving a sample costs without the random augmentation (the floor the transforms sit
 on: cache read, crop copy, collation, and with workers the transfer between processes). ``--workers 0`` runs the
-same pipeline in the main process (each configuration is measured in a fresh process): the transforms' own cost with no transfer. ``--heap`` says where glibc's malloc is
+same pipeline in the main process (since release 0.1.7 in the bundle's loader thread) (each configuration is measured in a fresh process): the transforms' own cost with no transfer. ``--heap`` says where glibc's malloc is
 told to keep freed memory (``dmaf_components.data.keep_freed_memory``; no page faults per 33 MB patch): ``main``
 as the bundle does (first in ``initialize``: the main process, inherited by the workers), ``workers`` in the workers
 only, ``off`` nowhere (glibc's default, before release 0.1.6). "worker RSS" is the largest peak resident memory
-among the workers.
+among the workers. ``--pipeline previous`` measures release 0.1.6's pipeline side by side with the bundle's (the
+cached volume deep-copied for every sample, the pad after the crop, a plain ``DataLoader``); the same sample seeds
+make both do the same augmentation. ``--step-s`` follows each batch with a sleep standing in for a GPU step and
+prints the share of the epoch the consumer waited for batches.
 """
 
 from __future__ import annotations
@@ -66,8 +71,19 @@ def worker_peak_rss_gb() -> float:
     return peak / 1024**2
 
 
+def previous_pipeline(parser) -> None:
+    """Release 0.1.6's training pipeline: the cached volume deep-copied for every sample (``copy_cache``) and the
+    patch padded after the crop, in a plain ``DataLoader``."""
+    augmentation = [t for t in parser["train#augmentation"] if t["_target_"] != "SpatialPadd"]
+    pad = next(t for t in parser["train#augmentation"] if t["_target_"] == "SpatialPadd")
+    crop = next(i for i, t in enumerate(augmentation) if t["_target_"] == "RandSpatialCropd")
+    parser["train#augmentation"] = augmentation[: crop + 1] + [pad] + augmentation[crop + 1:]
+    parser["train#dataset#copy_cache"] = True
+    parser["train#dataloader#_target_"] = "DataLoader"
+
+
 def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, augmentation: str = "bundle",
-            heap: str = "main") -> dict:
+            heap: str = "main", pipeline: str = "bundle", step_s: float = 0.0) -> dict:
     from monai.bundle import ConfigParser
     from monai.data.utils import worker_init_fn as monai_worker_init_fn
 
@@ -83,6 +99,8 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, 
 
     if heap == "main":  # as the bundle's initialize does: before the cache is built; forked workers inherit it
         keep_freed_memory()
+    if pipeline == "previous":
+        previous_pipeline(parser)
     if augmentation == "crop":
         parser["train#augmentation"] = [t for t in parser["train#augmentation"] if t["_target_"] in CROP_ONLY]
     start = time.perf_counter()
@@ -96,17 +114,27 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, 
 
         parser["train#dataloader"]["worker_init_fn"] = init
     loader = parser.get_parsed_content("train#dataloader")
-    rates = []
+    rates, waits, times, counts = [], [], [], []
     for epoch in range(epochs):
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         t = time.perf_counter()
-        n = sum(int(batch["image"].shape[0]) for batch in loader)
-        elapsed = time.perf_counter() - t + (build if epoch == 0 else 0.0)
-        rates.append(n / elapsed)
+        n, wait, asked = 0, 0.0, time.perf_counter()
+        for batch in loader:
+            wait += time.perf_counter() - asked
+            n += int(batch["image"].shape[0])
+            if step_s > 0:  # a GPU step: the main thread waits for the device, holding no lock a loader thread needs
+                time.sleep(step_s)
+            asked = time.perf_counter()
+        elapsed = time.perf_counter() - t
+        waits.append(wait)
+        times.append(elapsed)
+        counts.append(n)
+        rates.append(n / (elapsed + (build if epoch == 0 else 0.0)))
     rss = worker_peak_rss_gb() if workers > 0 else float("nan")
-    return {"cache_rate": parser.get_parsed_content("cache_rate"), "workers": workers, "rates": rates,
+    return {"cache_rate": parser.get_parsed_content("cache_rate"), "workers": workers, "rates": rates, "waits": waits, "times": times,
+            "counts": counts,
             "cache_gb": cache_bytes(dataset) / 1024**3, "build_s": build,
             "worker_rss_gb": rss}
 
@@ -124,6 +152,12 @@ def main() -> None:
                         help="where glibc keeps freed memory (dmaf_components.data.keep_freed_memory): main = in the "
                              "main process before the cache is built, inherited by the workers it forks (the bundle's "
                              "default, `keep_freed_memory` in initialize); workers = in the workers only; off = nowhere")
+    parser.add_argument("--pipeline", nargs="+", default=["bundle"], choices=["bundle", "previous"],
+                        help="the bundle's training pipeline, or release 0.1.6's (cache deep-copied per sample, pad "
+                             "after crop, plain DataLoader)")
+    parser.add_argument("--step-s", type=float, default=0.0,
+                        help="sleep this long after each batch, standing in for a GPU step (0: the loader alone); "
+                             "prints the share of the epoch spent waiting for batches")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     parser.add_argument("--rounds", type=int, default=1, help="repeat each comparison, alternating its settings")
     parser.add_argument("--cache-rates", type=float, nargs="+", default=None,
@@ -142,21 +176,28 @@ def main() -> None:
     rates = args.cache_rates or [default, 0.0]
     print(f"full-size BraTS loader: {args.cases} cases 240x240x155, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; bundle default cache_rate {default}")
-    print(f"{'heap':>6} {'augmentation':>12} {'cache_rate':>10} {'workers':>7} {'first epoch':>12} {'steady':>9} "
-          f"{'cache':>9} {'worker RSS':>10}")
+    if args.step_s > 0:
+        print(f"each batch is followed by a {args.step_s} s sleep standing in for a GPU step "
+              f"(at most {1 / args.step_s:.2f} samples/s at batch 1); wait = share of the steady epochs spent "
+              f"waiting for the loader")
+    print(f"{'pipeline':>8} {'heap':>6} {'augmentation':>12} {'cache_rate':>10} {'workers':>7} {'first epoch':>12} "
+          f"{'steady':>9} {'wait':>6} {'cache':>9} {'worker RSS':>10}")
+    settings = [(p, h) for p in args.pipeline for h in args.heap]
     for augmentation in args.augmentation:
         for rate in rates:
             for workers in args.workers:
-                for heap in [h for _ in range(args.rounds) for h in args.heap]:  # side by side, alternating
+                for pipeline, heap in [s for _ in range(args.rounds) for s in settings]:  # side by side, alternating
                     one = {"data_dir": args.data, "cache_rate": rate, "workers": workers, "epochs": args.epochs,
-                           "augmentation": augmentation, "heap": heap}
+                           "augmentation": augmentation, "heap": heap, "pipeline": pipeline, "step_s": args.step_s}
                     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
                                           text=True, check=True)
                     r = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
-                    steady = sum(r["rates"][1:]) / max(len(r["rates"]) - 1, 1)
-                    print(f"{heap:>6} {augmentation:>12} {r['cache_rate']:>10} {workers:>7} {r['rates'][0]:>8.2f} s/s "
-                          f"{steady:>5.2f} s/s {r['cache_gb']:>6.2f} GB {r['worker_rss_gb']:>7.2f} GB   (samples/s; "
-                          f"first epoch includes the cache fill, {r['build_s']:.0f} s)", flush=True)
+                    steady = sum(r["counts"][1:]) / sum(r["times"][1:])  # all steady samples / all their time
+                    wait = sum(r["waits"][1:]) / sum(r["times"][1:])
+                    print(f"{pipeline:>8} {heap:>6} {augmentation:>12} {r['cache_rate']:>10} {workers:>7} "
+                          f"{r['rates'][0]:>8.2f} s/s {steady:>5.2f} s/s {100 * wait:>5.1f}% {r['cache_gb']:>6.2f} GB "
+                          f"{r['worker_rss_gb']:>7.2f} GB   (samples/s; first epoch includes the cache fill, "
+                          f"{r['build_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,12 @@ step "full model, instance norm through the group-norm kernel" timeout 70 python
 step "bundle training, 20 full-size cases, 2 epochs" timeout 150 python3 benchmarks/train_epoch.py --data "$data" \
   --cases 20 --epochs 2 --gen-workers 16 --json "$out/epoch.json" 2>&1 | grep -v "Epoch \[\|Iter:\|Loading dataset" \
   | tee "$out/epoch.log"
-step "training loader alone, bundle defaults, glibc keeping freed memory off and on" timeout 120 python3 \
-  benchmarks/dataloader.py --data "$data" --cases 20 --workers 4 --epochs 3 --cache-rates 1.0 --heap off main 2>&1 \
+step "training loader alone: the loader thread (workers 0) and 4 worker processes" timeout 120 python3 \
+  benchmarks/dataloader.py --data "$data" --cases 20 --workers 0 4 --epochs 3 --cache-rates 1.0 2>&1 \
   | grep -v "Loading dataset" | tee "$out/loader.log"
+step "training loader feeding a 0.12 s step: thread and 4 processes" timeout 120 python3 \
+  benchmarks/dataloader.py --data "$data" --cases 20 --workers 0 4 --epochs 3 --cache-rates 1.0 --step-s 0.12 2>&1 \
+  | grep -v "Loading dataset" | tee -a "$out/loader.log"
 if [ "${COMPILE:-0}" = 1 ]; then
   step "full model, torch.compile" timeout 240 python3 benchmarks/train_step.py --device cuda --amp --sizes 128 \
     --steps 10 --variants full --masks all --skip-flops --compile 2>&1 | tee -a "$out/step.log"

@@ -8,8 +8,9 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Cost of each random transform of the bundle's training pipeline, one thread, on cached full-size samples; and
-the random rotation of a 4 x 128^3 patch resampled in float64 (MONAI's default) vs float32 (train.json), side by side.
+"""Cost of each random transform of the bundle's training pipeline, one thread, on cached full-size samples; the
+random rotation of a 4 x 128^3 patch resampled in float64 (MONAI's default) vs float32 (train.json), side by side; and
+one whole training sample in release 0.1.6's pipeline vs the bundle's (the same patches, alternating).
 
     python benchmarks/loader_transforms.py --data data/loader_bench --samples 16
 """
@@ -33,7 +34,7 @@ def main() -> None:
     parser.add_argument("--rotations", type=int, default=4)
     args = parser.parse_args()
     from monai.bundle import ConfigParser
-    from monai.transforms import RandRotated
+    from monai.transforms import Randomizable, RandRotated
 
     torch.set_num_threads(1)
     config = ConfigParser()
@@ -41,6 +42,8 @@ def main() -> None:
     config.update({"dataset_dir": os.path.abspath(args.data), "num_workers": 0, "cache_rate": 1.0})
     cache = config.get_parsed_content("train#dataset")._cache
     augmentation = config.get_parsed_content("train#augmentation")
+    first_random = next(i for i, t in enumerate(augmentation) if isinstance(t, Randomizable))
+    augmentation = augmentation[first_random:]  # what runs per sample; the rest is in the cache
     cost: dict[str, float] = {}
     for i in range(args.samples):
         d = {k: v.clone() if torch.is_tensor(v) else v for k, v in cache[i % len(cache)].items()}
@@ -72,6 +75,43 @@ def main() -> None:
     print(f"rotation of a 4x128^3 patch + label: float64 {f64:.3f} s, float32 {f32:.3f} s ({f64 / f32:.2f}x); "
           f"image max difference {diff:.2e}, labels differing {labels_differ} of {out['float32']['label'].numel()} "
           "voxels (nearest-neighbour ties)")
+    whole_sample(args.data, args.samples * 3)
+
+
+def whole_sample(data: str, samples: int) -> None:
+    """One sample of train#dataset, the cache read included, in release 0.1.6's pipeline (cached volume deep-copied
+    per sample, pad after the crop) and the bundle's, alternating, with the same sample seeds (the same patches)."""
+    import sys
+
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dataloader import previous_pipeline
+
+    datasets = {}
+    for name in ("0.1.6", "bundle"):
+        config = ConfigParser()
+        config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+        config.update({"dataset_dir": os.path.abspath(data), "num_workers": 0, "cache_rate": 1.0})
+        if name == "0.1.6":
+            previous_pipeline(config)
+        datasets[name] = config.get_parsed_content("train#dataloader").dataset  # SeededDataset(CacheDataset)
+    total = dict.fromkeys(datasets, 0.0)
+    n = len(datasets["bundle"])
+    for i in range(samples):
+        order = list(datasets) if i % 2 else list(datasets)[::-1]
+        out = {}
+        for name in order:
+            start = time.perf_counter()
+            out[name] = datasets[name][(i % n, 1000 + i)]
+            total[name] += time.perf_counter() - start
+        same = all(torch.equal(torch.as_tensor(out["0.1.6"][k]), torch.as_tensor(out["bundle"][k]))
+                   for k in ("image", "label"))
+        if not same:
+            raise RuntimeError(f"sample {i}: the two pipelines gave different patches")
+    old, new = (1000 * total[k] / samples for k in ("0.1.6", "bundle"))
+    print(f"one training sample (cache read + random part), 1 thread, {samples} samples, the same patches: "
+          f"0.1.6 pipeline {old:.1f} ms, bundle {new:.1f} ms ({old / new:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The training loader: the deterministic prefix is cached by default, and the random part's cheaper order (crop, then
-pad) gives exactly what pad-then-crop gave."""
+"""The training loader: the deterministic prefix (with the pad) is cached by default and the random part reads the
+cache without copying it, pad-then-crop gives exactly what crop-then-pad gave, and the loader thread's errors reach
+the training loop."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from test_bundle import BUNDLE, data_dir  # noqa: F401  (module fixture: tiny Br
 
 
 def test_crop_then_pad_equals_pad_then_crop():
-    """train.json crops the random patch before padding it (padding the whole cropped-foreground volume first copied
-    ~75 MB per BraTS sample): with the same random state the patch is identical, on axes shorter than the patch too."""
+    """train.json pads the volume to the patch size in the cached prefix and crops the random patch from it (release
+    0.1.6 padded every cropped patch, a 33 MB copy per BraTS sample): with the same random state the patch is
+    identical, on axes shorter than the patch too."""
     from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
 
     roi = (32, 32, 32)
@@ -127,3 +129,87 @@ def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
     with mock.patch("dmaf_components.data.keep_freed_memory", return_value=True) as keep:
         parser.get_parsed_content("initialize#0")
     keep.assert_called_once_with(True)  # the bundle's default
+
+
+def _train_loader(data_dir, prob=None):  # noqa: F811
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    parser.update({"dataset_dir": str(data_dir), "num_workers": 0, "device": "$torch.device('cpu')",
+                   "roi_size": [16, 16, 16]})
+    if prob is not None:  # every random transform always (1.0) or never (0.0) applied
+        for t in parser["train#augmentation"]:
+            if "prob" in t:
+                t["prob"] = prob
+    return parser.get_parsed_content("train#dataloader")
+
+
+def test_random_part_never_writes_into_the_cache(data_dir):  # noqa: F811
+    """train#dataset reads the cached volumes without a deep copy per sample (copy_cache false: 17 % of a BraTS
+    sample's cost, docs/performance.md). That is safe only while no random transform writes into its input and the
+    batch never shares memory with the cache: checked with every transform applied and with none (then the crop is a
+    view of the cache), while the consumer overwrites each batch in place."""
+    from dmaf_components.data import CheckedThreadDataLoader
+
+    for prob in (1.0, 0.0):
+        loader = _train_loader(data_dir, prob)
+        assert isinstance(loader, CheckedThreadDataLoader) and loader.dataset.dataset.copy_cache is False
+        cache = loader.dataset.dataset._cache
+        before = [{k: v.clone() for k, v in item.items() if torch.is_tensor(v)} for item in cache]
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                batch["image"].fill_(7.0)
+                batch["label"].fill_(7.0)
+        for item, saved in zip(cache, before):
+            for key, value in saved.items():
+                assert torch.equal(torch.as_tensor(item[key]), torch.as_tensor(value)), (prob, key)
+
+
+def test_loader_thread_gives_the_plain_loaders_batches_and_raises_its_errors():
+    """The bundle's CheckedThreadDataLoader yields what a DataLoader with the same sampler yields, in order. A sample
+    that raises in its background thread stops the epoch with that error: MONAI's own ThreadDataLoader ends the
+    epoch early without a word (a silently shortened epoch)."""
+    import pytest
+    from monai.data import DataLoader, ThreadDataLoader
+
+    from dmaf_components.data import CheckedThreadDataLoader
+
+    class Cases(torch.utils.data.Dataset):
+        def __init__(self, bad=None):
+            self.bad = bad
+
+        def __len__(self):
+            return 7
+
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise ValueError(f"case{i}.nii.gz: label value 9 not allowed")
+            return {"image": torch.full((2, 3), float(i)), "case": f"case{i}"}
+
+    def batches(cls, dataset):
+        loader = cls(dataset, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(3))
+        return [(b["image"].clone(), b["case"]) for epoch in range(2) for b in loader]
+
+    threaded, plain = batches(CheckedThreadDataLoader, Cases()), batches(DataLoader, Cases())
+    assert len(threaded) == len(plain) == 8
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(threaded, plain))
+    assert len(batches(ThreadDataLoader, Cases(bad=5))) < 8  # MONAI's: no error, fewer batches
+    with pytest.raises(ValueError, match="case5.nii.gz: label value 9"):
+        batches(CheckedThreadDataLoader, Cases(bad=5))
+    with pytest.raises(ValueError, match="use_thread_workers"):
+        CheckedThreadDataLoader(Cases(), num_workers=2, use_thread_workers=True)
+
+
+def test_default_num_workers_uses_the_loader_thread_on_two_cores():
+    """train.json's num_workers: the background thread (0) where worker processes would take the transforms' CPU to
+    move batches between processes (at most 2 CPUs), worker processes (at most 4) where there are cores to spare."""
+    from monai.bundle import ConfigParser
+
+    from dmaf_components.data import default_num_workers
+
+    assert [default_num_workers(c) for c in (1, 2, 3, 4, 16)] == [0, 0, 3, 4, 4]
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    assert parser.get_parsed_content("num_workers") == default_num_workers()

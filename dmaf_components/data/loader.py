@@ -1,0 +1,101 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""The training loader: MONAI's ``ThreadDataLoader`` with its background thread's errors raised where the batches are
+consumed, and the default number of worker processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from monai.data import ThreadBuffer, ThreadDataLoader
+
+__all__ = ["CheckedThreadBuffer", "CheckedThreadDataLoader", "default_num_workers"]
+
+
+def default_num_workers(cpus: int | None = None) -> int:
+    """The bundle's default ``num_workers``: 0 (the transforms in the loader's background thread) on a machine with
+    at most 2 CPUs available, else ``min(4, cpus)`` worker processes.
+
+    A worker process hands each batch to the trainer through a new shared-memory segment: about 50 ms of CPU for a
+    42 MB BraTS patch, which on 2 cores is CPU the transforms need (measured: 2 workers 7.9-9.2 samples/s, the thread
+    10.4-12.0; docs/performance.md). With more cores the workers run on cores of their own.
+
+    Args:
+        cpus: CPUs to assume; default: those this process may run on.
+
+    Returns:
+        the number of loader worker processes.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cpus <= 2 else min(4, cpus)
+
+
+class CheckedThreadBuffer(ThreadBuffer):
+    """A MONAI ``ThreadBuffer`` that re-raises, in the consuming thread, what stopped its source thread.
+
+    MONAI 1.6's ``ThreadBuffer`` ends its iteration quietly when the source raises in the background thread (the thread
+    dies and the consumer sees an exhausted buffer), so a sample that fails a check would silently shorten the epoch.
+    Here the batches made before the error are yielded, then the error itself is raised.
+    """
+
+    def __init__(self, src: Any, buffer_size: int = 1, timeout: float = 0.01) -> None:
+        super().__init__(src, buffer_size=buffer_size, timeout=timeout)
+        self.error: BaseException | None = None
+
+    def enqueue_values(self) -> None:
+        try:
+            super().enqueue_values()
+        except BaseException as e:  # noqa: B036 - handed to the consuming thread, which raises it
+            self.error = e
+
+    def __iter__(self) -> Iterator[Any]:
+        self.error = None
+        yield from super().__iter__()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+class CheckedThreadDataLoader(ThreadDataLoader):
+    """MONAI ``ThreadDataLoader`` whose background thread's errors reach the training loop.
+
+    With ``num_workers=0`` the dataset's transforms run in one background thread of the main process while the main
+    thread trains: no worker processes and no copy of each batch between processes (what MONAI's fast-training
+    recipe pairs with ``CacheDataset``). With ``num_workers > 0`` the transforms run in worker processes as with a
+    plain ``DataLoader`` and the thread only prefetches their batches. Thread workers (``use_thread_workers``) are
+    refused: PyTorch's worker loop sets the process-wide thread count to 1 and re-seeds the global generators.
+
+    Args:
+        dataset: the dataset.
+        buffer_size: batches made ahead by the background thread.
+        buffer_timeout: seconds the thread and the consumer wait on the buffer before checking again.
+        repeats: times each batch is yielded.
+        kwargs: ``torch.utils.data.DataLoader`` arguments.
+    """
+
+    def __init__(
+        self, dataset: Any, buffer_size: int = 1, buffer_timeout: float = 0.01, repeats: int = 1, **kwargs: Any
+    ) -> None:
+        if kwargs.pop("use_thread_workers", False):
+            raise ValueError(
+                "CheckedThreadDataLoader: use_thread_workers is not supported (PyTorch's worker loop sets the "
+                "process's thread count and global seeds); use num_workers=0 for a background thread."
+            )
+        super().__init__(dataset, buffer_size=buffer_size, buffer_timeout=buffer_timeout, repeats=repeats, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        buffer = CheckedThreadBuffer(super(ThreadDataLoader, self).__iter__(), self.buffer_size, self.buffer_timeout)
+        for batch in buffer:
+            for _ in range(self.repeats):
+                yield batch
