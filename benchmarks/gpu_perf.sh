@@ -5,8 +5,8 @@
 #      model with fused AdamW and with instance norm through the group-norm kernel;
 #   2. one real bundle training run (train.json's defaults) on 20 full-size synthetic cases: cache fill, epoch wall
 #      time, loader wait, GPU utilisation, peak memory;
-#   3. the training loader alone at full size with the bundle's defaults (samples/s, first epoch and steady state),
-#      with glibc keeping freed memory off and on (release 0.1.6's keep_freed_memory);
+#   3. the training loader at full size: the loader thread (workers 0) against 4 worker processes, alone
+#      (samples/s, first epoch and steady state) and feeding a 0.12 s stand-in step (share of time waiting);
 #   4. with COMPILE=1, the full model under torch.compile (its compile time printed as the warm-up).
 # Usage: bash benchmarks/gpu_perf.sh OUTDIR     (the package importable: pip install -e . or PYTHONPATH)
 set -u
