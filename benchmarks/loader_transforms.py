@@ -36,6 +36,9 @@ def main() -> None:
     from monai.bundle import ConfigParser
     from monai.transforms import Randomizable, RandRotated
 
+    from dmaf_components.data import keep_freed_memory
+
+    keep_freed_memory()  # as every bundle workflow does first
     torch.set_num_threads(1)
     config = ConfigParser()
     config.read_config(os.path.join(BUNDLE, "configs", "train.json"))

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .data.constants import DMAFDataError
+from .data.loader import available_cpus
 
 __all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy"]
 
@@ -385,7 +386,7 @@ class AblationStudy:
         stop = threading.Event()
         # concurrent runs share the CPUs: each gets its part of them for its own threads (evaluation's CPU work
         # with every process at the machine's full thread count oversubscribes the cores many times over)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = available_cpus()
         threads = {}
         if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
             threads["OMP_NUM_THREADS"] = str(max(1, cpus // jobs))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 
+import pytest
 import torch
 
 from test_bundle import BUNDLE, data_dir  # noqa: F401  (module fixture: tiny BraTS set with a datalist)
@@ -131,13 +132,17 @@ def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
     keep.assert_called_once_with(True)  # the bundle's default
 
 
-def _train_loader(data_dir, prob=None):  # noqa: F811
+def _train_loader(data_dir, configs, datalist, prob=None):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    parser.update({"dataset_dir": str(data_dir), "num_workers": 0, "device": "$torch.device('cpu')",
-                   "roi_size": [16, 16, 16]})
+    parser.read_config([os.path.join(BUNDLE, "configs", c) for c in configs])
+    parser.update({"dataset_dir": str(data_dir), "datalist": str(datalist), "train_num_workers": 0,
+                   "device": "$torch.device('cpu')"})
+    if configs == ["train.json"]:
+        parser["roi_size"] = [16, 16, 16]
+    else:  # MyoPS: 2-D patches from the 3-slice synthetic cases
+        parser.update({"roi_size": [32, 32], "crop_size": [48, 48, -1]})
     if prob is not None:  # every random transform always (1.0) or never (0.0) applied
         for t in parser["train#augmentation"]:
             if "prob" in t:
@@ -145,32 +150,41 @@ def _train_loader(data_dir, prob=None):  # noqa: F811
     return parser.get_parsed_content("train#dataloader")
 
 
-def test_random_part_never_writes_into_the_cache(data_dir):  # noqa: F811
-    """train#dataset reads the cached volumes without a deep copy per sample (copy_cache false: 17 % of a BraTS
-    sample's cost, docs/performance.md). That is safe only while no random transform writes into its input and the
-    batch never shares memory with the cache: checked with every transform applied and with none (then the crop is a
-    view of the cache), while the consumer overwrites each batch in place."""
-    from dmaf_components.data import CheckedThreadDataLoader
+def test_random_part_never_writes_into_the_cache(data_dir, tiny_myops, tmp_path):  # noqa: F811
+    """train#dataset reads the cached volumes without a deep copy per sample (copy_cache false; release 0.1.6 copied
+    each whole cached volume per sample, docs/performance.md). That is safe only while no random transform writes into
+    its input's data and the batch never shares memory with the cache: checked for BraTS (train.json) and MyoPS
+    (train_myops.json), with every transform applied and with none (then the crop is a view of the cache), while the
+    consumer overwrites each batch in place. (MONAI's spatial transforms do update the cached metadata's pixdim array
+    in place; the bundle drops the metadata at EnsureTyped and never reads it.)"""
+    from dmaf_components.data import CheckedThreadDataLoader, build_datalist, write_datalist
 
-    for prob in (1.0, 0.0):
-        loader = _train_loader(data_dir, prob)
-        assert isinstance(loader, CheckedThreadDataLoader) and loader.dataset.dataset.copy_cache is False
-        cache = loader.dataset.dataset._cache
-        before = [{k: v.clone() for k, v in item.items() if torch.is_tensor(v)} for item in cache]
-        for epoch in range(2):
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                batch["image"].fill_(7.0)
-                batch["label"].fill_(7.0)
-        for item, saved in zip(cache, before):
-            for key, value in saved.items():
-                assert torch.equal(torch.as_tensor(item[key]), torch.as_tensor(value)), (prob, key)
+    myops_list = tmp_path / "myops.json"
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(4, 1, 0), seed=0), str(myops_list))
+    cases = [(data_dir, ["train.json"], data_dir / "datalist.json"),
+             (tiny_myops, ["train.json", "train_myops.json"], myops_list)]
+    for root, configs, datalist in cases:
+        for prob in (1.0, 0.0):
+            loader = _train_loader(root, configs, datalist, prob)
+            assert isinstance(loader, CheckedThreadDataLoader) and loader.dataset.dataset.copy_cache is False
+            cache = loader.dataset.dataset._cache
+            before = [{k: v.clone() for k, v in item.items() if torch.is_tensor(v)} for item in cache]
+            for epoch in range(2):
+                loader.sampler.set_epoch(epoch)
+                for batch in loader:
+                    batch["image"].fill_(7.0)
+                    batch["label"].fill_(7.0)
+            for item, saved in zip(cache, before):
+                for key, value in saved.items():
+                    assert torch.equal(torch.as_tensor(item[key]), torch.as_tensor(value)), (configs, prob, key)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # MONAI's thread dies (below)
 def test_loader_thread_gives_the_plain_loaders_batches_and_raises_its_errors():
     """The bundle's CheckedThreadDataLoader yields what a DataLoader with the same sampler yields, in order. A sample
-    that raises in its background thread stops the epoch with that error: MONAI's own ThreadDataLoader ends the
-    epoch early without a word (a silently shortened epoch)."""
+    that raises in its background thread stops the epoch with that error. MONAI's own ThreadDataLoader only ends the
+    iteration (the thread's traceback goes to stderr, no exception reaches the loop, and Ignite restarts the loader to
+    fill the epoch)."""
     import pytest
     from monai.data import DataLoader, ThreadDataLoader
 
@@ -200,16 +214,22 @@ def test_loader_thread_gives_the_plain_loaders_batches_and_raises_its_errors():
         batches(CheckedThreadDataLoader, Cases(bad=5))
     with pytest.raises(ValueError, match="use_thread_workers"):
         CheckedThreadDataLoader(Cases(), num_workers=2, use_thread_workers=True)
+    with pytest.raises(ValueError, match="repeats must be 1"):
+        CheckedThreadDataLoader(Cases(), repeats=2)
 
 
-def test_default_num_workers_uses_the_loader_thread_on_two_cores():
-    """train.json's num_workers: the background thread (0) where worker processes would take the transforms' CPU to
-    move batches between processes (at most 2 CPUs), worker processes (at most 4) where there are cores to spare."""
+def test_training_loader_uses_its_thread_on_two_cores():
+    """train.json's train_num_workers: the background thread (0) where worker processes would take the transforms'
+    CPU to move batches between processes (at most 2 CPUs), else num_workers worker processes as before;
+    num_workers (cache-filling threads, validation and evaluation loaders) keeps min(4, CPUs)."""
     from monai.bundle import ConfigParser
 
-    from dmaf_components.data import default_num_workers
+    from dmaf_components.data import available_cpus, train_loader_workers
 
-    assert [default_num_workers(c) for c in (1, 2, 3, 4, 16)] == [0, 0, 3, 4, 4]
+    assert [train_loader_workers(4, c) for c in (1, 2, 3, 16)] == [0, 0, 4, 4]
+    assert train_loader_workers(0, 16) == 0 and train_loader_workers(2, 2) == 0
     parser = ConfigParser()
     parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    assert parser.get_parsed_content("num_workers") == default_num_workers()
+    assert parser.get_parsed_content("num_workers") == min(4, available_cpus())
+    assert parser.get_parsed_content("train_num_workers") == train_loader_workers(min(4, available_cpus()))
+    assert parser["train#dataloader"]["num_workers"] == "@train_num_workers"

@@ -163,7 +163,7 @@ def test_resume_after_a_kill_is_bitwise_equal_per_epoch_with_0_and_mid_epoch_wit
     for name, workers in (("checkpoint_epoch=1.pt", 0), ("checkpoint_iteration=3.pt", 1)):
         root = tmp_path / f"resumed_{name}"
         shutil.copytree(killed, root / "models")  # as left by the kill: model.pt of epoch 1, last checkpoints
-        log = _train(data3, root, resume_from=str(root / "models" / name), **{**common, "num_workers": workers})
+        log = _train(data3, root, resume_from=str(root / "models" / name), **{**common, "train_num_workers": workers})
         iteration = 2 if workers == 0 else 3
         assert any(f"at epoch 1, iteration {iteration}" in line and name in line for line in log), log
         # model, optimizer, loss, DTM, scheduler, trainer, random state and best-model tracking: all bitwise equal

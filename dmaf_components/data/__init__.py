@@ -37,7 +37,7 @@ from .datalist import (
     write_datalist,
 )
 from .io import load_datalist
-from .loader import CheckedThreadBuffer, CheckedThreadDataLoader, default_num_workers
+from .loader import CheckedThreadBuffer, CheckedThreadDataLoader, available_cpus, train_loader_workers
 from .names import classify_files, is_label_file, is_nifti, modality_of, nifti_stem
 from .studies import check_output_dir, find_studies
 from .synthetic import BRATS_AFFINE, brats_case, myops_case, synthesize_brats, synthesize_myops
@@ -47,7 +47,8 @@ __all__ = list(_constants_all) + [
     "keep_freed_memory",
     "CheckedThreadBuffer",
     "CheckedThreadDataLoader",
-    "default_num_workers",
+    "train_loader_workers",
+    "available_cpus",
     "PAPER_MISSING_RATES",
     "build_datalist",
     "write_datalist",

@@ -19,34 +19,41 @@ from typing import Any
 
 from monai.data import ThreadBuffer, ThreadDataLoader
 
-__all__ = ["CheckedThreadBuffer", "CheckedThreadDataLoader", "default_num_workers"]
+__all__ = ["CheckedThreadBuffer", "CheckedThreadDataLoader", "available_cpus", "train_loader_workers"]
 
 
-def default_num_workers(cpus: int | None = None) -> int:
-    """The bundle's default ``num_workers``: 0 (the transforms in the loader's background thread) on a machine with
-    at most 2 CPUs available, else ``min(4, cpus)`` worker processes.
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one; a CPU quota of a container is not seen)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def train_loader_workers(num_workers: int, cpus: int | None = None) -> int:
+    """The bundle's default ``train_num_workers`` (the training loader's worker processes): 0, the transforms in the
+    loader's background thread, with at most 2 CPUs; else ``num_workers``.
 
     A worker process hands each batch to the trainer through a new shared-memory segment: about 50 ms of CPU for a
-    42 MB BraTS patch, which on 2 cores is CPU the transforms need (measured: 2 workers 7.9-9.2 samples/s, the thread
-    10.4-12.0; docs/performance.md). With more cores the workers run on cores of their own.
+    42 MB BraTS patch (``benchmarks/loader_ipc.py``), which on 2 cores is CPU the transforms need. Measured on 2
+    cores, the loader alone: the thread 9.22 and 8.47 samples/s, 2 worker processes 6.02 and 8.47
+    (docs/performance.md). With more cores the workers run on cores of their own.
 
     Args:
-        cpus: CPUs to assume; default: those this process may run on.
+        num_workers: the bundle's ``num_workers`` (cache-filling threads, validation and evaluation loaders).
+        cpus: CPUs to assume; default: :func:`available_cpus`.
 
     Returns:
-        the number of loader worker processes.
+        the number of training loader worker processes.
     """
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cpus <= 2 else min(4, cpus)
+    cpus = available_cpus() if cpus is None else cpus
+    return 0 if cpus <= 2 else int(num_workers)
 
 
 class CheckedThreadBuffer(ThreadBuffer):
     """A MONAI ``ThreadBuffer`` that re-raises, in the consuming thread, what stopped its source thread.
 
-    MONAI 1.6's ``ThreadBuffer`` ends its iteration quietly when the source raises in the background thread (the thread
-    dies and the consumer sees an exhausted buffer), so a sample that fails a check would silently shorten the epoch.
-    Here the batches made before the error are yielded, then the error itself is raised.
+    MONAI 1.6's ``ThreadBuffer`` ends its iteration when the source raises in the background thread: the thread dies
+    (its traceback goes to stderr) and the consumer sees an exhausted buffer, no exception. Ignite then starts the
+    loader again to fill the epoch, so a sample that fails a check would be skipped with training going on. Here the
+    batches made before the error are yielded, then the error itself is raised.
     """
 
     def __init__(self, src: Any, buffer_size: int = 1, timeout: float = 0.01) -> None:
@@ -80,13 +87,16 @@ class CheckedThreadDataLoader(ThreadDataLoader):
         dataset: the dataset.
         buffer_size: batches made ahead by the background thread.
         buffer_timeout: seconds the thread and the consumer wait on the buffer before checking again.
-        repeats: times each batch is yielded.
+        repeats: must be 1 (MONAI's ``repeats`` yields each batch again without counting it in ``len()``, which
+            would put an Ignite epoch and the resumable sampler out of step).
         kwargs: ``torch.utils.data.DataLoader`` arguments.
     """
 
     def __init__(
         self, dataset: Any, buffer_size: int = 1, buffer_timeout: float = 0.01, repeats: int = 1, **kwargs: Any
     ) -> None:
+        if repeats != 1:
+            raise ValueError(f"CheckedThreadDataLoader: repeats must be 1, got {repeats!r} (len() would not count them).")
         if kwargs.pop("use_thread_workers", False):
             raise ValueError(
                 "CheckedThreadDataLoader: use_thread_workers is not supported (PyTorch's worker loop sets the "
