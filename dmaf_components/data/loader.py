@@ -70,8 +70,7 @@ class CheckedThreadBuffer(ThreadBuffer):
         self.error = None
         yield from super().__iter__()
         if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+            raise self.error
 
 
 class CheckedThreadDataLoader(ThreadDataLoader):
@@ -104,8 +103,5 @@ class CheckedThreadDataLoader(ThreadDataLoader):
             )
         super().__init__(dataset, buffer_size=buffer_size, buffer_timeout=buffer_timeout, repeats=repeats, **kwargs)
 
-    def __iter__(self) -> Iterator[Any]:
-        buffer = CheckedThreadBuffer(super(ThreadDataLoader, self).__iter__(), self.buffer_size, self.buffer_timeout)
-        for batch in buffer:
-            for _ in range(self.repeats):
-                yield batch
+    def __iter__(self) -> Iterator[Any]:  # ThreadDataLoader's, on the checked buffer (repeats is always 1)
+        yield from CheckedThreadBuffer(super(ThreadDataLoader, self).__iter__(), self.buffer_size, self.buffer_timeout)
