@@ -8,9 +8,10 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Cost of each random transform of the bundle's training pipeline, one thread, on cached full-size samples; the
-random rotation of a 4 x 128^3 patch resampled in float64 (MONAI's default) vs float32 (train.json), side by side; and
-one whole training sample in release 0.1.6's pipeline vs the bundle's (the same patches, alternating).
+"""Cost of each random transform of the bundle's training pipeline, one thread, on cached full-size samples; the flips
+and rotation of 128^3 patches as release 0.1.7 ran them (MONAI's RandFlipd per axis and RandRotated in float32) vs the
+bundle's RandFlipRotated (one resampling), side by side; and one whole training sample in release 0.1.7's pipeline
+vs the bundle's (alternating).
 
     python benchmarks/loader_transforms.py --data data/loader_bench --samples 16
 """
@@ -31,10 +32,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/loader_bench", help="a set made by benchmarks/dataloader.py")
     parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--rotations", type=int, default=4)
+    parser.add_argument("--rotations", type=int, default=12, help="patches with the rotation forced")
     args = parser.parse_args()
     from monai.bundle import ConfigParser
-    from monai.transforms import Randomizable, RandRotated
+    from monai.transforms import Randomizable
 
     from dmaf_components.data import keep_freed_memory
 
@@ -60,30 +61,68 @@ def main() -> None:
         print(f"  {name:<24} {1000 * total / args.samples:7.1f}")
     print(f"  {'total':<24} {1000 * sum(cost.values()) / args.samples:7.1f}")
 
-    data = {"image": torch.randn(4, 128, 128, 128), "label": torch.randint(0, 4, (1, 128, 128, 128)).float()}
-    out, times = {}, {}
-    for dtype in (np.float64, np.float32):  # interleaved
-        times[dtype.__name__] = []
-    for _ in range(args.rotations + 1):
-        for dtype in (np.float64, np.float32):
-            rotate = RandRotated(["image", "label"], range_x=0.17, range_y=0.17, range_z=0.17, prob=1.0,
-                                 mode=["bilinear", "nearest"], padding_mode="zeros", dtype=dtype)
-            rotate.set_random_state(3)
-            start = time.perf_counter()
-            out[dtype.__name__] = rotate(dict(data))
-            times[dtype.__name__].append(time.perf_counter() - start)
-    f64, f32 = (np.mean(times[k][1:]) for k in ("float64", "float32"))  # the first of each is a warm-up
-    diff = (out["float64"]["image"] - out["float32"]["image"]).abs().max().item()
-    labels_differ = int((out["float64"]["label"] != out["float32"]["label"]).sum())
-    print(f"rotation of a 4x128^3 patch + label: float64 {f64:.3f} s, float32 {f32:.3f} s ({f64 / f32:.2f}x); "
-          f"image max difference {diff:.2e}, labels differing {labels_differ} of {out['float32']['label'].numel()} "
-          "voxels (nearest-neighbour ties)")
+    spatial(config, cache, args.samples, args.rotations)
     whole_sample(args.data, args.samples * 3)
 
 
+def spatial(config, cache, samples: int, rotations: int) -> None:
+    """Flips and rotation of cached samples' patches: release 0.1.7's MONAI ``RandFlipd`` per axis and ``RandRotated``
+    (float32), the same composed lazily (MONAI's own fusion into one resampling) and the bundle's ``RandFlipRotated``,
+    alternating, on the same patches; the rotation forced off and on (the draws differ between the three), then mixed
+    at the configured rotation probability."""
+    import sys
+
+    from monai.transforms import Compose, RandSpatialCropd
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dataloader import monai_flips_and_rotation
+
+    raw = config["train#augmentation"]
+    (i,) = [k for k, t in enumerate(raw) if t["_target_"] == "dmaf_components.transforms.RandFlipRotated"]
+    prob = raw[i]["prob"]
+    names = ("0.1.7", "lazy", "bundle")
+    variants = {}
+    for rotation_prob in (0.0, 1.0):
+        for name in names:
+            transforms = [dict(t) for t in (monai_flips_and_rotation([raw[i]]) if name != "bundle" else [raw[i]])]
+            for t in transforms:
+                if t["_target_"] != "RandFlipd":
+                    t["prob"] = rotation_prob
+            config["spatial_probe"] = transforms
+            # lazy: MONAI's own fusion of the same transforms into one resampling (lazy resampling, MONAI >= 1.2), in
+            # float32 as the others (its pending operations are otherwise applied in float64)
+            lazy = {"lazy": True, "overrides": {"dtype": torch.float32}} if name == "lazy" else {}
+            variants[(name, rotation_prob)] = Compose(config.get_parsed_content("spatial_probe"), **lazy)
+    roi = config.get_parsed_content("roi_size")
+    crop = RandSpatialCropd(["image", "label"], roi_size=roi, random_size=False)
+    cost = {}
+    for rotation_prob, n in ((0.0, samples * 3), (1.0, rotations)):
+        total = dict.fromkeys(names, 0.0)
+        for j in range(n):
+            crop.set_random_state(j)
+            patch = crop({k: cache[j % len(cache)][k] for k in ("image", "label")})
+            for name in (names if j % 2 else names[::-1]):
+                transform = variants[(name, rotation_prob)]
+                transform.set_random_state(j)
+                start = time.perf_counter()
+                transform(dict(patch))
+                total[name] += time.perf_counter() - start
+        for name in total:
+            cost[(name, rotation_prob)] = total[name] / n
+        old, lazy, new = (1000 * total[k] / n for k in names)
+        what = "flips only (rotation off)" if rotation_prob == 0 else "flips + rotation (rotation forced)"
+        print(f"{'x'.join(map(str, roi))} patch, {what}, {n} patches: MONAI's RandFlipd x3 + RandRotated (0.1.7) "
+              f"{old:.1f} ms, the same lazily (MONAI's fused resampling, float32) {lazy:.1f} ms, "
+              f"RandFlipRotated {new:.1f} ms ({old / new:.2f}x)")
+    old, lazy, new = (1000 * ((1 - prob) * cost[(k, 0.0)] + prob * cost[(k, 1.0)]) for k in names)
+    print(f"  mixed at the configured rotation probability {prob}: 0.1.7 {old:.1f} ms, lazy {lazy:.1f} ms, "
+          f"RandFlipRotated {new:.1f} ms per sample ({old / new:.2f}x)")
+
+
 def whole_sample(data: str, samples: int) -> None:
-    """One sample of train#dataset, the cache read included, in release 0.1.6's pipeline (cached volume deep-copied
-    per sample, pad after the crop) and the bundle's, alternating, with the same sample seeds (the same patches)."""
+    """One sample of train#dataset, the cache read included, in release 0.1.7's pipeline (MONAI's flips and rotation)
+    and the bundle's, alternating, with the same sample seeds (the same crops; other flip and rotation draws). The
+    rotated and the other samples are timed apart and mixed at the configured rotation probability."""
     import sys
 
     from monai.bundle import ConfigParser
@@ -92,29 +131,37 @@ def whole_sample(data: str, samples: int) -> None:
     from dataloader import previous_pipeline
 
     datasets = {}
-    for name in ("0.1.6", "bundle"):
+    for name in ("0.1.7", "bundle"):
         config = ConfigParser()
         config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
         config.update({"dataset_dir": os.path.abspath(data), "num_workers": 0, "cache_rate": 1.0})
-        if name == "0.1.6":
-            previous_pipeline(config)
+        if name == "0.1.7":
+            previous_pipeline(config, "0.1.7")
         datasets[name] = config.get_parsed_content("train#dataloader").dataset  # SeededDataset(CacheDataset)
-    total = dict.fromkeys(datasets, 0.0)
+    rotations = {}  # the pipeline's rotating transform: was this sample rotated?
+    for name, dataset in datasets.items():
+        (rotations[name],) = [t for t in dataset.dataset.transform.transforms
+                              if type(t).__name__ in ("RandRotated", "RandFlipRotated")]
+    prob = rotations["bundle"].prob
+    times: dict[tuple[str, bool], list[float]] = {}
     n = len(datasets["bundle"])
     for i in range(samples):
-        order = list(datasets) if i % 2 else list(datasets)[::-1]
-        out = {}
-        for name in order:
+        for name in (list(datasets) if i % 2 else list(datasets)[::-1]):
             start = time.perf_counter()
-            out[name] = datasets[name][(i % n, 1000 + i)]
-            total[name] += time.perf_counter() - start
-        same = all(torch.equal(torch.as_tensor(out["0.1.6"][k]), torch.as_tensor(out["bundle"][k]))
-                   for k in ("image", "label"))
-        if not same:
-            raise RuntimeError(f"sample {i}: the two pipelines gave different patches")
-    old, new = (1000 * total[k] / samples for k in ("0.1.6", "bundle"))
-    print(f"one training sample (cache read + random part), 1 thread, {samples} samples, the same patches: "
-          f"0.1.6 pipeline {old:.1f} ms, bundle {new:.1f} ms ({old / new:.2f}x)")
+            datasets[name][(i % n, 1000 + i)]
+            elapsed = time.perf_counter() - start
+            times.setdefault((name, bool(rotations[name]._do_transform)), []).append(elapsed)
+    # the draws differ between the pipelines, so each is weighted by the configured rotation probability (a plain
+    # mean would carry the binomial noise of how many samples each happened to rotate: about 0.3 s each)
+    cost = {}
+    for name in datasets:
+        plain, rotated = (np.mean(times.get((name, r), [np.nan])) for r in (False, True))
+        cost[name] = (1 - prob) * plain + prob * rotated
+        print(f"  {name:>6}: {len(times.get((name, False), []))} samples not rotated {1000 * plain:.1f} ms, "
+              f"{len(times.get((name, True), []))} rotated {1000 * rotated:.1f} ms")
+    old, new = (1000 * cost[k] for k in ("0.1.7", "bundle"))
+    print(f"one training sample (cache read + random part), 1 thread, {samples} samples, the same seeds, weighted by "
+          f"the rotation probability {prob}: 0.1.7 pipeline {old:.1f} ms, bundle {new:.1f} ms ({old / new:.2f}x)")
 
 
 if __name__ == "__main__":

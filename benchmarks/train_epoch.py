@@ -150,9 +150,10 @@ def main() -> None:
     config.get_parsed_content("run")
     peak = torch.cuda.max_memory_allocated() / 1024**3 if gpu else None
     name = torch.cuda.get_device_name() if gpu else "cpu"
-    workers = config.get_parsed_content("num_workers")
+    workers = config.get_parsed_content("train_num_workers")  # 0: the loader thread
     print(f"bundle training, {name}, torch {torch.__version__}, amp {config.get_parsed_content('amp')}, "
-          f"{workers} loader workers, cache_rate {config.get_parsed_content('cache_rate')}, "
+          f"{workers} loader worker processes (0: the loader thread), "
+          f"cache_rate {config.get_parsed_content('cache_rate')}, "
           f"roi {config.get_parsed_content('roi_size')}, {os.cpu_count()} CPUs")
     print(f"cache fill: {fill:.1f} s for {len(dataset)} cases ({cache_bytes(dataset) / 1024**3:.2f} GB in memory)")
     for e in epochs:

@@ -309,21 +309,68 @@ def test_cli_writes_datalist_and_never_overwrites(tiny_brats, tmp_path):
     assert proc.returncode == 2 and "exists already" in proc.stderr and out.read_text() == before
 
 
-def test_bundle_rotation_in_float32_gives_the_float64_result():
-    """train.json resamples its random rotation in float32 (1.3-1.5x faster than MONAI's float64 default on a
-    4 x 128^3 patch, benchmarks/loader_transforms.py): on a small volume the rotated image and label are those of
-    float64 (at 128^3 a few nearest-neighbour ties break differently)."""
+def test_flip_rotation_draws_and_refuses_mismatched_keys():
+    """RandFlipRotated flips each axis with flip_prob and rotates with prob (not one for the other), angles within
+    their ranges; keys of different spatial shapes are an error naming both."""
+    from dmaf_components.transforms import RandFlipRotated
+
+    augment = RandFlipRotated(["image", "label"], flip_prob=0.5, prob=0.2, range_x=0.3, range_y=(0.0, 0.1))
+    augment.set_random_state(0)
+    flips, rotations, angles = [], [], []
+    for _ in range(2000):
+        augment.randomize(3)
+        flips.append(augment.flips)
+        rotations.append(augment._do_transform)
+        angles.append(augment.angles)
+    flips, angles = np.array(flips), np.array(angles)
+    assert np.all(np.abs(flips.mean(0) - 0.5) < 0.04) and abs(np.mean(rotations) - 0.2) < 0.03
+    assert -0.3 <= angles[:, 0].min() < -0.25 and 0.25 < angles[:, 0].max() <= 0.3
+    assert 0.0 <= angles[:, 1].min() and angles[:, 1].max() <= 0.1 and np.all(angles[:, 2] == 0)
+    assert RandFlipRotated("image", range_x=[0.2], range_y=(0.1,)).ranges[:2] == [(-0.2, 0.2), (-0.1, 0.1)]  # MONAI's
+    augment.flip_prob = augment.prob = 0.0  # nothing drawn: still checked
+    with pytest.raises(ValueError, match="'label' has spatial shape \\(8, 8, 6\\), 'image' has \\(8, 8, 8\\)"):
+        augment({"image": torch.zeros(1, 8, 8, 8), "label": torch.zeros(1, 8, 8, 6)})
+
+
+@pytest.mark.parametrize("config", ["train.json", "train_myops.json"])  # MyoPS: merged over train.json
+def test_bundle_flip_rotation_is_monai_flips_then_rotation(config):
+    """The bundle's spatial augmentation (RandFlipRotated: flips folded into one float32 resampling) gives what MONAI's
+    Flip per drawn axis followed by Rotate in float64 give for the same draws: image within float rounding, labels
+    equal, the MetaTensor affine equal (from an oblique, scaled, shifted affine: the order of the product matters);
+    with and without the rotation, on a non-cubic volume (an axis mix-up fails)."""
     from monai.bundle import ConfigParser
-    from monai.transforms import RandRotated
+    from monai.data import MetaTensor
+    from monai.transforms import Flip, Rotate
+
+    from dmaf_components.transforms import RandFlipRotated
 
     parser = ConfigParser()
-    parser.read_config(os.path.join(os.path.dirname(__file__), "..", "bundle", "configs", "train.json"))
-    rotate = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandRotated)][0]
-    assert rotate.rand_rotate.dtype == np.float32  # (MONAI stores it as a numpy type)
-    twin = RandRotated(["image", "label"], range_x=0.17, range_y=0.17, range_z=0.17, prob=1.0,
-                       mode=["bilinear", "nearest"], padding_mode="zeros")  # MONAI's default dtype: float64
-    rotate.prob = rotate.rand_rotate.prob = 1.0
-    data = {"image": torch.randn(2, 24, 24, 20), "label": torch.randint(0, 4, (1, 24, 24, 20)).float()}
-    rotate.set_random_state(5), twin.set_random_state(5)
-    a, b = rotate(dict(data)), twin(dict(data))
-    assert torch.allclose(a["image"], b["image"], atol=1e-5) and torch.equal(a["label"], b["label"])
+    parser.read_config([os.path.join(os.path.dirname(__file__), "..", "bundle", "configs", c)
+                        for c in dict.fromkeys(["train.json", config])])
+    (augment,) = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandFlipRotated)]
+    shape = (22, 26, 18) if config == "train.json" else (30, 26)
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = torch.tensor([[0.0, -1.2, 0.0], [0.9, 0.0, 0.3], [0.0, 0.2, 2.5]], dtype=torch.float64)
+    affine[:3, 3] = torch.tensor([-90.0, 12.5, 40.0], dtype=torch.float64)
+    rotated = set()
+    for seed in range(8):
+        data = {"image": MetaTensor(torch.randn(2, *shape), affine=affine),
+                "label": MetaTensor(torch.randint(0, 4, (1, *shape)).float(), affine=affine)}
+        augment.prob = 0.5
+        augment.set_random_state(seed)
+        out = augment(dict(data))
+        rotated.add(augment._do_transform)
+        for key, mode in (("image", "bilinear"), ("label", "nearest")):
+            ref = data[key]
+            for axis, flipped in enumerate(augment.flips):
+                if flipped:
+                    ref = Flip(spatial_axis=axis)(ref)
+            if augment._do_transform:
+                angle = augment.angles[0] if len(shape) == 2 else augment.angles
+                ref = Rotate(angle, keep_size=True, mode=mode, padding_mode="zeros", dtype=torch.float64)(ref)
+            if key == "image":
+                torch.testing.assert_close(out[key].as_tensor(), ref.as_tensor(), atol=1e-4, rtol=0)
+            else:
+                assert torch.equal(out[key].as_tensor(), ref.as_tensor()), (config, seed, augment.flips)
+            torch.testing.assert_close(out[key].affine, ref.affine)
+    assert rotated == {True, False}

@@ -145,8 +145,9 @@ def _train_loader(data_dir, configs, datalist, prob=None):
         parser.update({"roi_size": [32, 32], "crop_size": [48, 48, -1]})
     if prob is not None:  # every random transform always (1.0) or never (0.0) applied
         for t in parser["train#augmentation"]:
-            if "prob" in t:
-                t["prob"] = prob
+            for key in ("prob", "flip_prob"):
+                if key in t:
+                    t[key] = prob
     return parser.get_parsed_content("train#dataloader")
 
 
