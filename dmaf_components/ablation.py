@@ -280,13 +280,15 @@ class AblationStudy:
             proc = subprocess.Popen(cmd, cwd=self.bundle_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, bufsize=1, env={**os.environ, **(env or {})})
             epoch_done = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
+            first_epoch = None  # the first epoch this process finished (a resumed run starts after its checkpoint)
             for line in proc.stdout:
                 log.write(line)
                 match = epoch_done.search(line)
                 if match and max_epochs:
                     epoch = int(match.group(1))
-                    rate = (time.time() - started) / max(epoch, 1)
-                    self.log(f"{label}: epoch {epoch}/{max_epochs}, run time left ~{_hms(rate * (max_epochs - epoch))}")
+                    first_epoch = epoch if first_epoch is None else first_epoch
+                    left = _time_left(time.time() - started, first_epoch, epoch, max_epochs)
+                    self.log(f"{label}: epoch {epoch}/{max_epochs}, run time left ~{_hms(left)}")
             code = proc.wait()
         if code != 0:
             tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
@@ -493,6 +495,12 @@ def _cuda_device_count() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001  (no usable torch: no GPUs to share out)
         return 0
+
+
+def _time_left(elapsed: float, first_epoch: int, epoch: int, max_epochs: int) -> float:
+    """Seconds left in a training run, from this process's pace: ``epoch - first_epoch + 1`` epochs finished in
+    ``elapsed`` seconds (a resumed run's first epoch is the one after its checkpoint, not 1)."""
+    return elapsed / max(epoch - first_epoch + 1, 1) * (max_epochs - epoch)
 
 
 def _hms(seconds: float) -> str:

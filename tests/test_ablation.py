@@ -67,6 +67,16 @@ def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
     assert os.path.getsize(tmp_path / "table3.png") > 0
 
 
+def test_time_left_counts_only_the_epochs_this_process_trained():
+    """A run resumed after epoch 9 that finished epochs 10-12 in 60 s has 8 epochs left at 20 s each: 160 s. (Counting
+    all 12 epochs against this process's time said 40 s: the estimate of every resumed run was too short.)"""
+    from dmaf_components.ablation import _time_left
+
+    assert _time_left(60.0, first_epoch=10, epoch=12, max_epochs=20) == pytest.approx(160.0)
+    assert _time_left(60.0, first_epoch=1, epoch=3, max_epochs=20) == pytest.approx(340.0)  # a fresh run
+    assert _time_left(5.0, first_epoch=20, epoch=20, max_epochs=20) == 0.0
+
+
 def test_settings_names():
     assert resolve_settings("table3")[0] == "baseline" and len(resolve_settings("table3")) == 8
     assert resolve_settings("full") == ["baseline", "full"]  # the baseline is always there to compare against
