@@ -271,9 +271,10 @@ class AblationStudy:
 
     def _stream(
         self, cmd: list[str], log_path: str, label: str, max_epochs: int | None, started: float,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, seconds_path: str | None = None, seconds_before: float = 0.0,
     ) -> None:
-        """Run a bundle command, its output to ``log_path``; one progress line per finished epoch."""
+        """Run a bundle command, its output to ``log_path``; one progress line per finished epoch, and at each the
+        run's training seconds so far (``seconds_before`` plus this process's) written to ``seconds_path``."""
         with open(log_path, "a") as log:
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
@@ -289,6 +290,9 @@ class AblationStudy:
                     first_epoch = epoch if first_epoch is None else first_epoch
                     left = _time_left(time.time() - started, first_epoch, epoch, max_epochs)
                     self.log(f"{label}: epoch {epoch}/{max_epochs}, run time left ~{_hms(left)}")
+                    if seconds_path:
+                        with open(seconds_path, "w") as f:
+                            f.write(f"{seconds_before + time.time() - started:.1f}\n")
             code = proc.wait()
         if code != 0:
             tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
@@ -313,13 +317,20 @@ class AblationStudy:
         log_path = os.path.join(run_dir, "bundle.log")
         label = label or f"{setting} seed {seed}"
         done_marker = os.path.join(run_dir, "training.done")
+        seconds_path = os.path.join(run_dir, "training.seconds")  # training so far, over every process of the run
         start = time.time()
+        resumed = False
         if not os.path.exists(done_marker):
             resume = self.latest_checkpoint(run_dir)
+            resumed = resume is not None
+            before = _read_seconds(seconds_path) if resumed else 0.0
             self.log(f"{label}: training" + (f" (continuing from {os.path.basename(resume)})" if resume else ""))
-            self._stream(self.train_command(setting, seed, resume), log_path, label, self._max_epochs(), start, env)
+            self._stream(self.train_command(setting, seed, resume), log_path, label, self._max_epochs(), start, env,
+                         seconds_path, before)
             with open(done_marker, "w") as f:
-                f.write(f"{time.time() - start:.1f}\n")
+                f.write(f"{before + time.time() - start:.1f}\n")
+        else:
+            resumed = True  # trained by an earlier process
         train_s = float(open(done_marker).read().strip() or "nan")
         self.log(f"{label}: evaluating every modality combination of the test split")
         eval_start = time.time()
@@ -339,7 +350,8 @@ class AblationStudy:
             "versions": _versions(),
             "code_commit": _git_commit(self.bundle_dir),
             "environment": dict(env or {}),
-            "train_seconds": train_s,
+            "train_seconds": train_s,  # summed over the run's processes (epochs redone after a resume included)
+            "train_resumed": resumed,
             "evaluate_seconds": time.time() - eval_start,
             "evaluation": evaluation,
         }
@@ -408,14 +420,15 @@ class AblationStudy:
                 env["CUDA_VISIBLE_DEVICES"] = device_ids[slot % gpus]  # the parent's own GPU list, in turn
             start = time.time()
             try:
-                self.run_one(setting, seed, label, env)
+                record = self.run_one(setting, seed, label, env)
             except Exception as e:  # noqa: BLE001  (reported below; the other runs go on)
                 with lock:
                     failures.append(f"{label}: {e}")
                 self.log(f"{label}: FAILED ({type(e).__name__}): {e}")
             else:
-                with lock:
-                    durations.append(time.time() - start)
+                with lock:  # a run continued from a checkpoint took only part of a run's time: not a sample of it
+                    if not (record or {}).get("train_resumed"):
+                        durations.append(time.time() - start)
             finally:
                 with lock:
                     slots.append(slot)
@@ -501,6 +514,16 @@ def _time_left(elapsed: float, first_epoch: int, epoch: int, max_epochs: int) ->
     """Seconds left in a training run, from this process's pace: ``epoch - first_epoch + 1`` epochs finished in
     ``elapsed`` seconds (a resumed run's first epoch is the one after its checkpoint, not 1)."""
     return elapsed / max(epoch - first_epoch + 1, 1) * (max_epochs - epoch)
+
+
+def _read_seconds(path: str) -> float:
+    """A run's training seconds so far (``training.seconds``); 0 where an earlier version wrote none. A resumed run's
+    record then counts only the processes that wrote it."""
+    try:
+        with open(path) as f:
+            return float(f.read().strip())
+    except (OSError, ValueError):
+        return 0.0
 
 
 def _hms(seconds: float) -> str:

@@ -111,12 +111,17 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
 
     # a run killed after its epoch-1 checkpoint continues from it (not from scratch) and is recorded
     run_dir = study.run_dir("full", 0)
+    first = record["train_seconds"]
+    assert not record["train_resumed"] and first > 0
     os.remove(study.record_path("full", 0))
     os.remove(os.path.join(run_dir, "training.done"))
     assert study.latest_checkpoint(run_dir) is not None
     lines.clear()
     study.run()
     assert any("continuing from checkpoint_" in line for line in lines) and os.path.exists(study.record_path("full", 0))
+    # its training time is the first process's plus the second's, not the second's alone
+    resumed = json.load(open(study.record_path("full", 0)))
+    assert resumed["train_resumed"] and resumed["train_seconds"] > first
 
 
 def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_myops, tmp_path, monkeypatch):
