@@ -290,9 +290,10 @@ class AblationStudy:
                     first_epoch = epoch if first_epoch is None else first_epoch
                     left = _time_left(time.time() - started, first_epoch, epoch, max_epochs)
                     self.log(f"{label}: epoch {epoch}/{max_epochs}, run time left ~{_hms(left)}")
-                    if seconds_path:
-                        with open(seconds_path, "w") as f:
+                    if seconds_path:  # replaced whole: a kill mid-write leaves the previous value, not a torn one
+                        with open(seconds_path + ".tmp", "w") as f:
                             f.write(f"{seconds_before + time.time() - started:.1f}\n")
+                        os.replace(seconds_path + ".tmp", seconds_path)
             code = proc.wait()
         if code != 0:
             tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
