@@ -9,6 +9,6 @@ DMAF=${DMAF:-.venv/bin/dmaf}
 DATA=data/study_myops
 $DMAF synthetic myops "$DATA" --cases 60 --shape 128,128,6 --profile study --seed 2026
 test -f "$DATA/datalist.json" || $DMAF datalist myops "$DATA" --split 36,6,18 --seed 0 --exact
-exec $DMAF ablation myops "$DATA" --out "${OUT_DIR:-studies/myops_long}" --settings distill --seeds "${SEEDS:-3}" \
+exec $DMAF ablation myops "$DATA" --out "${OUT_DIR:-studies/myops_long}" --settings distill --seeds "${SEEDS:-3}" --jobs "${JOBS:-1}" \
   --roi_size "[96,96]" --crop_size "[112,112,-1]" --batch_size 8 --max_epochs 320 --val_interval 40 \
   --learning_rate 0.001 --num_workers 0 --cache_rate 1.0
