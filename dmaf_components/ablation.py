@@ -39,7 +39,14 @@ import numpy as np
 from .data.constants import DMAFDataError
 from .data.loader import available_cpus
 
-__all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy"]
+__all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy", "AblationRunError"]
+
+
+class AblationRunError(DMAFDataError):
+    """Runs of a study failed (the others finished and were summarised): one line naming the first failure and its
+    log; ``dmaf`` exits with status 1."""
+
+    exit_code = 1
 
 #: Table 3's rows in the paper's order: name -> (DMAF fusion, distillation, DTM)
 SETTINGS: dict[str, tuple[bool, bool, bool]] = {
@@ -179,22 +186,22 @@ class AblationStudy:
         self.dataset = dataset.lower()
         if self.dataset not in _CONFIGS:
             raise DMAFDataError(f"dataset: expected one of {sorted(_CONFIGS)}, got {dataset!r}")
-        self.data_dir = os.path.abspath(data_dir)
+        self.data_dir = os.path.abspath(str(data_dir))  # (python-fire passes a name such as 1 as an int)
         if not os.path.isdir(self.data_dir):
             raise DMAFDataError(f"{data_dir}: dataset folder not found")
-        self.out = os.path.abspath(out)
-        self.reference = os.path.abspath(reference) if reference else None
+        self.out = os.path.abspath(str(out))
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise DMAFDataError(f"--out {out}: is a file, not a study folder")
+        self.reference = os.path.abspath(str(reference)) if reference else None
         if self.reference is not None and not os.path.isdir(os.path.join(self.reference, "runs")):
             raise DMAFDataError(f"--reference {reference}: not a study folder (no runs/ inside)")
         if self.reference == self.out:
             raise DMAFDataError(f"--reference {reference}: is the study's own folder")
         self.settings = resolve_settings(settings, with_baseline=self.reference is None)
-        self.seeds = list(range(int(seeds))) if isinstance(seeds, (int, str)) else [int(s) for s in seeds]
-        if not self.seeds:
-            raise DMAFDataError("--seeds: need at least one seed")
-        self.datalist = os.path.abspath(datalist or os.path.join(self.data_dir, "datalist.json"))
-        if not os.path.isfile(self.datalist):
-            raise DMAFDataError(f"{self.datalist}: datalist not found; create it with `dmaf datalist`")
+        self.seeds = _seeds(seeds)
+        self.datalist = os.path.abspath(str(datalist) if datalist else os.path.join(self.data_dir, "datalist.json"))
+        self._check_datalist()
+        self.datalist_sha256 = _sha256(self.datalist)
         self.overrides = dict(overrides or {})
         reserved = {"seed", "bundle_root", "dataset_dir", "datalist", "data_list_file_path", "resume_from"}
         if self.reference is None:  # a variant study may change a component's option, e.g. --dtm_scaling none
@@ -207,15 +214,40 @@ class AblationStudy:
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "train.json")):
             raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
         self._check_override_keys()
+        self.reference_records()  # a reference on other data is refused now, not after the study has trained
         self.python = python or sys.executable
         self.log = log or _print_line
         self.jobs = int(jobs)
         if self.jobs < 1:
             raise DMAFDataError(f"--jobs: need at least 1, got {jobs}")
 
+    def _check_datalist(self) -> None:
+        """The datalist is read before anything runs: every run would otherwise start a bundle process only to fail
+        (or, with an empty test split, to evaluate nothing). Its cases' files are ``dmaf check``'s business."""
+        if not os.path.isfile(self.datalist):
+            raise DMAFDataError(f"{self.datalist}: datalist not found; create it with `dmaf datalist`")
+        try:
+            with open(self.datalist) as f:
+                content = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise DMAFDataError(f"{self.datalist}: cannot read the datalist ({exc})") from None
+        if not isinstance(content, dict):
+            raise DMAFDataError(f"{self.datalist}: not a datalist (a JSON object with training/validation/testing)")
+        for section, role in (("training", "trains"), ("validation", "picks the best model on"),
+                              ("testing", "evaluates on")):
+            entries = content.get(section)
+            if not isinstance(entries, list) or not entries:
+                raise DMAFDataError(f"{self.datalist}: no case in {section!r}; each run {role} it (give every "
+                                    "section cases, e.g. `dmaf datalist ... --split 36,6,18`)")
+        family = str(content.get("dataset", "")).lower()
+        if family and (family == "myops") != (self.dataset == "myops"):
+            raise DMAFDataError(f"{self.datalist}: a {family} datalist, but the study's dataset is {self.dataset}")
+
     def _check_override_keys(self) -> None:
         """Every override must name a key of the bundle's configs: a typo would otherwise run the whole study
-        with the default silently (``monai.bundle run`` adds unknown keys without a word)."""
+        with the default silently (``monai.bundle run`` adds unknown keys without a word). A value must be of the
+        kind of the key's literal default (a number, a bool, a list), so that ``--max_epochs abc`` is refused here
+        rather than in every run."""
         import difflib
 
         from monai.bundle import ConfigParser
@@ -227,6 +259,12 @@ class AblationStudy:
                 close = difflib.get_close_matches(key, [k for k in parser.get() if isinstance(k, str)], n=1)
                 hint = f"; did you mean --{close[0]}?" if close else ""
                 raise DMAFDataError(f"--{key}: not a key of the bundle's configs{hint}")
+            default = parser.get(key)
+            for _ in range(8):  # a plain reference ("max_epochs": "@epochs") has its target's kind
+                if not (isinstance(default, str) and default.startswith("@") and default[1:] in parser):
+                    break
+                default = parser.get(default[1:])
+            _check_value(key, self.overrides[key], default)
 
     # ------------------------------------------------------------------ runs
     def runs(self) -> list[tuple[str, int]]:
@@ -259,6 +297,46 @@ class AblationStudy:
             setting, seed
         )
 
+    def identity(self, setting: str, seed: int) -> dict:
+        """What makes a run this study's run: its setting, seed, dataset, datalist (hash) and every bundle override.
+        A finished run's record carries the same fields; an unfinished one's are in ``run.json``."""
+        return {"setting": setting, "seed": seed, "dataset": self.dataset, "datalist_sha256": self.datalist_sha256,
+                "overrides": json.loads(json.dumps({**setting_overrides(setting), **self.overrides}))}
+
+    def check_identity(self, setting: str, seed: int, found: Mapping, path: str, summarizing: bool = False) -> None:
+        """Refuse a run made for another study: a record (or an unfinished run's ``run.json``) whose dataset,
+        datalist or overrides differ from what this study asks. Reusing it would put another experiment's numbers
+        in this study's table. Fields a record of an older version does not have are not compared.
+
+        ``summarizing``: only the summary is rebuilt (nothing trains), so the advice is to name the study's overrides,
+        never to delete a finished run; a summary without any override given checks the runs' overrides against
+        each other instead (:meth:`records`)."""
+        advice = ("; name the overrides the study was run with (the records hold them)" if summarizing else
+                  f"; give the study another --out, or delete {os.path.dirname(path)} to redo the run with these "
+                  "settings")
+        want = self.identity(setting, seed)
+        for key in ("setting", "seed", "dataset", "datalist_sha256"):
+            if key in found and not _same(found[key], want[key]):
+                raise DMAFDataError(f"{path}: made with {key} {found[key]!r}, but this study asks {want[key]!r}{advice}")
+        if "overrides" in found and not (summarizing and not self.overrides):
+            diff = _override_diff(found["overrides"] or {}, want["overrides"])
+            if diff:
+                raise DMAFDataError(f"{path}: made with other overrides: {diff}{advice}")
+
+    def check_existing_runs(self) -> None:
+        """Every finished or started run of this study's settings and seeds was made for this study (see
+        :meth:`check_identity`); checked before anything runs."""
+        for setting, seed in self.runs():
+            run_dir = self.run_dir(setting, seed)
+            record, started = self.record_path(setting, seed), os.path.join(run_dir, "run.json")
+            if os.path.exists(record):
+                self.check_identity(setting, seed, _read_record(record), record)
+            elif os.path.exists(started):
+                self.check_identity(setting, seed, _read_json(started, "run description"), started)
+            elif self.latest_checkpoint(run_dir) or os.path.exists(os.path.join(run_dir, "training.done")):
+                self.log(f"{run_dir}: started by a version that wrote no run.json; its overrides cannot be checked "
+                         "and are taken to be this study's")
+
     @staticmethod
     def latest_checkpoint(run_dir: str) -> str | None:
         """The newest resumable training checkpoint of a run (epoch or iteration checkpoints), if any."""
@@ -275,7 +353,7 @@ class AblationStudy:
     ) -> None:
         """Run a bundle command, its output to ``log_path``; one progress line per finished epoch, and at each the
         run's training seconds so far (``seconds_before`` plus this process's) written to ``seconds_path``."""
-        with open(log_path, "a") as log:
+        with open(log_path, "a", buffering=1) as log:  # line by line: a killed runner loses no output
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
             proc = subprocess.Popen(cmd, cwd=self.bundle_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -296,8 +374,7 @@ class AblationStudy:
                         os.replace(seconds_path + ".tmp", seconds_path)
             code = proc.wait()
         if code != 0:
-            tail = open(log_path).read().strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"{label}: bundle command failed (exit {code}): {tail[0]} — full log: {log_path}")
+            raise RuntimeError(f"bundle command failed (exit {code}): {_cause(log_path)} — full log: {log_path}")
 
     def _max_epochs(self) -> int | None:
         for key in ("max_epochs", "epochs"):  # (max_epochs is an alias of the zoo's name, epochs)
@@ -322,6 +399,10 @@ class AblationStudy:
         start = time.time()
         resumed = False
         if not os.path.exists(done_marker):
+            started = os.path.join(run_dir, "run.json")  # what the run is for (check_identity); replaced whole
+            with open(started + ".tmp", "w") as f:
+                json.dump(self.identity(setting, seed), f, indent=1)
+            os.replace(started + ".tmp", started)
             resume = self.latest_checkpoint(run_dir)
             resumed = resume is not None
             before = _read_seconds(seconds_path) if resumed else 0.0
@@ -336,8 +417,10 @@ class AblationStudy:
         self.log(f"{label}: evaluating every modality combination of the test split")
         eval_start = time.time()
         self._stream(self.evaluate_command(setting, seed), log_path, label, None, eval_start, env)
-        with open(os.path.join(run_dir, "eval", "evaluation.json")) as f:
-            evaluation = json.load(f)
+        results = os.path.join(run_dir, "eval", "evaluation.json")
+        if not os.path.exists(results):
+            raise RuntimeError(f"the evaluation wrote no {results} — full log: {log_path}")
+        evaluation = _read_json(results, "evaluation")
         record = {
             "setting": setting,
             "components": dict(zip(("dmaf", "distillation", "dtm"), SETTINGS[setting])),
@@ -345,7 +428,7 @@ class AblationStudy:
             "dataset": self.dataset,
             "data_dir": self.data_dir,
             "datalist": self.datalist,
-            "datalist_sha256": _sha256(self.datalist),
+            "datalist_sha256": self.datalist_sha256,
             "overrides": {**setting_overrides(setting), **self.overrides},
             "train_command": self.train_command(setting, seed),
             "versions": _versions(),
@@ -384,6 +467,7 @@ class AblationStudy:
     def run(self) -> dict:
         """Every run not yet recorded, in order (``jobs`` at a time), with progress and a time-left estimate; then
         the summary. A failed run does not stop the others; the study raises after the rest have finished."""
+        self.check_existing_runs()
         todo = [r for r in self.runs() if not os.path.exists(self.record_path(*r))]
         if todo:
             self.check_bundle_package()
@@ -449,19 +533,37 @@ class AblationStudy:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
-        summary = self.summarize()
+        summary = self.summarize(summarizing=False) if len(failures) < len(self.runs()) else {}
         if failures:
-            raise RuntimeError(f"ablation: {len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
+            raise AblationRunError(f"ablation: {len(failures)} of {len(todo)} runs failed; first: {failures[0]}")
         return summary
 
     # ------------------------------------------------------------------ summary
-    def records(self) -> list[dict]:
+    def records(self, summarizing: bool = False) -> list[dict]:
+        """The finished runs' records, each checked to belong to this study (:meth:`check_identity`). When only
+        summarizing without any override named, the records' overrides must agree with each other instead (beyond
+        what their settings set): one study, one budget."""
         out = []
         for setting, seed in self.runs():
             path = self.record_path(setting, seed)
             if os.path.exists(path):
-                with open(path) as f:
-                    out.append(json.load(f))
+                record = _read_record(path)
+                self.check_identity(setting, seed, record, path, summarizing)
+                out.append(record)
+        if summarizing and not self.overrides:
+            common = {}
+            for record in out:
+                own = {k: v for k, v in (record.get("overrides") or {}).items()
+                       if k not in setting_overrides(record["setting"])}
+                if not common:
+                    common = {"path": self.record_path(record["setting"], record["seed"]), "overrides": own}
+                elif _override_diff(own, common["overrides"]):
+                    raise DMAFDataError(f"{self.record_path(record['setting'], record['seed'])}: made with other "
+                                        f"overrides than {common['path']}: {_override_diff(own, common['overrides'])}"
+                                        "; the folder mixes studies")
+            if common and common["overrides"]:
+                self.log("ablation: the runs were made with " + " ".join(
+                    f"--{k} {json.dumps(v)}" for k, v in sorted(common["overrides"].items())))
         return out
 
     def reference_records(self) -> list[dict] | None:
@@ -469,10 +571,9 @@ class AblationStudy:
         when they were made on another datalist (their test cases would not pair)."""
         if self.reference is None:
             return None
-        out, sha = [], _sha256(self.datalist)
+        out, sha = [], self.datalist_sha256
         for path in sorted(glob.glob(os.path.join(self.reference, "runs", "*", "seed*", "record.json"))):
-            with open(path) as f:
-                record = json.load(f)
+            record = _read_json(path, "record")
             if record.get("setting") not in self.settings or record.get("seed") not in self.seeds:
                 continue
             if record.get("datalist_sha256") != sha:
@@ -481,12 +582,21 @@ class AblationStudy:
             out.append(record)
         return out
 
-    def summarize(self) -> dict:
-        """Write ``table3.csv``/``.md``/``.png`` and ``combinations.csv`` from the records; return the summary."""
+    def summarize(self, summarizing: bool = True) -> dict:
+        """Write ``table3.csv``/``.md``/``.png`` and ``combinations.csv`` from the records; return the summary
+        (``summarizing`` False: after this study's runs, whose records were checked against its overrides)."""
         reference = self.reference_records()
         if reference is not None and not reference:
             self.log(f"ablation: the reference {self.reference} has no finished run of these settings and seeds")
-        summary = summarize_records(self.records(), reference=reference,
+        records = self.records(summarizing)
+        if not records:
+            raise DMAFDataError(f"{self.out}: no finished run of settings {','.join(self.settings)} and seeds "
+                                f"{','.join(map(str, self.seeds))} to summarize")
+        done = {(r["setting"], r["seed"]) for r in records}
+        missing = [f"{setting} seed {seed}" for setting, seed in self.runs() if (setting, seed) not in done]
+        if missing:
+            self.log(f"ablation: not finished yet, left out of the summary: {', '.join(missing)}")
+        summary = summarize_records(records, reference=reference,
                                     reference_name=self.reference and os.path.relpath(self.reference, self.out))
         if summary["rows"]:
             if summary["unpaired"]:
@@ -495,6 +605,93 @@ class AblationStudy:
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
         return summary
+
+
+_UNSET = "(not set)"
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, with True not equal to 1 (a bool override is not a number override)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _override_diff(had: Mapping, asked: Mapping) -> str:
+    """``--key had (now asked)`` for every override that differs, or ''."""
+    show = lambda v: v if v is _UNSET else repr(v)  # noqa: E731
+    return ", ".join(f"--{k} {show(had.get(k, _UNSET))} (now {show(asked.get(k, _UNSET))})"
+                     for k in sorted(set(had) | set(asked)) if not _same(had.get(k, _UNSET), asked.get(k, _UNSET)))
+
+
+def _read_record(path: str) -> dict:
+    record = _read_json(path, "record")
+    missing = [k for k in ("setting", "seed", "evaluation") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise DMAFDataError(f"{path}: not a run record (no {', '.join(missing)})")
+    return record
+
+
+def _seeds(seeds: Any) -> list[int]:
+    """``--seeds``: a count N (seeds 0 .. N-1) or distinct seeds, e.g. ``[0,2,5]``."""
+    if isinstance(seeds, str) and seeds.strip().lstrip("-").isdigit():
+        seeds = int(seeds)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise DMAFDataError(f"--seeds: need at least one seed, got {seeds} (seed 0 alone: --seeds [0])")
+        return list(range(seeds))
+    if isinstance(seeds, (list, tuple)) and seeds and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    ):
+        if len(set(seeds)) != len(seeds):
+            raise DMAFDataError(f"--seeds: seed given twice in {list(seeds)}")
+        return list(seeds)
+    raise DMAFDataError(f"--seeds: need a count (e.g. 3) or a list of distinct seeds >= 0 (e.g. [0,2]), got {seeds!r}")
+
+
+def _check_value(key: str, value: Any, default: Any) -> None:
+    """An override's value must be of the kind of the key's literal default; MONAI references and expressions
+    (``@key``, ``$...``) and string defaults are not checked."""
+    if isinstance(value, str) and value.startswith(("@", "$")):
+        return
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, kind = is_number and isinstance(value, int), "a whole number"
+    elif isinstance(default, float):
+        ok, kind = is_number, "a number"
+    elif isinstance(default, list):
+        ok, kind = isinstance(value, (list, tuple)), "a list such as [96,96]"
+    else:
+        return
+    if not ok:
+        raise DMAFDataError(f"--{key}: expected {kind} (the bundle's default is {default!r}), got {value!r}")
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DMAFDataError(f"{path}: cannot read the {what} ({exc})") from None
+
+
+def _cause(log_path: str) -> str:
+    """The line of a failed bundle command's log that says why, from the last process's output (the log holds every
+    process of the run): the project's own data error if there is one, else the last exception line, else the last
+    line."""
+    try:
+        lines = [line.strip() for line in open(log_path, errors="replace").read().splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]  # each process's command line
+    lines = lines[starts[-1] + 1:] if starts else lines  # the failed process is the last one
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line)]
+    own = [line for line in errors if "DMAFDataError" in line]
+    return (own or errors or lines or ["(no output)"])[-1]
 
 
 def _print_line(line: str) -> None:
@@ -696,6 +893,9 @@ def write_summary(summary: dict, out: str) -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
+    for stale in ("effects.csv", "table3.png"):  # written again below only when this summary has them
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     if summary.get("effects"):
         with open(os.path.join(out, "effects.csv"), "w", newline="") as f:
             writer = csv.writer(f)

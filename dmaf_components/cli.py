@@ -172,7 +172,7 @@ class DMAF:
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
         workers = _count(workers, "workers")
         make = synthesize_brats if kind == "brats" else synthesize_myops
-        make(out_dir, cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=workers, **kwargs)
+        make(str(out_dir), cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=workers, **kwargs)
         print(f"synthetic {kind}: {cases} cases in {out_dir}")
         return out_dir
 
@@ -197,7 +197,7 @@ class DMAF:
             out: the study folder (one folder per run, the summary files).
             settings: table3 (all eight rows) or names, e.g. baseline,full (baseline, dmaf, distill, dtm,
                 dmaf+distill, dmaf+dtm, distill+dtm, full); the baseline is always run, unless --reference is given.
-            seeds: number of seeds per setting (0 .. seeds-1).
+            seeds: number of seeds per setting (0 .. seeds-1), or distinct seeds, e.g. [0,2].
             datalist: datalist file (default DATA_DIR/datalist.json).
             summarize_only: rebuild the summary from the finished runs without training anything.
             jobs: runs trained at the same time (a GPU that small patches leave idle; several GPUs in turn).

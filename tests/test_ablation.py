@@ -11,7 +11,14 @@ import shutil
 import numpy as np
 import pytest
 
-from dmaf_components.ablation import AblationStudy, paired_bootstrap, resolve_settings, summarize_records
+from dmaf_components.ablation import (
+    AblationRunError,
+    AblationStudy,
+    paired_bootstrap,
+    resolve_settings,
+    setting_overrides,
+    summarize_records,
+)
 
 
 def test_bootstrap_interval_on_hand_made_examples():
@@ -147,12 +154,13 @@ def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_my
             running[0] -= 1
             done.append((setting, seed))
         if (setting, seed) == ("dmaf", 0):
-            raise RuntimeError("dmaf seed 0: bundle command failed")
+            raise RuntimeError("bundle command failed (exit 1): ValueError: x — full log: L")
         return {}
 
     monkeypatch.setattr(study, "run_one", fake_run_one)
-    monkeypatch.setattr(study, "summarize", lambda: {})
-    with pytest.raises(RuntimeError, match=r"1 of 6 runs failed; first: \[\d/6\] dmaf seed 0"):
+    monkeypatch.setattr(study, "summarize", lambda summarizing=True: {})
+    with pytest.raises(AblationRunError, match=r"^ablation: 1 of 6 runs failed; first: \[\d/6\] dmaf seed 0: bundle "
+                                               r"command failed \(exit 1\): ValueError: x — full log: L$"):
         study.run()
     assert sorted(done) == sorted(study.runs()) and peak[0] == 2
     cpus = len(os.sched_getaffinity(0))
@@ -188,14 +196,16 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     table = open(var_dir / "table3.md").read()
     assert "vs reference" in table and "the same setting of the reference ../ref" in table
     # a variant's overrides are named in the note; a seed without counterpart is left out of Δ, and said so
-    rec = json.load(open(var_dir / "runs" / "full" / "seed0" / "record.json"))
-    json.dump(dict(rec, overrides={"learn_alpha1": False}), open(var_dir / "runs" / "full" / "seed0" / "record.json", "w"))
+    variant_overrides = {**setting_overrides("full"), "learn_alpha1": False}
+    for seed in (0, 1):
+        rec = json.load(open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json"))
+        json.dump(dict(rec, overrides=variant_overrides), open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w"))
     os.makedirs(var_dir / "runs" / "full" / "seed2")
-    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl))),
+    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl)), overrides=variant_overrides),
               open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"))
     lines = []
     three = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 3, datalist=str(dl),
-                          reference=str(ref_dir), log=lines.append)
+                          overrides={"learn_alpha1": False}, reference=str(ref_dir), log=lines.append)
     row = three.summarize()["rows"][0]
     assert row["seeds"] == 3 and row["paired_seeds"] == 2 and row["DSC_avg_diff"] == pytest.approx(2.0)
     table = open(var_dir / "table3.md").read()
@@ -207,7 +217,9 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     rec = json.load(open(rec_path))
     json.dump(dict(rec, datalist_sha256="0" * 64), open(rec_path, "w"))
     with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):
-        study.summarize()
+        three.summarize()
+    with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):  # refused before anything trains
+        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v4"), "full", 2, datalist=str(dl), reference=str(ref_dir))
     with pytest.raises(ValueError, match="not a study folder"):
         AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl), reference=str(tmp_path))
     write_summary(summary, str(tmp_path / "again"))  # the summary is self-contained
@@ -264,3 +276,127 @@ def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_pa
     with pytest.raises(ValueError, match=f"import dmaf_components from {other}, this runner from"):
         study.run()
     assert not (tmp_path / "study" / "runs").exists()  # nothing started
+
+
+def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(tiny_myops, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A finished or started run is reused only when it was made with this study's dataset, datalist and overrides
+    (reusing it otherwise puts another experiment's numbers in the table, silently); everything else a user can get
+    wrong is refused in one line naming the flag or file, before any bundle process starts."""
+    from dmaf_components import cli
+    from dmaf_components.ablation import _cause, _sha256
+    from dmaf_components.data import build_datalist, write_datalist
+
+    dl = tmp_path / "dl.json"
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(dl))
+    out = tmp_path / "study"
+    small = {"max_epochs": 2, "roi_size": [48, 48]}
+    ones = np.ones((3, 2, 2))
+    for setting in ("baseline", "full"):
+        os.makedirs(out / "runs" / setting / "seed0")
+        json.dump(dict(_record(setting, 0, 60 * ones, 10 * ones), dataset="myops", datalist_sha256=_sha256(str(dl)),
+                       overrides={**setting_overrides(setting), **small}),
+                  open(out / "runs" / setting / "seed0" / "record.json", "w"))
+
+    def study(**kw):
+        args = {"datalist": str(dl), "overrides": small, "log": lambda line: None, **kw}
+        return AblationStudy("myops", str(tiny_myops), str(out), "full", 1, **args)
+
+    def no_bundle(*a, **k):
+        raise AssertionError("a bundle process was started")
+
+    assert study().summarize()["n_records"] == 2  # the same study: its records are used
+    # rebuilding the summary without naming the overrides: the records must agree with each other
+    lines = []
+    assert AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl),
+                         log=lines.append).summarize()["n_records"] == 2
+    assert "ablation: the runs were made with --max_epochs 2 --roi_size [48, 48]" in lines
+    with pytest.raises(ValueError, match=r"made with other overrides: --max_epochs 2 \(now 50\); name the overrides"):
+        study(overrides={**small, "max_epochs": 50}).summarize()
+    # another budget, another datalist or another dataset family: refused, naming the record and what differs
+    record = out / "runs" / "baseline" / "seed0" / "record.json"
+    with pytest.raises(ValueError, match=rf"{record}: made with other overrides: --max_epochs 2 \(now 50\)"):
+        study(overrides={**small, "max_epochs": 50}).run()
+    other = tmp_path / "other.json"
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(2, 1, 2), seed=0), str(other))
+    s = study(datalist=str(other))
+    monkeypatch.setattr(s, "check_bundle_package", no_bundle)
+    with pytest.raises(ValueError, match=rf"{record}: made with datalist_sha256 .*delete .*baseline/seed0 to redo"):
+        s.run()
+    # a started run (no record yet) is checked by its run.json; a run.json of the same study is resumed
+    os.makedirs(out / "runs" / "full" / "seed1")
+    started = out / "runs" / "full" / "seed1" / "run.json"
+    json.dump(dict(study().identity("full", 1), overrides={**setting_overrides("full"), "max_epochs": 9}),
+              open(started, "w"))
+    with pytest.raises(ValueError, match=rf"{started}: made with other overrides: --max_epochs 9 \(now 2\), "
+                                         r"--roi_size \(not set\) \(now \[48, 48\]\)"):
+        AblationStudy("myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small).run()
+    json.dump(study().identity("full", 1), open(started, "w"))
+    two = AblationStudy("myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small,
+                        log=lambda line: None)
+    two.check_existing_runs()
+    # a torn record, or JSON that is not a record, is named
+    record.write_text(json.dumps({"seed": 0}))
+    with pytest.raises(ValueError, match=rf"{record}: not a run record \(no setting, evaluation\)"):
+        study().run()
+    record.write_text(record.read_text()[:4])
+    with pytest.raises(ValueError, match=rf"{record}: cannot read the record"):
+        study().summarize()
+    shutil.rmtree(out / "runs")
+    with pytest.raises(ValueError, match=r"study: no finished run of settings baseline,full and seeds 0 to summarize"):
+        study().summarize()
+    # bad flags and datalists, each in one line before anything runs
+    bad = [({"seeds": "abc"}, r"--seeds: need a count"), ({"seeds": 2.5}, r"--seeds: need a count"),
+           ({"seeds": [0, 0]}, r"--seeds: seed given twice"), ({"overrides": {"max_epochs": "abc"}},
+                                                               r"--max_epochs: expected a whole number .*got 'abc'"),
+           ({"overrides": {"roi_size": 48}}, r"--roi_size: expected a list"),
+           ({"overrides": {"max_epochs": 2.5}}, r"--max_epochs: expected a whole number"),
+           ({"overrides": {"learn_alpha1": 1}}, r"--learn_alpha1: expected True or False"),
+           ({"out": str(dl)}, r"--out .*dl.json: is a file")]
+    for kw, message in bad:
+        args = {"settings": "full", "seeds": 1, "datalist": str(dl), **kw}
+        with pytest.raises(ValueError, match=message):
+            AblationStudy("myops", str(tiny_myops), args.pop("out", str(out)), **args)
+    for fine in ({"max_epochs": "$@epochs // 2"}, {"roi_size": (48, 48)}, {"learning_rate": 1}):  # not refused
+        AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl), overrides=fine)
+    content = json.load(open(dl))
+    for name, change, message in (("torn.json", None, r"torn.json: cannot read the datalist"),
+                                  ("notest.json", {"testing": []}, r"notest.json: no case in 'testing'"),
+                                  ("brats.json", {"dataset": "brats"}, r"a brats datalist, but the study's dataset is myops")):
+        path = tmp_path / name
+        path.write_text(json.dumps(content)[:50] if change is None else json.dumps({**content, **change}))
+        with pytest.raises(ValueError, match=message):
+            AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(path))
+    # a failed bundle command is reported by the line that says why, not the log's last line
+    log = tmp_path / "bundle.log"
+    log.write_text("$ python -m monai.bundle run training\nTraceback\n  torch.OutOfMemoryError: an earlier process\n"
+                   "$ python -m monai.bundle run training --resume_from x\nTraceback\n"
+                   "  dmaf_components.data.constants.DMAFDataError: case_3: T2 missing\n\nThe above...\n"
+                   "RuntimeError: Failed to evaluate ConfigExpression\n  __local_refs['dataset_dir'])\n")
+    assert _cause(str(log)) == "dmaf_components.data.constants.DMAFDataError: case_3: T2 missing"
+    log.write_text(log.read_text() + "$ python -m monai.bundle run evaluate\nKilled\n")  # the last process's cause
+    assert _cause(str(log)) == "Killed"
+    # failed runs end the command with one line and status 1
+    def failing_run_one(self, setting, seed, label="", env=None):
+        raise RuntimeError("bundle command failed (exit 1): KeyError: 'x' — full log: L")
+
+    monkeypatch.setattr(AblationStudy, "run_one", failing_run_one)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["ablation", "myops", str(tiny_myops), "--out", str(out), "--settings", "full", "--seeds", "1",
+                  "--datalist", str(dl)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and err == ["dmaf: error: ablation: 2 of 2 runs failed; first: [1/2] baseline "
+                                                 "seed 0: bundle command failed (exit 1): KeyError: 'x' — full log: L"]
+
+
+def test_a_summary_leaves_no_stale_files_of_an_earlier_summary(tmp_path):
+    """Summarising fewer settings after all eight must not leave the earlier effects.csv and table3.png behind as if
+    they were this summary's."""
+    from dmaf_components.ablation import SETTINGS, write_summary
+
+    ones = np.ones((3, 2, 2))
+    records = [_record(name, seed, (60 + i + seed) * ones, 10 * ones) for i, name in enumerate(SETTINGS) for seed in (0, 1)]
+    write_summary(summarize_records(records), str(tmp_path))
+    assert (tmp_path / "effects.csv").exists() and (tmp_path / "table3.png").exists()
+    write_summary(summarize_records([r for r in records if r["setting"] == "baseline"]), str(tmp_path))
+    assert not (tmp_path / "effects.csv").exists() and not (tmp_path / "table3.png").exists()

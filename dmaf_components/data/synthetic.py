@@ -310,6 +310,8 @@ def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tup
     shape = tuple(int(v) for v in shape)
     if len(shape) != dims or min(shape) < 1:
         raise DMAFDataError(f"--shape: expected {dims} positive sizes, got {shape}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DMAFDataError(f"{out_dir}: is a file, not a dataset folder")
     os.makedirs(out_dir, exist_ok=True)
     return shape
 
