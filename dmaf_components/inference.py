@@ -232,8 +232,11 @@ def plan_outputs(
     plan: dict[str, str] = {}
     planned: list[str] = []
     owners: dict[str, Mapping] = {}
-    for study in studies:
+    inputs: dict[str, str] = {}
+    for i, study in enumerate(studies):
+        _check_entry(i, study)
         paths = study["image"].values() if isinstance(study["image"], dict) else [study["image"]]
+        inputs.update({os.path.realpath(p): p for p in paths})
         for path in paths:
             if out in (os.path.realpath(os.path.dirname(path)), os.path.realpath(path)):  # a file's or series' folder
                 raise DMAFDataError(f"output_dir {output_dir}: holds input {path}; choose a separate output folder")
@@ -242,6 +245,9 @@ def plan_outputs(
             output_path(study["case"], output_dir, postfix, ext, separate_folder) for postfix, ext in extra_outputs
         ]
         for path in targets:
+            if os.path.realpath(path) in inputs:  # e.g. --separate_folder with the inputs in OUT/<case>/
+                raise DMAFDataError(f"{path}: would overwrite the input {inputs[os.path.realpath(path)]}; choose "
+                                    "another --output_dir or --output_postfix")
             key = os.path.relpath(path, output_dir).lower()
             if key in owners:
                 raise DMAFDataError(
@@ -260,6 +266,21 @@ def plan_outputs(
                 "--overwrite true to replace them, or choose another --output_dir"
             )
     return plan
+
+
+def _check_entry(index: int, study: Any) -> None:
+    """One ``data`` entry: ``{"case": name, "image": path or {modality: path}}`` (one line naming the entry)."""
+    where = f"data[{index}]"
+    if not isinstance(study, Mapping):
+        raise DMAFDataError(f"{where}: expected {{'case': name, 'image': path or {{modality: path}}}}, got {study!r}")
+    if not isinstance(study.get("case"), str) or not study["case"]:
+        raise DMAFDataError(f"{where}: no 'case' name (it names the result file)")
+    image = study.get("image")
+    paths = list(image.values()) if isinstance(image, Mapping) else [image]
+    if STUDY_ERROR_KEY in study and not paths:  # a study found unusable: it is reported as failed, not read
+        return
+    if not paths or not all(isinstance(p, (str, os.PathLike)) and os.fspath(p) for p in paths):
+        raise DMAFDataError(f"{where} ({study['case']}): 'image' must be a path or {{modality: path}}, got {image!r}")
 
 
 def prepare_output_dir(output_dir: str) -> str:

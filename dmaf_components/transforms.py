@@ -85,7 +85,8 @@ class LoadModalitiesd(MapTransform):
     Output: ``data[key]`` a MetaTensor ``(M, *spatial)`` with the affine of the first file, and
     ``data[key + "_available"]`` a bool tensor ``(M,)`` (file present and not all zero). Relative paths are taken
     relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN or infinite voxels, a
-    file that is not a ``spatial_ndim``-D volume, modalities of different shape or affine, wrong channel count)
+    file that is not a ``spatial_ndim``-D volume, a constant non-zero image, one file named for two modalities,
+    modalities of different shape or affine, wrong channel count)
     raises :class:`DMAFDataError` with one line naming the file. Voxel spacings whose largest/smallest ratio exceeds
     ``anisotropy_ratio`` are logged as a warning naming the file (the model works on the voxel grid as given).
 
@@ -100,6 +101,12 @@ class LoadModalitiesd(MapTransform):
             None accepts any.
         anisotropy_ratio: warn when a file's largest voxel spacing exceeds its smallest by more than this factor;
             None (default) never warns.
+        min_background: fraction of a (not all-zero) modality's voxels that must be exactly 0, for models trained
+            on skull-stripped images (BraTS: 0.05; a skull-stripped brain leaves far more); None (default) does not
+            check. A non-zero background (an intensity offset, a scaled integer file's intercept, an unstripped
+            head) changes the intensity normalisation and the result without any other sign.
+        min_axis_size: every spatial axis must have at least this many voxels (BraTS inference: 2; a single slice
+            is not a volume); 1 (default) accepts any.
     """
 
     def __init__(
@@ -113,6 +120,8 @@ class LoadModalitiesd(MapTransform):
         allow_missing_keys: bool = False,
         spatial_ndim: int | None = 3,
         anisotropy_ratio: float | None = None,
+        min_background: float | None = None,
+        min_axis_size: int = 1,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.modalities = tuple(modalities)
@@ -121,6 +130,8 @@ class LoadModalitiesd(MapTransform):
         self.affine_atol = affine_atol
         self.spatial_ndim = spatial_ndim
         self.anisotropy_ratio = anisotropy_ratio
+        self.min_background = min_background
+        self.min_axis_size = int(min_axis_size)
         self.dtype = dtype
         self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=dtype)
 
@@ -190,6 +201,24 @@ class LoadModalitiesd(MapTransform):
             inf = int((~finite).sum()) - nan
             kinds = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
             raise DMAFDataError(f"{path}: contains {kinds} voxels ({nan + inf} of {img.numel()} not finite)")
+        flat = img.reshape(img.shape[0], -1)
+        low, high = flat.min(1).values, flat.max(1).values
+        for c in range(flat.shape[0]):
+            where = f"{path}" + (f" (channel {c})" if flat.shape[0] > 1 else "")
+            if low[c] == high[c] != 0:  # all zero is an absent modality; another constant is no image
+                raise DMAFDataError(f"{where}: every voxel is {float(high[c]):g}: not an image (an all-zero file "
+                                    "means a missing modality; remove the file to segment without it)")
+            if self.min_background is not None and (low[c] != 0 or high[c] != 0):  # (all zero: absent)
+                zero = float((flat[c] == 0).float().mean())
+                if zero < self.min_background:
+                    raise DMAFDataError(
+                        f"{where}: only {zero:.1%} of the voxels are 0, expected at least {self.min_background:.0%}: "
+                        "the model expects skull-stripped images with a zero background, as BraTS (strip the skull "
+                        "and set the background to 0 first)"
+                    )
+        if self.min_axis_size > 1 and min(img.shape[1:]) < self.min_axis_size:
+            raise DMAFDataError(f"{path}: shape {tuple(img.shape[1:])} has an axis shorter than "
+                                f"{self.min_axis_size}: a slice or slab, expected a 3-D volume")
         if self.anisotropy_ratio is not None:
             spacing = [abs(float(v)) for v in np.asarray(img.pixdim).ravel()[: img.ndim - 1]]
             if spacing and min(spacing) > 0 and max(spacing) / min(spacing) > self.anisotropy_ratio:
@@ -241,6 +270,11 @@ class LoadModalitiesd(MapTransform):
         files = {m: self._path(p) for m, p in self._as_mapping(value, key).items()}
         if not files:
             raise DMAFDataError(f"{case or key}: no modality file at all")
+        seen: dict[str, str] = {}
+        for modality, path in files.items():
+            twin = seen.setdefault(os.path.realpath(path), modality)
+            if twin != modality:
+                raise DMAFDataError(f"{case or key}: {twin} and {modality} are the same file {path}")
         loaded: dict[str, MetaTensor] = {}
         ref_mod, ref = None, None
         for modality, path in files.items():

@@ -73,19 +73,24 @@ def broken_brats(clean_brats, tmp_path):
     _save(seg, affine, _file(root, 2, "seg"))
     expected["BraTS20_Training_002_seg.nii.gz"] = "label values [3] outside the expected set [0, 1, 2, 4]"
 
-    _save(np.ones((30, 32, 24), np.int16), affine, _file(root, 3, "flair"))
+    _save(_varied((30, 32, 24)), affine, _file(root, 3, "flair"))
     expected["BraTS20_Training_003_flair.nii.gz"] = "shape (30, 32, 24) differs from"
 
     shifted = affine.copy()
     shifted[0, 3] += 2.0
-    _save(np.ones(shape, np.int16), shifted, _file(root, 3, "t1ce"))
+    _save(_varied(shape), shifted, _file(root, 3, "t1ce"))
     expected["BraTS20_Training_003_t1ce.nii.gz"] = "affine differs from"
 
-    _save(np.ones(shape[:2], np.int16), affine, _file(root, 4, "t1"))
+    _save(_varied(shape[:2]), affine, _file(root, 4, "t1"))
     expected["BraTS20_Training_004_t1.nii.gz"] = "is 2-D (shape (32, 32))"
     return root, expected
 
 
+
+
+def _varied(shape):
+    """An image that is not one constant (a constant one is itself an error)."""
+    return (np.arange(int(np.prod(shape))) % 7).reshape(shape).astype(np.int16)
 
 
 def test_check_reports_every_problem_one_line_each(broken_brats, capsys):

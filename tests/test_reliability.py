@@ -100,7 +100,7 @@ def test_anisotropic_spacing_is_a_warning_naming_the_file(tmp_path, caplog):
     from dmaf_components.transforms import LoadModalitiesd
 
     path = tmp_path / "thick_t2.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), np.diag([1.0, 1.0, 5.0, 1.0])), str(path))
+    nib.save(nib.Nifti1Image(_volume()["t2"].astype(np.float32), np.diag([1.0, 1.0, 5.0, 1.0])), str(path))
     with caplog.at_level(logging.WARNING, logger="dmaf_components.transforms"):
         img = LoadModalitiesd("image", BRATS_MODALITIES, anisotropy_ratio=3.0)({"image": {"t2": str(path)}})["image"]
     assert img.shape == (4,) + SHAPE  # the grid as given
@@ -339,3 +339,75 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     keep = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", print_log=False)
     with pytest.raises(DMAFDataError, match="exists already; kept"):
         keep({"pred": pred, "case": "s"})
+
+
+def test_constant_modality_and_one_file_for_two_modalities_are_errors(tmp_path):
+    """Silent wrong answers found by a hostile user: a modality filled with one non-zero value was used as present
+    (an all-zero one stays an absent modality), and one file given for two modalities was read twice."""
+    from dmaf_components.transforms import LoadModalitiesd
+
+    loader = LoadModalitiesd("image", BRATS_MODALITIES)
+    flair = str(tmp_path / "s_flair.nii.gz")
+    nib.save(nib.Nifti1Image(_volume()["flair"].astype(np.float32), BRATS_AFFINE), flair)
+    for value in (100.0, -3.0):
+        path = str(tmp_path / "s_t2.nii.gz")
+        nib.save(nib.Nifti1Image(np.full(SHAPE, value, np.float32), BRATS_AFFINE), path)
+        with pytest.raises(DMAFDataError, match=rf"^{path}: every voxel is {value:g}: not an image"):
+            loader({"image": {"flair": flair, "t2": path}})
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), BRATS_AFFINE), path)
+    assert loader({"image": {"flair": flair, "t2": path}})["image_available"].tolist() == [True, False, False, False]
+    with pytest.raises(DMAFDataError, match=r"^p1: flair and t2 are the same file .*s_flair.nii.gz$"):
+        loader.load({"flair": flair, "t2": os.path.join(str(tmp_path), ".", "s_flair.nii.gz")}, case="p1")
+
+
+def test_a_result_never_replaces_an_input_and_bad_data_entries_are_one_line(weights, tmp_path):
+    """--separate_folder with the inputs in OUT/<case>/ and --output_postfix flair planned the segmentation onto the
+    flair input itself, and --overwrite true replaced it; --data entries without a case or with a list of paths
+    ended in a traceback."""
+    from dmaf_components.inference import plan_outputs
+
+    out = tmp_path / "out"
+    _study(out / "p1", {"flair": "p1_flair.nii.gz"})
+    flair = str(out / "p1" / "p1_flair.nii.gz")
+    before = (out / "p1" / "p1_flair.nii.gz").read_bytes()
+    studies = [{"case": "p1", "image": {"flair": flair}}]
+    with pytest.raises(DMAFDataError, match=rf"p1_flair.nii.gz: would overwrite the input {flair}"):
+        plan_outputs(studies, str(out), overwrite=True, output_postfix="flair", separate_folder=True)
+    assert (out / "p1" / "p1_flair.nii.gz").read_bytes() == before
+    for entry, message in (({"image": {"flair": flair}}, r"^data\[0\]: no 'case' name"),
+                           ({"case": "p1", "image": [flair, flair]}, r"^data\[0\] \(p1\): 'image' must be a path"),
+                           ("p1", r"^data\[0\]: expected \{'case'")):
+        with pytest.raises(DMAFDataError, match=message):
+            plan_outputs([entry], str(tmp_path / "o2"))
+
+
+def test_inference_refuses_a_non_zero_background_and_a_single_slice(tmp_path):
+    """Silent wrong answers found by a hostile user: the model normalises intensities over the non-zero voxels of
+    skull-stripped images, so an intensity offset (or a scaled integer file's intercept) made every voxel "brain" and
+    changed the tumour volume from 14654 to 435 or 32018 voxels without a word; and a single-slice study came back
+    as a 2-D file. The inference config's loader now refuses both in one line naming the file; an all-zero modality
+    is still an absent one."""
+    from monai.bundle import ConfigParser
+
+    from dmaf_components.transforms import LoadModalitiesd
+
+    config = ConfigParser()
+    config.read_config(INFERENCE)
+    args = next(t for t in config["preprocessing"]["transforms"] if t["_target_"].endswith("LoadModalitiesd"))
+    loader = LoadModalitiesd("image", BRATS_MODALITIES, min_background=args["min_background"],
+                             min_axis_size=args["min_axis_size"])
+    flair = _volume()["flair"].astype(np.float32)
+    for name, data in (("offset", flair - 1000.0), ("intercept", flair + 10.0)):
+        path = str(tmp_path / f"{name}_flair.nii.gz")
+        nib.save(nib.Nifti1Image(data, BRATS_AFFINE), path)
+        with pytest.raises(DMAFDataError, match=rf"^{path}: only 0.0% of the voxels are 0, expected at least 5%: "
+                                                 "the model expects skull-stripped images with a zero background"):
+            loader({"image": {"flair": path}})
+    good, empty = str(tmp_path / "s_flair.nii.gz"), str(tmp_path / "s_t2.nii.gz")
+    nib.save(nib.Nifti1Image(flair, BRATS_AFFINE), good)
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.float32), BRATS_AFFINE), empty)
+    assert loader({"image": {"flair": good, "t2": empty}})["image_available"].tolist() == [True, False, False, False]
+    one = str(tmp_path / "one_flair.nii.gz")
+    nib.save(nib.Nifti1Image(flair[:, :, 10:11], BRATS_AFFINE), one)
+    with pytest.raises(DMAFDataError, match=rf"^{one}: shape \(32, 32, 1\) has an axis shorter than 2"):
+        loader({"image": {"flair": one}})
