@@ -65,6 +65,17 @@ def load_scalars(run_dir: str) -> dict[str, list[float]] | None:
     return out
 
 
+def validation_dice(run_dir: str) -> dict[int, float]:
+    """The run's logged validation mean Dice by epoch (``val_mean_dice``; a later start's value wins)."""
+    out: dict[int, float] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "events.out.tfevents.*")), key=os.path.getmtime):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "val_mean_dice" in acc.Tags()["scalars"]:
+            out.update({s.step: s.value for s in acc.Scalars("val_mean_dice")})
+    return dict(sorted(out.items()))
+
+
 def presence_rates(datalist: str, modalities: list[str]) -> list[float]:
     with open(datalist) as f:
         items = json.load(f)["training"]
@@ -101,6 +112,7 @@ def main() -> None:
     args = parser.parse_args()
 
     runs: dict[str, dict[int, tuple[dict, dict[str, list[float]]]]] = defaultdict(dict)
+    record_paths: dict[tuple[str, int], str] = {}
     missing = []
     for rec_path in sorted(glob.glob(os.path.join(args.study, "runs", "*", "seed*", "record.json"))):
         with open(rec_path) as f:
@@ -110,6 +122,7 @@ def main() -> None:
             missing.append(os.path.dirname(rec_path))
             continue
         runs[record["setting"]][int(record["seed"])] = (record, scalars)
+        record_paths[(record["setting"], int(record["seed"]))] = rec_path
     if missing:
         print(f"no training events (not kept here) for {len(missing)} runs: {', '.join(missing)}")
     if not runs:
@@ -120,6 +133,17 @@ def main() -> None:
     p = presence_rates(any_record["datalist"], modalities)
     print(f"study {args.study}: {sum(len(s) for s in runs.values())} runs with events; modalities {modalities}, "
           f"presence in the training split {[round(x, 3) for x in p]}")
+
+    print("\n## Training curves: validation mean Dice at each validation (epoch: value), and the fused segmentation")
+    print("  loss (loss/fuse) averaged over the first and last 10 % of the iterations, per run")
+    for setting in sorted(runs):
+        for seed, (record, sc) in sorted(runs[setting].items()):
+            val = validation_dice(os.path.dirname(record_paths[(setting, seed)]))
+            fuse = sc["loss/fuse"]
+            tenth = max(len(fuse) // 10, 1)
+            print(f"  {setting:>12} seed {seed}: val " + ", ".join(f"{e}: {v:.3f}" for e, v in val.items())
+                  + f"; loss/fuse first 10 % {statistics.mean(fuse[:tenth]):.3f}, last 10 % "
+                  f"{statistics.mean(fuse[-tenth:]):.3f}")
 
     print("\n## L_sep under Eq. 16: logged L_sep at iteration 1, setting + DTM over setting (same seed)")
     for base, with_dtm in (("baseline", "dtm"), ("distill", "distill+dtm"), ("dmaf", "dmaf+dtm"),
