@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from .data.constants import DMAFDataError
+from .data.io import read_datalist
 from .data.loader import available_cpus
 
 __all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy", "AblationRunError"]
@@ -224,15 +225,7 @@ class AblationStudy:
     def _check_datalist(self) -> None:
         """The datalist is read before anything runs: every run would otherwise start a bundle process only to fail
         (or, with an empty test split, to evaluate nothing). Its cases' files are ``dmaf check``'s business."""
-        if not os.path.isfile(self.datalist):
-            raise DMAFDataError(f"{self.datalist}: datalist not found; create it with `dmaf datalist`")
-        try:
-            with open(self.datalist) as f:
-                content = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise DMAFDataError(f"{self.datalist}: cannot read the datalist ({exc})") from None
-        if not isinstance(content, dict):
-            raise DMAFDataError(f"{self.datalist}: not a datalist (a JSON object with training/validation/testing)")
+        content = read_datalist(self.datalist)
         for section, role in (("training", "trains"), ("validation", "picks the best model on"),
                               ("testing", "evaluates on")):
             entries = content.get(section)

@@ -202,14 +202,14 @@ class LoadModalitiesd(MapTransform):
             kinds = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
             raise DMAFDataError(f"{path}: contains {kinds} voxels ({nan + inf} of {img.numel()} not finite)")
         flat = img.reshape(img.shape[0], -1)
-        low, high = flat.min(1).values, flat.max(1).values
+        low, high = torch.aminmax(flat, dim=1)  # one pass per channel
         for c in range(flat.shape[0]):
             where = f"{path}" + (f" (channel {c})" if flat.shape[0] > 1 else "")
             if low[c] == high[c] != 0:  # all zero is an absent modality; another constant is no image
                 raise DMAFDataError(f"{where}: every voxel is {float(high[c]):g}: not an image (an all-zero file "
                                     "means a missing modality; remove the file to segment without it)")
             if self.min_background is not None and (low[c] != 0 or high[c] != 0):  # (all zero: absent)
-                zero = float((flat[c] == 0).float().mean())
+                zero = 1.0 - int(torch.count_nonzero(flat[c])) / flat.shape[1]  # no full-size temporary
                 if zero < self.min_background:
                     raise DMAFDataError(
                         f"{where}: only {zero:.1%} of the voxels are 0, expected at least {self.min_background:.0%}: "

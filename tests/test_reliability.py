@@ -384,7 +384,7 @@ def test_a_result_never_replaces_an_input_and_bad_data_entries_are_one_line(weig
 def test_inference_refuses_a_non_zero_background_and_a_single_slice(tmp_path):
     """Silent wrong answers found by a hostile user: the model normalises intensities over the non-zero voxels of
     skull-stripped images, so an intensity offset (or a scaled integer file's intercept) made every voxel "brain" and
-    changed the tumour volume from 14654 to 435 or 32018 voxels without a word; and a single-slice study came back
+    changed the segmentation without a word; and a single-slice study came back
     as a 2-D file. The inference config's loader now refuses both in one line naming the file; an all-zero modality
     is still an absent one."""
     from monai.bundle import ConfigParser

@@ -19,7 +19,6 @@ modalities (a warning: the loader treats them as missing).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .constants import BRATS_LABELS, BRATS_MODALITIES, MYOPS_MODALITIES, DMAFDataError
-from .io import load_datalist
+from .io import load_datalist, read_datalist
 
 __all__ = [
     "MYOPS_RAW_LABEL_VALUES",
@@ -334,13 +333,7 @@ def check_datalist(
         content, base = datalist, data_dir
         entries = [e for s in _SECTIONS for e in content.get(s, [])]
     else:
-        try:
-            with open(datalist) as f:
-                content = json.load(f)
-        except FileNotFoundError:
-            raise DMAFDataError(f"{datalist}: datalist not found; create it with `dmaf datalist`") from None
-        except (OSError, ValueError) as exc:
-            raise DMAFDataError(f"{datalist}: cannot read the datalist ({exc})") from None
+        content = read_datalist(datalist)
         base = data_dir or os.path.dirname(os.path.abspath(datalist))
         entries = [e for s in _SECTIONS if s in content for e in load_datalist(datalist, s, base)]
     if not entries:

@@ -17,13 +17,28 @@ import os
 
 from .constants import DMAFDataError
 
-__all__ = ["load_datalist"]
+__all__ = ["load_datalist", "read_datalist"]
 
 
 def _abs(path, base: str):
     if path is None:
         return None
     return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def read_datalist(datalist_file: str) -> dict:
+    """The datalist JSON object, with a one-line error naming the file when it is missing, unreadable or not a
+    JSON object (the one reader of ``load_datalist``, ``dmaf check`` and ``dmaf ablation``)."""
+    try:
+        with open(datalist_file) as f:
+            datalist = json.load(f)
+    except FileNotFoundError:
+        raise DMAFDataError(f"{datalist_file}: datalist not found; create it with `dmaf datalist`") from None
+    except (OSError, ValueError) as exc:
+        raise DMAFDataError(f"{datalist_file}: cannot read the datalist ({exc})") from None
+    if not isinstance(datalist, dict):
+        raise DMAFDataError(f"{datalist_file}: not a datalist (a JSON object with training/validation/testing)")
+    return datalist
 
 
 def load_datalist(datalist_file: str, section: str = "training", data_dir: str | None = None) -> list[dict]:
@@ -34,13 +49,7 @@ def load_datalist(datalist_file: str, section: str = "training", data_dir: str |
         section: ``training``, ``validation`` or ``testing``.
         data_dir: folder the relative paths are relative to (default: the datalist's folder).
     """
-    try:
-        with open(datalist_file) as f:
-            datalist = json.load(f)
-    except FileNotFoundError:
-        raise DMAFDataError(f"{datalist_file}: datalist not found; create it with `dmaf datalist`") from None
-    except json.JSONDecodeError as exc:
-        raise DMAFDataError(f"{datalist_file}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    datalist = read_datalist(datalist_file)
     if section not in datalist:
         raise DMAFDataError(f"{datalist_file}: no section {section!r} (has {sorted(datalist)})")
     base = data_dir or os.path.dirname(os.path.abspath(datalist_file))
