@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.9"
+__version__ = "0.1.10"
 
 from . import data, evaluation, handlers, inferers, losses, networks, transforms  # noqa: E402  (bundle configs use these)
 

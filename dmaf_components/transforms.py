@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
-from monai.transforms import LoadImage, MapTransform, RandomizableTransform
+from monai.transforms import LoadImage, MapTransform, RandomizableTransform, Spacingd
 from monai.transforms.utils import create_rotate, create_translate
 from monai.utils import ensure_tuple, ensure_tuple_rep, get_equivalent_dtype
 
 from .data.constants import DMAFDataError
-from .data.formats import SERIES_POSTFIX, find_series, is_itk_file
+from .data.formats import SERIES_POSTFIX, check_slice_spacing, find_series, is_itk_file
 from .inferers import study_modality_mask
 
 __all__ = [
@@ -42,12 +42,30 @@ __all__ = [
     "RandFlipRotated",
     "ModalityDropd",
     "LabelToRegionsd",
+    "StudySpacingd",
     "AVAILABLE_POSTFIX",
 ]
 
 AVAILABLE_POSTFIX = "_available"
 
 logger = logging.getLogger(__name__)
+
+#: a modality file with at most this many distinct values, all whole numbers, is a label map or mask, not an image
+MAX_LABEL_LEVELS = 16
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _few_whole_levels(values: torch.Tensor) -> list[float] | None:
+    """The distinct values of a flat tensor when there are at most :data:`MAX_LABEL_LEVELS` of them, all whole
+    numbers (a label map); None otherwise. A sample of about 65k voxels decides first, so an MR image (hundreds of
+    levels) costs one strided read; only a candidate is counted in full."""
+    step = max(1, values.numel() // 65536)
+    if torch.unique(values[::step]).numel() > MAX_LABEL_LEVELS:
+        return None
+    levels = torch.unique(values)
+    if levels.numel() > MAX_LABEL_LEVELS or (levels.is_floating_point() and not torch.equal(levels, levels.round())):
+        return None
+    return [float(v) for v in levels]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -84,11 +102,13 @@ class LoadModalitiesd(MapTransform):
 
     Output: ``data[key]`` a MetaTensor ``(M, *spatial)`` with the affine of the first file, and
     ``data[key + "_available"]`` a bool tensor ``(M,)`` (file present and not all zero). Relative paths are taken
-    relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN or infinite voxels, a
-    file that is not a ``spatial_ndim``-D volume, a constant non-zero image, one file named for two modalities,
-    modalities of different shape or affine, wrong channel count)
-    raises :class:`DMAFDataError` with one line naming the file. Voxel spacings whose largest/smallest ratio exceeds
-    ``anisotropy_ratio`` are logged as a warning naming the file (the model works on the voxel grid as given).
+    relative to ``base_dir``. Every read problem (file not found, unreadable or truncated, NaN or infinite voxels,
+    float64 values beyond float32's range, a file that is not a ``spatial_ndim``-D volume, a constant non-zero
+    image, a label map or mask given as a modality (at most :data:`MAX_LABEL_LEVELS` whole-number values), a DICOM
+    series with missing, doubled or unevenly spaced slices, one file named for two modalities, modalities of
+    different shape or affine, wrong channel count) raises :class:`DMAFDataError` with one line naming the file.
+    Voxel spacings whose largest/smallest ratio exceeds ``anisotropy_ratio`` are logged as a warning naming the file
+    (resampling, e.g. :class:`StudySpacingd`, cannot restore what lies between thick slices).
 
     Args:
         keys: the image key(s).
@@ -148,6 +168,7 @@ class LoadModalitiesd(MapTransform):
         if os.path.isdir(path):
             try:
                 found = find_series(path, series)
+                check_slice_spacing(found)
             except ValueError as exc:
                 raise DMAFDataError(str(exc)) from None
             reader = ITKReader(series_name=found.identifier)
@@ -167,16 +188,16 @@ class LoadModalitiesd(MapTransform):
                     raise DMAFDataError(f"{path}: not a readable image file (ITK: {_itk_reason(reason)})") from None
             raise DMAFDataError(f"{path}: cannot read (ITK: {_itk_reason(exc)})") from None
 
-    def read(self, path: str, series: str | None = None) -> MetaTensor:
+    def read(self, path: str, series: str | None = None, image: bool = True) -> MetaTensor:
         """Read one file or DICOM series folder (``series``: its identifier when the folder holds several), with
-        one-line errors."""
+        one-line errors; ``image=False`` (a label) skips the checks that only make sense for an MR image."""
         if os.path.isdir(path) or (os.path.isfile(path) and is_itk_file(path)):
             img = self._read_itk(path, series)
         elif not os.path.isfile(path):
             raise DMAFDataError(f"{path}: file not found")
         else:
             img = self._read_nifti(path)
-        return self._check(path, img)
+        return self._check(path, img, image)
 
     def _read_nifti(self, path: str) -> MetaTensor:
         try:
@@ -189,7 +210,7 @@ class LoadModalitiesd(MapTransform):
                     raise DMAFDataError(f"{path}: not a readable NIfTI file ({_first_line(reason)})") from None
             raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
 
-    def _check(self, path: str, img: MetaTensor) -> MetaTensor:
+    def _check(self, path: str, img: MetaTensor, image: bool = True) -> MetaTensor:
         if self.spatial_ndim is not None and img.ndim - 1 != self.spatial_ndim:
             shape = tuple(img.shape[1:]) if img.shape[0] == 1 else tuple(img.shape)
             raise DMAFDataError(
@@ -200,14 +221,24 @@ class LoadModalitiesd(MapTransform):
             nan = int(torch.isnan(img).sum())
             inf = int((~finite).sum()) - nan
             kinds = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
-            raise DMAFDataError(f"{path}: contains {kinds} voxels ({nan + inf} of {img.numel()} not finite)")
+            beyond = " or beyond float32's range" if inf and self.dtype in (np.float32, torch.float32) else ""
+            raise DMAFDataError(f"{path}: contains {kinds} voxels{beyond} ({nan + inf} of {img.numel()} not finite)")
         flat = img.reshape(img.shape[0], -1)
         low, high = torch.aminmax(flat, dim=1)  # one pass per channel
-        for c in range(flat.shape[0]):
+        if img.dtype == torch.float64 and max(-float(low.min()), float(high.max())) > _FLOAT32_MAX:
+            big = max(-float(low.min()), float(high.max()))  # training and inference compute in float32: inf there
+            raise DMAFDataError(f"{path}: values up to {big:.3g} in magnitude exceed float32's range "
+                                f"({_FLOAT32_MAX:.3g}); the pipeline computes in float32")
+        for c in range(flat.shape[0] if image else 0):
             where = f"{path}" + (f" (channel {c})" if flat.shape[0] > 1 else "")
             if low[c] == high[c] != 0:  # all zero is an absent modality; another constant is no image
                 raise DMAFDataError(f"{where}: every voxel is {float(high[c]):g}: not an image (an all-zero file "
                                     "means a missing modality; remove the file to segment without it)")
+            levels = _few_whole_levels(flat[c])
+            if levels is not None and low[c] != high[c]:
+                shown = ", ".join(f"{v:g}" for v in levels[:8]) + (", ..." if len(levels) > 8 else "")
+                raise DMAFDataError(f"{where}: holds only {len(levels)} distinct whole-number values ({shown}): a "
+                                    "label map or mask, not an MR image")
             if self.min_background is not None and (low[c] != 0 or high[c] != 0):  # (all zero: absent)
                 zero = 1.0 - int(torch.count_nonzero(flat[c])) / flat.shape[1]  # no full-size temporary
                 if zero < self.min_background:
@@ -224,8 +255,8 @@ class LoadModalitiesd(MapTransform):
             if spacing and min(spacing) > 0 and max(spacing) / min(spacing) > self.anisotropy_ratio:
                 logger.warning(
                     f"{path}: anisotropic voxels {tuple(round(v, 3) for v in spacing)} mm (ratio "
-                    f"{max(spacing) / min(spacing):.1f} > {self.anisotropy_ratio:g}); the model runs on the voxel "
-                    "grid as given, without resampling"
+                    f"{max(spacing) / min(spacing):.1f} > {self.anisotropy_ratio:g}); structures thinner than "
+                    f"{max(spacing):g} mm between its slices are not seen, even when the grid is resampled"
                 )
         return img
 
@@ -308,7 +339,27 @@ class LoadModalitiesd(MapTransform):
             d[key], d[f"{key}{AVAILABLE_POSTFIX}"] = self.load(d[key], key, d.get("case"), series)
         for key in self.label_keys:
             if d.get(key) is not None:
-                d[key] = self.read(self._path(d[key]))
+                d[key] = self.read(self._path(d[key]), image=False)
+        return d
+
+
+class StudySpacingd(Spacingd):
+    """MONAI ``Spacingd`` for a study loaded by :class:`LoadModalitiesd` (same arguments, same inverse).
+
+    ``Spacingd`` treats every entry named ``<key>_*`` as a metadata dictionary of ``key`` and updates it with the
+    resampled image's metadata (for NIfTI inputs); the study's ``<key>_available`` presence tensor is no dictionary.
+    The entries that are not dictionaries are set aside during the call and put back unchanged.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        aside = {
+            k: d.pop(k)
+            for k in list(d)
+            if isinstance(k, str) and any(k.startswith(f"{key}_") for key in self.keys) and not isinstance(d[k], dict)
+        }
+        d = super().__call__(d, lazy=lazy)
+        d.update(aside)
         return d
 
 

@@ -83,19 +83,33 @@ def broken_brats(clean_brats, tmp_path):
 
     _save(_varied(shape[:2]), affine, _file(root, 4, "t1"))
     expected["BraTS20_Training_004_t1.nii.gz"] = "is 2-D (shape (32, 32))"
+
+    _save(np.asarray(nib.load(str(_file(root, 1, "seg"))).dataobj), affine, _file(root, 1, "t1ce"))  # a mix-up
+    expected["BraTS20_Training_001_t1ce.nii.gz"] = "distinct whole-number values (0, 2, 4): a label map or mask"
+
+    huge = np.asarray(nib.load(str(_file(root, 3, "t2"))).dataobj).astype(np.float64)
+    huge[5, 5, 5] = 1e300  # finite in the file, inf once the pipeline reads it as float32
+    _save(huge, affine, _file(root, 3, "t2"))
+    expected["BraTS20_Training_003_t2.nii.gz"] = "values up to 1e+300 in magnitude exceed float32's range"
     return root, expected
 
 
 
 
 def _varied(shape):
-    """An image that is not one constant (a constant one is itself an error)."""
-    return (np.arange(int(np.prod(shape))) % 7).reshape(shape).astype(np.int16)
+    """An image with many levels and a zero background (a constant one, or one of a few whole-number levels, is
+    itself an error; a non-zero background a warning)."""
+    values = np.arange(int(np.prod(shape))) % 251
+    values[: values.size // 4] = 0
+    return values.reshape(shape).astype(np.int16)
 
 
 def test_check_reports_every_problem_one_line_each(broken_brats, capsys):
     root, expected = broken_brats
-    _save(np.zeros((32, 32, 24), np.int16), nib.load(str(_file(root, 4, "t1ce"))).affine, _file(root, 4, "t1ce"))
+    affine = nib.load(str(_file(root, 4, "t1ce"))).affine
+    _save(np.zeros((32, 32, 24), np.int16), affine, _file(root, 4, "t1ce"))
+    offset = np.asarray(nib.load(str(_file(root, 2, "flair"))).dataobj).astype(np.float32) + 10.0
+    _save(offset, affine, _file(root, 2, "flair"))  # a warning: training still runs, BraTS inference refuses it
     code, out, err = _run(["check", str(root)], capsys)
     assert code == 1
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
@@ -105,9 +119,10 @@ def test_check_reports_every_problem_one_line_each(broken_brats, capsys):
         assert len(lines) == 1 and message in lines[0], (name, out)
         assert lines[0].startswith(f"error: {name[:20]}: ")  # names the case
     warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "BraTS20_Training_004_t1ce.nii.gz: is all zero" in warnings[0]
-    assert "7 error(s), 1 warning(s) in 4 case(s)" in out
-    assert err.strip().count("\n") == 0 and "7 error(s)" in err
+    assert len(warnings) == 2 and "BraTS20_Training_002_flair.nii.gz: only 0.0% of the voxels are 0" in warnings[0]
+    assert "BraTS20_Training_004_t1ce.nii.gz: is all zero" in warnings[1]
+    assert "9 error(s), 2 warning(s) in 4 case(s)" in out
+    assert err.strip().count("\n") == 0 and "9 error(s)" in err
 
 
 def test_check_clean_sets_exit_0(clean_brats, tmp_path, capsys):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmaf_components.data import brats_case, find_studies
+from dmaf_components.data import DMAFDataError, brats_case, find_studies
 
 itk = pytest.importorskip("itk")
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type (Swig|swig)")
@@ -166,16 +166,39 @@ def test_unreadable_itk_inputs_are_one_line_and_do_not_stop_the_others(studies, 
     for i, sub in enumerate(("a", "b")):  # two series in one folder, neither named by its description
         write_dicom_series(str(data / "two_series" / "flair"), np.ones(SHAPE, np.float32) * (i + 1), f"series {sub}",
                            f"1.2.826.0.1.3680043.8.498.2{i}")
+    volume = np.random.default_rng(0).uniform(1, 500, SHAPE)
+    write_dicom_series(str(data / "gap" / "flair"), volume, "AX FLAIR", "1.2.826.0.1.3680043.8.498.30")
+    os.remove(data / "gap" / "flair" / "1.2.826.0.1.3680043.8.498.30_0007.dcm")  # a slice lost in transfer
     os.symlink(root / "mha", data / "mha")
     with pytest.raises(SystemExit) as exc:
         _run(data, tmp_path / "out", weights, separate_folder=True)
     lines = str(exc.value).splitlines()
-    assert lines[0] == f"inference finished: 1 segmented, 2 failed (results in {tmp_path / 'out'})"
+    assert lines[0] == f"inference finished: 1 segmented, 3 failed (results in {tmp_path / 'out'})"
     failed = dict(line.split(": ", 1) for line in lines[1:])
     assert "trunc_t2.nrrd: not a readable image file (ITK: Read: Error reading" in failed["trunc"]
     assert "fread got only" in failed["trunc"]
     assert failed["two_series"].startswith(f"{data / 'two_series'}: no modality file")
+    # ITK would stack the 19 slices evenly (a 5 mm gap read as 2.5 mm): refused, naming the series and the gap
+    assert failed["gap"] == (
+        f"{data / 'gap' / 'flair'} (DICOM series 'AX FLAIR', 19 files): missing slices: "
+        "1.2.826.0.1.3680043.8.498.30_0008.dcm is 5 mm from 1.2.826.0.1.3680043.8.498.30_0006.dcm, the median gap is "
+        "2.5 mm; ITK would stack the slices evenly and distort the volume: export the complete series")
     assert os.listdir(tmp_path / "out") == ["mha"] and os.listdir(tmp_path / "out" / "mha") == ["mha_seg.nii.gz"]
+
+
+def test_a_dicom_series_with_two_slices_at_each_position_is_refused(tmp_path):
+    """Two echoes exported under one SeriesInstanceUID: ITK stacks them as one volume of twice the slices. The
+    loader names the first pair at one position (not 'missing slices', as a median gap of 0 would say)."""
+    from dmaf_components.transforms import LoadModalitiesd
+
+    folder = tmp_path / "flair"
+    write_dicom_series(str(folder), np.random.default_rng(1).uniform(1, 500, SHAPE), "AX FLAIR", "1.2.3.9")
+    for name in sorted(os.listdir(folder)):  # a second echo: the same positions
+        (folder / name.replace(".dcm", "_e2.dcm")).write_bytes((folder / name).read_bytes())
+    with pytest.raises(DMAFDataError, match=rf"^{folder} \(DICOM series 'AX FLAIR', 40 files\): two slices at one "
+                                            r"position \(1.2.3.9_0000.dcm and 1.2.3.9_0000_e2.dcm; 20 such pairs\): a "
+                                            "repeated or multi-echo acquisition in one series"):
+        LoadModalitiesd("image", ("flair", "t1", "t1ce", "t2"))({"image": {"flair": str(folder)}})
 
 
 def test_output_format_is_checked_before_any_work(studies, weights, tmp_path):

@@ -4,6 +4,7 @@ load and a misfit says which override fixes it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -411,3 +412,124 @@ def test_inference_refuses_a_non_zero_background_and_a_single_slice(tmp_path):
     nib.save(nib.Nifti1Image(flair[:, :, 10:11], BRATS_AFFINE), one)
     with pytest.raises(DMAFDataError, match=rf"^{one}: shape \(32, 32, 1\) has an axis shorter than 2"):
         loader({"image": {"flair": one}})
+
+
+def test_inference_resamples_to_the_training_spacing_and_back(tmp_path):
+    """The model was trained on 1 mm voxels (BraTS) and has never seen another scale: a 2 mm study was segmented on
+    its own grid, every structure at half the size the network knows, without a word. The inference preprocessing
+    now resamples each study to ``spacing`` (1 mm) and Invertd brings the label map back to the input's grid; a
+    study already at 1 mm is not touched (its voxels are what the network saw before)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Invertd
+
+    from monai.transforms import Compose
+
+    config = ConfigParser()
+    config.read_config(INFERENCE)
+    preprocessing = config.get_parsed_content("preprocessing")
+    before = Compose([t for t in preprocessing.transforms if type(t).__name__ != "StudySpacingd"])  # 0.1.9's
+    assert len(before.transforms) == len(preprocessing.transforms) - 1
+    flair = _volume()["flair"].astype(np.float32)
+    for name, affine in (("coarse", np.diag([2.0, 2.0, 2.0, 1.0])), ("native", BRATS_AFFINE)):
+        path = str(tmp_path / f"{name}_flair.nii.gz")
+        nib.save(nib.Nifti1Image(flair, affine), path)
+        data = preprocessing({"case": name, "image": {"flair": path}})
+        assert np.allclose(data["image"].pixdim, [1.0, 1.0, 1.0])
+        assert data["image_available"].tolist() == [True, False, False, False]
+        if name == "native":  # no resampling: exactly what the network saw before the step was added
+            assert torch.equal(data["image"], before({"case": name, "image": {"flair": path}})["image"])
+        else:  # twice as many voxels along every axis inside the brain's box
+            assert all(n >= 2 * m - 2 for n, m in zip(data["image"].shape[1:], np.ptp(np.argwhere(flair), 0) + 1))
+        data["pred"] = (data["image"][:1] > 0).to(torch.uint8)
+        inverted = Invertd("pred", preprocessing, orig_keys="image", nearest_interp=True)(data)["pred"]
+        assert tuple(inverted.shape[1:]) == SHAPE and np.allclose(inverted.affine, affine)
+
+
+def test_a_label_map_or_an_out_of_range_file_is_not_taken_for_an_image(tmp_path):
+    """Two silent wrong answers: a segmentation saved under a modality's name (a mix-up of exports) was segmented as
+    if it were an MR image; a float64 file with values beyond float32's range read as 'inf voxels'. Both are now one
+    line naming the file; a label loaded as a label is not checked as an image."""
+    from dmaf_components.transforms import LoadModalitiesd
+
+    images, label = brats_case(SHAPE, seed=0)
+    mixed = str(tmp_path / "s_t1ce.nii.gz")
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), BRATS_AFFINE), mixed)
+    values = np.unique(label).astype(int).tolist()
+    assert len(values) >= 3  # background, edema and more: a real label map
+    loader = LoadModalitiesd("image", BRATS_MODALITIES, label_keys="label")
+    shown = re.escape(", ".join(str(v) for v in values))
+    with pytest.raises(DMAFDataError, match=rf"^{mixed}: holds only {len(values)} distinct whole-number values "
+                                            rf"\({shown}\): a label map or mask, not an MR image$"):
+        loader({"image": {"t1ce": mixed}})
+    big = str(tmp_path / "big_t1ce.nii.gz")  # over 2 x 65536 voxels: a strided sample decides first, then all
+    nib.save(nib.Nifti1Image(np.tile(label, (2, 2, 2)).astype(np.int16), BRATS_AFFINE), big)
+    with pytest.raises(DMAFDataError, match=rf"^{big}: holds only {len(values)} distinct whole-number values"):
+        loader({"image": {"t1ce": big}})
+    flair = str(tmp_path / "s_flair.nii.gz")
+    nib.save(nib.Nifti1Image(images["flair"].astype(np.float32), BRATS_AFFINE), flair)
+    assert loader({"image": {"flair": flair}, "label": mixed})["label"].unique().tolist() == values
+    huge = images["t2"].astype(np.float64)
+    huge[4, 4, 4] = 1e300
+    path = str(tmp_path / "s_t2.nii.gz")
+    nib.save(nib.Nifti1Image(huge, BRATS_AFFINE), path)
+    with pytest.raises(DMAFDataError, match=rf"^{path}: contains inf voxels or beyond float32's range \(1 of "):
+        loader({"image": {"t2": path}})
+
+
+def test_myops_inference_segments_the_release_layout_with_myops_label_values(tmp_path):
+    """The README pointed MyoPS users at inference with `--dataset_name myops`, a path that did not exist: the
+    inference config is 3-D BraTS, and the MyoPS release keeps every case's files in one flat folder. The overlay
+    configs/inference_myops.json runs the 2-D network slice by slice with the MyoPS training preprocessing, the flat
+    folder is grouped into one study per case, and the label map carries MyoPS's own values (LV 500, RV 600,
+    myocardium 200): before, uint8 output would have wrapped 500 to 244 without a word."""
+    from monai.bundle import ConfigWorkflow
+
+    from dmaf_components.data import synthesize_myops
+    from dmaf_components.networks import DMAFNet
+
+    synthesize_myops(str(tmp_path), cases=2, shape=(40, 44, 3))
+    torch.manual_seed(0)
+    torch.save(DMAFNet(2, 3, 4, **NET).state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "out"
+    wf = ConfigWorkflow(
+        config_file=[INFERENCE, os.path.join(BUNDLE, "configs", "inference_myops.json")], workflow_type="infer",
+        logging_file=False, bundle_root=BUNDLE, dataset_dir=str(tmp_path / "train25"), output_dir=str(out),
+        checkpoint=str(tmp_path / "model.pt"), roi_size=[32, 32], channels=list(NET["channels"]), num_layers=1,
+        num_heads=2, num_workers=0, save_weights="true")
+    wf.initialize()
+    wf.run()
+    cases = ("myops_training_101", "myops_training_102")
+    assert sorted(os.listdir(out)) == sorted(f"{c}_{s}" for c in cases for s in (
+        "seg.nii.gz", "modality_weights.nii.gz", "modality_weights.json"))
+    source = nib.load(str(tmp_path / "train25" / "myops_training_101_C0.nii.gz"))
+    seg = nib.load(str(out / "myops_training_101_seg.nii.gz"))
+    assert seg.shape == source.shape == (40, 44, 3) and np.allclose(seg.affine, source.affine, atol=1e-4)
+    values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+    assert values <= {0, 200, 500, 600} and len(values) > 1
+    # the region summary counts MyoPS's regions on those values
+    summary = json.loads((out / "myops_training_101_modality_weights.json").read_text())
+    assert summary["present"] == ["bssfp", "lge", "t2"]
+    labels = np.asarray(seg.dataobj)
+    for region, value in (("LVB", 500), ("RVB", 600), ("MYO", 200)):
+        assert summary["regions"][region]["voxels"] == int((labels == value).sum())
+
+
+def test_a_flat_folder_of_modality_files_is_grouped_into_studies(tmp_path):
+    """Modality files directly in the input folder (MyoPS's release, a flat BraTS export) used to be taken for 4-D
+    studies and fail with 'has 1 channel(s)'; they are grouped by the rest of their name, a duplicate fails its
+    study in one line, and a 4-D file without a modality name is still a 4-D study."""
+    images = _volume()
+    for name, modality in (("p1_flair.nii.gz", "flair"), ("p1_T1.nii.gz", "t1"), ("p2_FLAIR.nii.gz", "flair"),
+                           ("p2_flair.nii", "flair")):
+        nib.save(nib.Nifti1Image(images[modality].astype(np.float32), BRATS_AFFINE), str(tmp_path / name))
+    nib.save(nib.Nifti1Image(images["t2"].astype(np.float32), BRATS_AFFINE), str(tmp_path / "p1_dwi.nii.gz"))
+    four = np.stack([images[m] for m in BRATS_MODALITIES], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(four, BRATS_AFFINE), str(tmp_path / "BRATS_003.nii.gz"))
+    studies = {s["case"]: s for s in find_studies(str(tmp_path), BRATS_MODALITIES)}
+    assert sorted(studies) == ["BRATS_003", "p1", "p2"]  # p1_dwi is another sequence of p1, not a 4-D study
+    assert studies["p1"]["image"] == {"flair": str(tmp_path / "p1_flair.nii.gz"), "t1": str(tmp_path / "p1_T1.nii.gz")}
+    assert studies["p1"]["notes"] == [f"{tmp_path / 'p1_dwi.nii.gz'}: ignored (no modality name; modality files end "
+                                      "with _flair/t1/t1ce/t2)"]
+    assert studies["p2"]["error"] == (f"{tmp_path / 'p2_flair.nii'}: a second file for flair (also "
+                                      f"{tmp_path / 'p2_FLAIR.nii.gz'})")
+    assert studies["BRATS_003"]["image"] == str(tmp_path / "BRATS_003.nii.gz")

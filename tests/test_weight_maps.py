@@ -96,12 +96,16 @@ def test_bundle_writes_weight_maps_on_the_input_grid_and_a_region_summary(tmp_pa
     assert np.allclose(seg.affine, affine, atol=1e-4)
     w = np.asarray(maps.dataobj)
     assert np.all(w[..., 1] == 0) and np.all(w[..., 3] == 0)  # t1 and t2 are missing
-    # inside the box the network saw (CropForegroundd: any channel > 0) the weights sum to 1; outside they are 0
-    box = np.zeros(SHAPE, bool)
+    # inside the box the network saw (CropForegroundd: any channel > 0) the weights sum to 1; outside they are 0.
+    # The study was resampled to 1 mm and the maps back by nearest neighbour: every voxel carries weights the network
+    # produced (no blend with the zeros outside), and the box's edge may move by one input voxel
     nz = np.nonzero((images["flair"] > 0) | (images["t1ce"] > 0))
+    box, grown = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
     box[tuple(slice(i.min(), i.max() + 1) for i in nz)] = True
+    grown[tuple(slice(max(i.min() - 1, 0), i.max() + 2) for i in nz)] = True
     total = w.sum(-1)
-    assert np.allclose(total[box], 1.0, atol=1e-4) and np.all(total[~box] == 0)
+    assert np.allclose(total[np.isclose(total, 0, atol=1e-4) == 0], 1.0, atol=1e-4)  # 0 or 1, nothing between
+    assert np.allclose(total[box], 1.0, atol=1e-4) and np.all(total[~grown] == 0)
     summary = json.loads((out / "s1_modality_weights.json").read_text())
     assert summary["present"] == ["flair", "t1ce"] and summary["missing"] == ["t1", "t2"]
     assert summary["segmentation"] == "s1_seg.nii.gz" and summary["channels"] == ["flair", "t1", "t1ce", "t2"]

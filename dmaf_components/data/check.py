@@ -12,9 +12,10 @@
 
 Each file is read once: its NIfTI header first with nibabel (cheap: dimensions, shape, affine), then its voxels with
 :meth:`dmaf_components.transforms.LoadModalitiesd.read` (the training pipeline's reader and its one-line errors:
-missing, unreadable, truncated or non-NIfTI files, NaN voxels). On top of that: inf voxels, 2-D files, the modalities
-and the label of one case on one grid (shape and affine), label values outside the dataset's set, and all-zero
-modalities (a warning: the loader treats them as missing).
+missing, unreadable, truncated or non-NIfTI files, NaN or inf voxels, values beyond float32, constant images, label
+maps given as a modality). On top of that: 2-D files, the modalities and the label
+of one case on one grid (shape and affine), label values outside the dataset's set, and two warnings: all-zero
+modalities (the loader treats them as missing) and BraTS modalities with a non-zero background.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .io import load_datalist, read_datalist
 
 __all__ = [
     "MYOPS_RAW_LABEL_VALUES",
+    "MIN_BACKGROUND",
     "CheckProblem",
     "CheckReport",
     "DataCheckError",
@@ -44,6 +46,8 @@ __all__ = [
 
 #: label values in the MyoPS2020 files (myocardium, LV, RV, edema, scar), as ``label_values`` of train_myops.json
 MYOPS_RAW_LABEL_VALUES = (0, 200, 500, 600, 1220, 2221)
+#: fewest voxels exactly 0 in a skull-stripped BraTS modality (the inference config's ``min_background``)
+MIN_BACKGROUND = 0.05
 _SECTIONS = ("training", "validation", "testing")
 
 
@@ -256,9 +260,7 @@ def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, 
         if len(shape) > 3:
             case.add(path, f"has {len(shape)} dimensions (shape {shape}); expected 3")
             return None
-    img = reader.read(path)  # truncated/corrupt data, NaN voxels: the pipeline's one-line errors
-    if img.is_floating_point() and torch.isinf(img).any():
-        case.add(path, "contains inf voxels")
+    img = reader.read(path, image=role != "label")  # truncated/corrupt data, NaN voxels: the pipeline's errors
     if role == "label":
         bad = [v for v in label_values(img) if v not in allowed]
         if bad:
@@ -266,9 +268,13 @@ def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, 
     else:
         names = modalities if role == "image" else (role,)
         for channel, name in zip(img, names):
+            which = "" if role != "image" else f"channel {modalities.index(name)} ({name}): "
             if not channel.any():
                 what = "is all zero" if role != "image" else f"channel {modalities.index(name)} ({name}) is all zero"
                 case.add(path, f"{what}: the modality is treated as missing", "warning")
+            elif not myops and (zero := 1.0 - int(torch.count_nonzero(channel)) / channel.numel()) < MIN_BACKGROUND:
+                case.add(path, f"{which}only {zero:.1%} of the voxels are 0: the BraTS pipeline expects skull-stripped "
+                         f"images with a zero background (inference refuses fewer than {MIN_BACKGROUND:.0%})", "warning")
     return spatial, np.asarray(header.affine, dtype=np.float64)
 
 

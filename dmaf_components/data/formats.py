@@ -23,6 +23,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 __all__ = [
     "ITK_EXTENSIONS",
     "SERIES_POSTFIX",
@@ -32,6 +34,7 @@ __all__ = [
     "has_dicom_files",
     "list_dicom_series",
     "find_series",
+    "check_slice_spacing",
 ]
 
 #: file formats read through ITK (besides DICOM series): NRRD (attached or detached header) and MetaImage
@@ -160,3 +163,66 @@ def find_series(folder: str, identifier: str | None, series: Sequence[DicomSerie
             "series in its own folder"
         )
     return series[0]
+
+
+def _floats(text: str) -> list[float] | None:
+    try:
+        return [float(v) for v in text.split("\\")]
+    except ValueError:
+        return None
+
+
+def check_slice_spacing(series: DicomSeries, tolerance: float = 0.1) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal: a missing slice (a gap twice the
+    others), two slices at one position (a repeated or multi-echo acquisition), or a variable spacing. ITK stacks
+    such a series as if it were even, with only a warning: the volume, and every result computed on it, would be
+    distorted without a sign.
+
+    The positions are ImagePositionPatient (0020,0032) projected on the normal of ImageOrientationPatient
+    (0020,0037), read from each file's header. A series of fewer than 3 files, or whose files lack either tag (a
+    multi-frame file), is not checked.
+
+    Args:
+        series: the series, as :func:`list_dicom_series` or :func:`find_series` return it.
+        tolerance: largest relative deviation of a gap from the median gap.
+
+    Raises:
+        ValueError: one line naming the series, the slice and the gaps.
+    """
+    if len(series.files) < 3:
+        return
+    import itk  # noqa: PLC0415
+
+    positions, normal = [], None
+    for name in series.files:
+        io = itk.GDCMImageIO.New()
+        io.SetFileName(name)
+        try:
+            io.ReadImageInformation()
+        except RuntimeError:
+            return  # unreadable headers are reported by the reader itself
+        position, orientation = _floats(_tag(io, "0020|0032")), _floats(_tag(io, "0020|0037"))
+        if not position or len(position) != 3 or not orientation or len(orientation) != 6:
+            return
+        if normal is None:
+            normal = np.cross(orientation[:3], orientation[3:])
+        positions.append((float(np.dot(normal, position)), os.path.basename(name)))
+    positions.sort()
+    gaps = np.diff([p for p, _ in positions])
+    twins = np.flatnonzero(gaps < 1e-3)
+    if twins.size:  # several echoes or a repeated acquisition under one series UID
+        i = int(twins[0])
+        raise ValueError(
+            f"{series.label()}: two slices at one position ({positions[i][1]} and {positions[i + 1][1]}; "
+            f"{twins.size} such pairs): a repeated or multi-echo acquisition in one series; ITK would stack them as "
+            "one volume: export each echo or repetition as its own series"
+        )
+    step = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - step)))
+    if abs(gaps[worst] - step) > tolerance * step:
+        kind = "missing slices" if gaps[worst] > 1.5 * step else "uneven slice spacing"
+        raise ValueError(
+            f"{series.label()}: {kind}: {positions[worst + 1][1]} is {gaps[worst]:.3g} mm from "
+            f"{positions[worst][1]}, the median gap is {step:.3g} mm; ITK would stack the slices evenly and distort "
+            "the volume: export the complete series"
+        )

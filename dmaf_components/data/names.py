@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from .constants import LABEL_FILE_MARKERS, MODALITY_ALIASES
 
-__all__ = ["is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "is_label_file", "classify_files"]
+__all__ = ["is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "case_of", "is_label_file", "classify_files"]
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _IMAGE = re.compile(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", re.IGNORECASE)
@@ -74,6 +74,22 @@ def modality_of(name: str, modalities: Sequence[str]) -> str | None:
         if length > best_len and pattern.search(stem):
             best, best_len = modality, length
     return best
+
+
+def case_of(name: str, modalities: Sequence[str]) -> str | None:
+    """The case a modality file's name denotes: its name without the modality alias :func:`modality_of` matched and
+    the separator before it (``myops_training_101_C0.nii.gz`` -> ``myops_training_101``); None when the name denotes
+    no modality or is the alias alone."""
+    stem = image_stem(name)
+    best, best_len = None, -1
+    for pattern, _, length in _patterns(tuple(modalities)):
+        found = pattern.search(stem.lower())
+        if found and length > best_len:
+            best, best_len = found, length
+    if best is None:
+        return None
+    case = stem[: best.start()] if len(stem) == len(stem.lower()) else stem.lower()[: best.start()]
+    return case or None
 
 
 def is_label_file(name: str) -> bool:

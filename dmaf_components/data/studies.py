@@ -14,11 +14,21 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 from .constants import BRATS_MODALITIES, MODALITY_ALIASES, DMAFDataError
 from .formats import SERIES_POSTFIX, DicomSeries, has_dicom_files, list_dicom_series
-from .names import classify_files, image_stem, is_image_file, is_label_file, is_nifti, modality_of, nifti_stem
+from .names import (
+    case_of,
+    classify_files,
+    image_stem,
+    is_image_file,
+    is_label_file,
+    is_nifti,
+    modality_of,
+    nifti_stem,
+)
 
 __all__ = ["find_studies", "check_output_dir", "STUDY_ERROR_KEY", "STUDY_NOTES_KEY"]
 
@@ -97,6 +107,11 @@ def find_studies(
       ``flair/``, else by its SeriesDescription) or as files of the study folder itself (several series told apart
       by their SeriesDescription, e.g. ``AX T2 FLAIR``). A DICOM modality's ``path`` is the series' folder and
       ``study["image_series"][modality]`` its series identifier (``ITKReader(series_name=...)``);
+    - image files directly in ``input_dir`` whose names denote a modality are grouped by the rest of their name into
+      one study each (the MyoPS release's flat layout: ``myops_training_101_C0.nii.gz``, ``..._DE``, ``..._T2`` make
+      the study ``myops_training_101``; :func:`~dmaf_components.data.names.case_of`); a NIfTI named after such a
+      case without a modality name (``p1_dwi.nii.gz`` beside ``p1_flair.nii.gz``) is noted and not used;
+      ``modality_map`` applies to study folders only;
     - every other ``.nii``/``.nii.gz`` file directly in ``input_dir`` is a 4-D study in canonical channel order
       (segmentation-like names, ``*_seg``, ``*_gd``, ``*Segm``..., are ignored and reported).
 
@@ -158,15 +173,38 @@ def find_studies(
             found = f"holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" if others else "is empty"
             study[STUDY_ERROR_KEY] = f"{folder}: no modality file (the folder {found}; expected {expected})"
         studies.append(study)
+    flat: dict[str, list[str]] = {}  # case -> its modality files directly in input_dir (MyoPS's release layout)
+    four_d: list[str] = []
     for name in entries:
         path = os.path.join(input_dir, name)
-        if name.startswith(".") or not os.path.isfile(path) or not is_nifti(name):
+        if name.startswith(".") or not os.path.isfile(path) or not is_image_file(name):
             continue
         if is_label_file(name):
             if log:
                 logger.warning(f"{path}: ignored (a segmentation/label file, not a study)")
             continue
-        studies.append({"case": nifti_stem(name), "image": path})
+        case = case_of(name, modalities)
+        if case is not None:
+            flat.setdefault(case, []).append(path)
+        elif is_nifti(name):
+            four_d.append(path)
+    flat_notes: dict[str, list[str]] = {}
+    for path in four_d:  # p1_dwi.nii.gz beside p1_flair.nii.gz is another sequence of p1, not a 4-D study
+        stem = nifti_stem(os.path.basename(path))
+        owner = next((c for c in flat if re.match(re.escape(c) + r"[-_. ]", stem)), None)
+        if owner is None:
+            studies.append({"case": stem, "image": path})
+        else:
+            flat_notes.setdefault(owner, []).append(f"{path}: ignored (no modality name; modality files end with "
+                                                    f"_{'/'.join(MODALITY_ALIASES.get(m, (m,))[0] for m in modalities)})")
+    for case, files in sorted(flat.items()):
+        image, _, errors = classify_files(files, modalities, any_format=True)
+        study = {"case": case, "image": image}
+        if case in flat_notes:
+            study[STUDY_NOTES_KEY] = flat_notes[case]
+        if errors:
+            study[STUDY_ERROR_KEY] = errors[0]
+        studies.append(study)
     if log:
         for study in studies:
             for note in study.get(STUDY_NOTES_KEY, []):
