@@ -210,6 +210,15 @@ class LoadModalitiesd(MapTransform):
                     raise DMAFDataError(f"{path}: not a readable NIfTI file ({_first_line(reason)})") from None
             raise DMAFDataError(f"{path}: cannot read ({_first_line(exc)})") from None
 
+    def _cast_float64(self, path: str) -> bool:
+        """Whether a NIfTI file stores float64 that this reader casts to float32 (huge values become inf)."""
+        if self.dtype not in (np.float32, torch.float32) or not os.path.isfile(path) or is_itk_file(path):
+            return False
+        try:
+            return nib.load(path).get_data_dtype() == np.float64
+        except Exception:
+            return False
+
     def _check(self, path: str, img: MetaTensor, image: bool = True) -> MetaTensor:
         if self.spatial_ndim is not None and img.ndim - 1 != self.spatial_ndim:
             shape = tuple(img.shape[1:]) if img.shape[0] == 1 else tuple(img.shape)
@@ -221,7 +230,7 @@ class LoadModalitiesd(MapTransform):
             nan = int(torch.isnan(img).sum())
             inf = int((~finite).sum()) - nan
             kinds = " and ".join(k for k, n in (("NaN", nan), ("inf", inf)) if n)
-            beyond = " or beyond float32's range" if inf and self.dtype in (np.float32, torch.float32) else ""
+            beyond = " (or beyond float32's range, in this float64 file)" if inf and self._cast_float64(path) else ""
             raise DMAFDataError(f"{path}: contains {kinds} voxels{beyond} ({nan + inf} of {img.numel()} not finite)")
         flat = img.reshape(img.shape[0], -1)
         low, high = torch.aminmax(flat, dim=1)  # one pass per channel

@@ -472,7 +472,8 @@ def test_a_label_map_or_an_out_of_range_file_is_not_taken_for_an_image(tmp_path)
     huge[4, 4, 4] = 1e300
     path = str(tmp_path / "s_t2.nii.gz")
     nib.save(nib.Nifti1Image(huge, BRATS_AFFINE), path)
-    with pytest.raises(DMAFDataError, match=rf"^{path}: contains inf voxels or beyond float32's range \(1 of "):
+    with pytest.raises(DMAFDataError, match=rf"^{path}: contains inf voxels \(or beyond float32's range, in this "
+                                            r"float64 file\) \(1 of "):
         loader({"image": {"t2": path}})
 
 
