@@ -1,0 +1,92 @@
+# Copyright (c) DMAF-Net bundle contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Paired differences between any two settings of one ablation study (``table3.md`` compares each with the baseline).
+
+For each pair ``A-B`` it prints, over the seeds both settings have: the average DSC difference with the bootstrap 95 %
+interval of ``dmaf ablation`` (seeds and test cases resampled: :func:`dmaf_components.ablation.paired_bootstrap`),
+the difference seed by seed, per region (same interval), and per modality combination (mean, interval, and whether
+the interval excludes 0). Average DSC is Table 3's: the mean over modality combinations and regions of the per-case
+Dice.
+
+    python benchmarks/study_pairs.py studies/brats_baseline_full dmaf-baseline full-dmaf full-baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import numpy as np
+
+from dmaf_components.ablation import paired_bootstrap
+
+
+def load(study: str) -> dict[str, dict[int, dict]]:
+    """``{setting: {seed: record}}`` of a study folder's finished runs."""
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(study, "runs", "*", "seed*", "record.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        out.setdefault(record["setting"], {})[int(record["seed"])] = record
+    return out
+
+
+def dice(record: dict) -> tuple[np.ndarray, list[str], list[str]]:
+    """``(combinations, cases, regions)`` per-case Dice (raw predictions), the combinations and the regions."""
+    per_case = record["evaluation"]["per_case"]["raw"]
+    combos = list(per_case)
+    return np.array([per_case[c]["dice"] for c in combos], np.float64), combos, record["evaluation"]["regions"]
+
+
+def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    if not seeds:
+        print(f"{a} - {b}: no seed both settings have")
+        return
+    va = np.stack([dice(runs[a][s])[0] for s in seeds])  # (seeds, combos, cases, regions)
+    vb = np.stack([dice(runs[b][s])[0] for s in seeds])
+    _, combos, regions = dice(runs[a][seeds[0]])
+    avg = lambda v: np.nanmean(np.nanmean(v, axis=3), axis=1)  # noqa: E731  (seeds, cases)
+    mean, low, high = paired_bootstrap(avg(va) - avg(vb))
+    print(f"{a} - {b}, seeds {seeds}: average DSC {mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+    print("  per seed: " + ", ".join(f"{s}: {np.nanmean(avg(va)[i] - avg(vb)[i]):+.2f}"
+                                     for i, s in enumerate(seeds)))
+    for r, region in enumerate(regions):
+        region_of = lambda v: np.nanmean(v[..., r], axis=1)  # noqa: E731  (seeds, cases)
+        mean, low, high = paired_bootstrap(region_of(va) - region_of(vb))
+        print(f"  {region}: {mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+    print(f"  per combination (average over regions): mean [95 % CI]")
+    below = above = 0
+    for c, combo in enumerate(combos):
+        d = np.nanmean(va[:, c], axis=2) - np.nanmean(vb[:, c], axis=2)  # (seeds, cases)
+        mean, low, high = paired_bootstrap(d)
+        mark = " *" if high < 0 or low > 0 else ""
+        below, above = below + (mean < 0), above + (mean > 0)
+        print(f"    {combo:24s} {mean:+6.2f} [{low:+6.2f}, {high:+6.2f}]{mark}")
+    print(f"  {below} of {len(combos)} combinations lower, {above} higher (* : interval excludes 0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", help="an ablation study folder (with runs/<setting>/seed<k>/record.json)")
+    parser.add_argument("pairs", nargs="+", help="A-B: setting A minus setting B, e.g. dmaf-baseline")
+    args = parser.parse_args()
+    runs = load(args.study)
+    print(f"study {args.study}: " + ", ".join(f"{k} ({len(v)} seeds)" for k, v in sorted(runs.items())))
+    for pair in args.pairs:
+        a, _, b = pair.partition("-")
+        compare(runs, a, b)
+
+
+if __name__ == "__main__":
+    main()
