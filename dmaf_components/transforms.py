@@ -234,8 +234,8 @@ class LoadModalitiesd(MapTransform):
             raise DMAFDataError(f"{path}: contains {kinds} voxels{beyond} ({nan + inf} of {img.numel()} not finite)")
         flat = img.reshape(img.shape[0], -1)
         low, high = torch.aminmax(flat, dim=1)  # one pass per channel
-        if img.dtype == torch.float64 and max(-float(low.min()), float(high.max())) > _FLOAT32_MAX:
-            big = max(-float(low.min()), float(high.max()))  # training and inference compute in float32: inf there
+        big = max(-float(low.min()), float(high.max()))
+        if img.dtype == torch.float64 and big > _FLOAT32_MAX:  # training and inference compute in float32: inf there
             raise DMAFDataError(f"{path}: values up to {big:.3g} in magnitude exceed float32's range "
                                 f"({_FLOAT32_MAX:.3g}); the pipeline computes in float32")
         for c in range(flat.shape[0] if image else 0):

@@ -530,7 +530,7 @@ def test_a_flat_folder_of_modality_files_is_grouped_into_studies(tmp_path):
     assert sorted(studies) == ["BRATS_003", "p1", "p2"]  # p1_dwi is another sequence of p1, not a 4-D study
     assert studies["p1"]["image"] == {"flair": str(tmp_path / "p1_flair.nii.gz"), "t1": str(tmp_path / "p1_T1.nii.gz")}
     assert studies["p1"]["notes"] == [f"{tmp_path / 'p1_dwi.nii.gz'}: ignored (no modality name; modality files end "
-                                      "with _flair/t1/t1ce/t2)"]
+                                      "with _flair/t1/t1ce/t2, any case)"]
     assert studies["p2"]["error"] == (f"{tmp_path / 'p2_flair.nii'}: a second file for flair (also "
                                       f"{tmp_path / 'p2_FLAIR.nii.gz'})")
     assert studies["BRATS_003"]["image"] == str(tmp_path / "BRATS_003.nii.gz")

@@ -19,7 +19,9 @@ from functools import lru_cache
 
 from .constants import LABEL_FILE_MARKERS, MODALITY_ALIASES
 
-__all__ = ["is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "case_of", "is_label_file", "classify_files"]
+__all__ = [
+    "is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "case_of", "is_label_file", "classify_files"
+]
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _IMAGE = re.compile(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", re.IGNORECASE)
@@ -60,6 +62,18 @@ def _patterns(modalities: tuple[str, ...]) -> list[tuple[re.Pattern, str, int]]:
     return patterns
 
 
+def _best_match(name: str, modalities: Sequence[str]) -> tuple[str, re.Match] | None:
+    """The modality whose longest alias ends the name, with the match in the lower-case stem; None if none does."""
+    stem = image_stem(name).lower()
+    best, best_len = None, -1
+    for pattern, modality, length in _patterns(tuple(modalities)):
+        if length > best_len:
+            found = pattern.search(stem)
+            if found:
+                best, best_len = (modality, found), length
+    return best
+
+
 def modality_of(name: str, modalities: Sequence[str]) -> str | None:
     """The modality a file name denotes, or None.
 
@@ -68,28 +82,20 @@ def modality_of(name: str, modalities: Sequence[str]) -> str | None:
     ``patient 3 T2-FLAIR``, ``myops_training_101_C0``). When several aliases end the name, the longest wins
     (``t2-flair`` is FLAIR, not T2). The same rule names DICOM series by folder name or SeriesDescription.
     """
-    stem = image_stem(name).lower()
-    best, best_len = None, -1
-    for pattern, modality, length in _patterns(tuple(modalities)):
-        if length > best_len and pattern.search(stem):
-            best, best_len = modality, length
-    return best
+    best = _best_match(name, modalities)
+    return best[0] if best else None
 
 
 def case_of(name: str, modalities: Sequence[str]) -> str | None:
     """The case a modality file's name denotes: its name without the modality alias :func:`modality_of` matched and
     the separator before it (``myops_training_101_C0.nii.gz`` -> ``myops_training_101``); None when the name denotes
     no modality or is the alias alone."""
-    stem = image_stem(name)
-    best, best_len = None, -1
-    for pattern, _, length in _patterns(tuple(modalities)):
-        found = pattern.search(stem.lower())
-        if found and length > best_len:
-            best, best_len = found, length
+    best = _best_match(name, modalities)
     if best is None:
         return None
-    case = stem[: best.start()] if len(stem) == len(stem.lower()) else stem.lower()[: best.start()]
-    return case or None
+    stem = image_stem(name)
+    start = best[1].start()
+    return (stem[:start] if len(stem) == len(stem.lower()) else stem.lower()[:start]) or None
 
 
 def is_label_file(name: str) -> bool:

@@ -188,20 +188,19 @@ def find_studies(
             flat.setdefault(case, []).append(path)
         elif is_nifti(name):
             four_d.append(path)
-    flat_notes: dict[str, list[str]] = {}
+    siblings: dict[str, list[str]] = {}
     for path in four_d:  # p1_dwi.nii.gz beside p1_flair.nii.gz is another sequence of p1, not a 4-D study
         stem = nifti_stem(os.path.basename(path))
         owner = next((c for c in flat if re.match(re.escape(c) + r"[-_. ]", stem)), None)
         if owner is None:
             studies.append({"case": stem, "image": path})
         else:
-            flat_notes.setdefault(owner, []).append(f"{path}: ignored (no modality name; modality files end with "
-                                                    f"_{'/'.join(MODALITY_ALIASES.get(m, (m,))[0] for m in modalities)})")
-    for case, files in sorted(flat.items()):
-        image, _, errors = classify_files(files, modalities, any_format=True)
+            siblings.setdefault(owner, []).append(path)
+    for case, files in sorted(flat.items()):  # a sibling is noted by classify_files, as in a study folder
+        image, notes, errors = classify_files(files + siblings.get(case, []), modalities, any_format=True)
         study = {"case": case, "image": image}
-        if case in flat_notes:
-            study[STUDY_NOTES_KEY] = flat_notes[case]
+        if notes:
+            study[STUDY_NOTES_KEY] = notes
         if errors:
             study[STUDY_ERROR_KEY] = errors[0]
         studies.append(study)
