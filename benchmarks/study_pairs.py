@@ -10,11 +10,11 @@
 # limitations under the License.
 """Paired differences between any two settings of one ablation study (``table3.md`` compares each with the baseline).
 
-For each pair ``A-B`` it prints, over the seeds both settings have: the average DSC difference with the bootstrap 95 %
-interval of ``dmaf ablation`` (seeds and test cases resampled: :func:`dmaf_components.ablation.paired_bootstrap`),
-the difference seed by seed, per region (same interval), and per modality combination (mean, interval, and whether
-the interval excludes 0). Average DSC is Table 3's: the mean over modality combinations and regions of the per-case
-Dice.
+For each pair ``A-B`` it prints, over the seeds both settings have: the average DSC difference with the 95 % interval
+over seeds of ``dmaf ablation`` (:func:`dmaf_components.stats.seed_interval`), its sign-flip p, the smallest effect the
+seeds can detect and the seeds an effect of the observed size needs; the difference seed by seed; per region and per
+modality combination (mean and interval; uncorrected for the many combinations, so no count of "significant" ones).
+Average DSC is Table 3's: the mean over modality combinations and regions of the per-case Dice.
 
     python benchmarks/study_pairs.py studies/brats_baseline_full dmaf-baseline full-dmaf full-baseline
 """
@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from dmaf_components.ablation import paired_bootstrap
+from dmaf_components.stats import seed_interval
 
 
 def load(study: str) -> dict[str, dict[int, dict]]:
@@ -57,23 +57,20 @@ def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
     vb = np.stack([dice(runs[b][s])[0] for s in seeds])
     _, combos, regions = dice(runs[a][seeds[0]])
     avg = lambda v: np.nanmean(np.nanmean(v, axis=3), axis=1)  # noqa: E731  (seeds, cases)
-    mean, low, high = paired_bootstrap(avg(va) - avg(vb))
-    print(f"{a} - {b}, seeds {seeds}: average DSC {mean:+.2f} [{low:+.2f}, {high:+.2f}]")
+    iv = seed_interval(avg(va) - avg(vb))
+    print(f"{a} - {b}, seeds {seeds}: average DSC {iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (95 % over seeds), "
+          f"sign-flip p {iv.p:.3g}, detectable {iv.detectable:.2f}, seeds for this effect {iv.seeds_needed:g}")
     print("  per seed: " + ", ".join(f"{s}: {np.nanmean(avg(va)[i] - avg(vb)[i]):+.2f}"
                                      for i, s in enumerate(seeds)))
     for r, region in enumerate(regions):
         region_of = lambda v: np.nanmean(v[..., r], axis=1)  # noqa: E731  (seeds, cases)
-        mean, low, high = paired_bootstrap(region_of(va) - region_of(vb))
-        print(f"  {region}: {mean:+.2f} [{low:+.2f}, {high:+.2f}]")
-    print(f"  per combination (average over regions): mean [95 % CI]")
-    below = above = 0
+        iv = seed_interval(region_of(va) - region_of(vb), power_analysis=False)
+        print(f"  {region}: {iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}]")
+    print("  per combination (average over regions): mean [95 % CI over seeds], uncorrected")
     for c, combo in enumerate(combos):
         d = np.nanmean(va[:, c], axis=2) - np.nanmean(vb[:, c], axis=2)  # (seeds, cases)
-        mean, low, high = paired_bootstrap(d)
-        mark = " *" if high < 0 or low > 0 else ""
-        below, above = below + (mean < 0), above + (mean > 0)
-        print(f"    {combo:24s} {mean:+6.2f} [{low:+6.2f}, {high:+6.2f}]{mark}")
-    print(f"  {below} of {len(combos)} combinations lower, {above} higher (* : interval excludes 0)")
+        iv = seed_interval(d, power_analysis=False)
+        print(f"    {combo:24s} {iv.mean:+6.2f} [{iv.low:+6.2f}, {iv.high:+6.2f}]")
 
 
 def main() -> None:

@@ -39,8 +39,22 @@ import numpy as np
 from .data.constants import DMAFDataError
 from .data.io import read_datalist
 from .data.loader import available_cpus
+from .stats import PairedInterval, paired_bootstrap, seed_interval
 
 __all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy", "AblationRunError"]
+
+#: what every paired difference of a summary reports: the seed-level interval (:func:`~dmaf_components.stats.seed_interval`)
+#: and, as a second labelled column, the case-resampling bootstrap (too narrow with few seeds)
+INTERVAL_NOTE = (
+    "Δ: paired difference (same seeds, same test cases) with a 95 % t-interval whose unit of replication is the seed "
+    "(seed-to-seed spread of the paired means plus the test cases' share, t with seeds − 1 degrees of freedom); p: "
+    "exact two-sided sign-flip test over the seeds (its smallest possible value is 0.25 with 3 seeds, 0.0625 with 5, "
+    "0.002 with 10); detectable: the smallest true effect these seeds detect with 80 % power; seeds for Δ: the seeds "
+    "a test needs to detect an effect of the observed size with 80 % power. The case bootstrap (seeds and cases "
+    "resampled) is listed last for comparison only: with few seeds it is too narrow. Per-combination intervals are "
+    "uncorrected for the many, strongly correlated combinations: they describe, they are not separate tests."
+)
+
 
 
 class AblationRunError(DMAFDataError):
@@ -95,39 +109,6 @@ def resolve_settings(spec: str | Sequence[str], with_baseline: bool = True) -> l
         raise DMAFDataError("--settings: no setting named")
     chosen = set(names) | ({"baseline"} if with_baseline else set())
     return [s for s in SETTINGS if s in chosen]
-
-
-def paired_bootstrap(
-    diffs: np.ndarray, n_boot: int = 10000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of paired differences and its percentile bootstrap interval, resampling seeds and test cases.
-
-    The differences are paired twice: the same seed (data order and initialisation stream) and the same test case
-    in both settings. Each bootstrap replicate draws the seeds with replacement and, independently, the cases with
-    replacement, and takes the mean over the drawn (seed, case) cells; so the interval reflects both the
-    training-to-training spread and the case-to-case spread (with one seed only the cases are resampled).
-
-    Args:
-        diffs: ``(seeds, cases)`` setting minus baseline (NaN cells are left out of each mean).
-        n_boot: bootstrap replicates.
-        level: coverage of the interval.
-        seed: seed of the resampling.
-
-    Returns:
-        ``(mean, low, high)``.
-    """
-    d = np.asarray(diffs, dtype=np.float64)
-    if d.ndim == 1:
-        d = d[:, None]
-    s, c = d.shape
-    rng = np.random.default_rng(seed)
-    si = rng.integers(0, s, size=(n_boot, s))
-    ci = rng.integers(0, c, size=(n_boot, c))
-    cells = d[si[:, :, None], ci[:, None, :]]  # (n_boot, s, c)
-    means = np.nanmean(cells.reshape(n_boot, -1), axis=1)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.nanquantile(means, [alpha, 1.0 - alpha])
-    return float(np.nanmean(d)), float(low), float(high)
 
 
 def _sha256(path: str) -> str:
@@ -777,10 +758,12 @@ def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict
     """Each component's effect on the average DSC in the factorial design of Table 3, when all eight settings are
     there: ``averaged`` is its paired difference (with - without, the other two components held fixed) averaged over
     the four combinations of the other two (its main effect); ``in_full`` is the full model minus the full model
-    without it. Paired by seed and test case over the seeds every setting has, with :func:`paired_bootstrap`.
+    without it. Paired by seed and test case over the seeds every setting has, with
+    :func:`~dmaf_components.stats.seed_interval`.
 
     Returns:
-        one dict per component: ``component``, ``averaged`` and ``in_full`` as ``(mean, low, high)``, ``seeds``.
+        one dict per component: ``component``, ``averaged`` and ``in_full`` as
+        :class:`~dmaf_components.stats.PairedInterval`, ``seeds``.
     """
     if not all(name in by_setting for name in SETTINGS):
         return []
@@ -801,8 +784,8 @@ def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict
                 without = tuple(False if i == c else f for i, f in enumerate(flags))
                 contexts.append(cell(name_of[flags]) - cell(name_of[without]))
         in_full = cell("full") - cell(name_of[tuple(i != c for i in range(len(_COMPONENTS)))])
-        out.append({"component": component, "averaged": paired_bootstrap(np.mean(contexts, axis=0)),
-                    "in_full": paired_bootstrap(in_full), "seeds": len(seeds)})
+        out.append({"component": component, "averaged": seed_interval(np.mean(contexts, axis=0)),
+                    "in_full": seed_interval(in_full), "seeds": len(seeds)})
     return out
 
 
@@ -810,9 +793,9 @@ def summarize_records(
     records: Sequence[dict], reference: Sequence[dict] | None = None, reference_name: str | None = None
 ) -> dict:
     """Mean ± std over seeds per setting and region (averaged over every modality combination, as Table 3), the
-    per-combination means, and the paired difference of each setting's average DSC/HD95 to the baseline with a
-    bootstrap interval over seeds and cases (:func:`paired_bootstrap`); with ``reference`` records, to the
-    reference's same setting instead."""
+    per-combination means, and the paired difference of each setting's average DSC/HD95 to the baseline with the
+    seed-level interval of :func:`~dmaf_components.stats.seed_interval` (and, labelled ``_boot``, the case-resampling
+    bootstrap for comparison); with ``reference`` records, to the reference's same setting instead."""
     by_setting: dict[str, dict[int, dict]] = {}
     for r in records:
         by_setting.setdefault(r["setting"], {})[r["seed"]] = r
@@ -850,8 +833,7 @@ def summarize_records(
             if (setting != "baseline" or reference is not None) and paired:
                 cell = lambda rec: np.nanmean(np.nanmean(_case_values(rec, metric), axis=2), axis=0)  # noqa: E731
                 diffs = np.stack([cell(runs[s]) - cell(base[s]) for s in paired])  # (seeds, cases)
-                mean, low, high = paired_bootstrap(diffs)
-                row[f"{name}_avg_diff"], row[f"{name}_avg_diff_low"], row[f"{name}_avg_diff_high"] = mean, low, high
+                _interval_columns(row, f"{name}_avg_diff", diffs)
                 for s, d in zip(paired, diffs):  # the same difference, seed by seed
                     row[f"{name}_avg_diff_seed{s}"] = float(np.nanmean(d))
             for c, combo in enumerate(combos):
@@ -864,15 +846,26 @@ def summarize_records(
                     if (setting != "baseline" or reference is not None) and paired:
                         ref_vals = np.stack([_case_values(base[s_], metric)[c, :, r] for s_ in paired])
                         run_vals = np.stack([_case_values(runs[s_], metric)[c, :, r] for s_ in paired])
-                        mean, low, high = paired_bootstrap(run_vals - ref_vals)  # (seeds, cases) of this region
-                        crow[f"DSC_{region}_diff"], crow[f"DSC_{region}_diff_low"] = mean, low
-                        crow[f"DSC_{region}_diff_high"] = high
+                        iv = seed_interval(run_vals - ref_vals, power_analysis=False)  # (seeds, cases), one region
+                        crow[f"DSC_{region}_diff"], crow[f"DSC_{region}_diff_low"] = iv.mean, iv.low
+                        crow[f"DSC_{region}_diff_high"], crow[f"DSC_{region}_diff_p"] = iv.high, iv.p
                 combo_rows.append(crow)
         rows.append(row)
     compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
     return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
             "compared_to": compared_to, "unpaired": unpaired, "effects": component_effects(by_setting),
             "changes": _override_changes(pairs) if reference is not None else {}}
+
+
+def _interval_columns(row: dict, key: str, diffs: np.ndarray) -> PairedInterval:
+    """Write the paired difference ``diffs`` ``(seeds, cases)`` into ``row`` under ``key``: the mean, the seed-level
+    interval (``_low``/``_high``), its sign-flip ``_p``, ``_detectable`` and ``_needs_seeds``, and the case
+    bootstrap (``_boot_low``/``_boot_high``)."""
+    iv = seed_interval(diffs)
+    row[key], row[f"{key}_low"], row[f"{key}_high"], row[f"{key}_p"] = iv.mean, iv.low, iv.high, iv.p
+    row[f"{key}_detectable"], row[f"{key}_needs_seeds"] = iv.detectable, iv.seeds_needed
+    _, row[f"{key}_boot_low"], row[f"{key}_boot_high"] = paired_bootstrap(diffs)
+    return iv
 
 
 def write_summary(summary: dict, out: str) -> None:
@@ -892,10 +885,12 @@ def write_summary(summary: dict, out: str) -> None:
     if summary.get("effects"):
         with open(os.path.join(out, "effects.csv"), "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["component", "averaged", "averaged_low", "averaged_high", "in_full", "in_full_low",
-                             "in_full_high", "seeds"])
+            writer.writerow(["component", "averaged", "averaged_low", "averaged_high", "averaged_p", "in_full",
+                             "in_full_low", "in_full_high", "in_full_p", "seeds"])
             for e in summary["effects"]:
-                writer.writerow([e["component"], *e["averaged"], *e["in_full"], e["seeds"]])
+                a, f_ = e["averaged"], e["in_full"]
+                writer.writerow([e["component"], a.mean, a.low, a.high, a.p, f_.mean, f_.low, f_.high, f_.p,
+                                 e["seeds"]])
     with open(os.path.join(out, "combinations.csv"), "w", newline="") as f:
         fields = list(dict.fromkeys(k for c in summary["combinations"] for k in c))
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -909,7 +904,8 @@ def write_summary(summary: dict, out: str) -> None:
     def diff(row, name):
         if f"{name}_avg_diff" not in row:
             return "–"
-        text = f"{row[f'{name}_avg_diff']:+.2f} [{row[f'{name}_avg_diff_low']:+.2f}, {row[f'{name}_avg_diff_high']:+.2f}]"
+        key = f"{name}_avg_diff"
+        text = f"{row[key]:+.2f} {_ci(row[f'{key}_low'], row[f'{key}_high'])}"
         paired = row.get("paired_seeds", row["seeds"])
         return text + (f" ({paired} of {row['seeds']} seeds paired)" if paired < row["seeds"] else "")
 
@@ -917,8 +913,8 @@ def write_summary(summary: dict, out: str) -> None:
     vs = "baseline" if compared_to == "baseline" else "reference"
     tick = lambda v: "•" if v else "–"  # noqa: E731
     head = (["DMAF", "Distillation", "DTM"] + [f"DSC {r}" for r in regions] + ["DSC Avg."]
-            + [f"HD95 {r}" for r in regions] + ["HD95 Avg.", f"Δ DSC Avg. vs {vs} [95% CI]",
-                                                 "Δ HD95 Avg. [95% CI]", "seeds"])
+            + [f"HD95 {r}" for r in regions] + ["HD95 Avg.", f"Δ DSC Avg. vs {vs} [95% CI over seeds]",
+                                                 "Δ HD95 Avg. [95% CI over seeds]", "seeds"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [tick(row["dmaf"]), tick(row["distillation"]), tick(row["dtm"])]
@@ -934,6 +930,18 @@ def write_summary(summary: dict, out: str) -> None:
     for combo in combos:
         lines.append(f"| {combo} | " + " | ".join(f"{value[(s, combo)]:.2f}" for s in settings) + " |")
     seeds = sorted({int(k.rsplit("seed", 1)[1]) for r in rows for k in r if k.startswith("DSC_avg_diff_seed")})
+    tested = [r for r in rows if "DSC_avg_diff" in r]
+    if tested:
+        lines += ["", f"Δ DSC Avg. vs {vs}: the evidence behind each interval:", "",
+                  "| setting | Δ [95% CI over seeds] | p (sign-flip) | detectable (80% power) | seeds for Δ "
+                  "| case bootstrap [95%] (too narrow) |", "|---|---|---|---|---|---|"]
+        for row in tested:
+            k = "DSC_avg_diff"
+            need = row[f"{k}_needs_seeds"]
+            need_text = "–" if math.isnan(need) else ("> 1000" if math.isinf(need) else f"{need:.0f}")
+            lines.append(f"| {row['setting']} | {row[k]:+.2f} {_ci(row[f'{k}_low'], row[f'{k}_high'])} | "
+                         f"{row[f'{k}_p']:.3g} | {row[f'{k}_detectable']:.2f} | {need_text} | "
+                         f"{_ci(row[f'{k}_boot_low'], row[f'{k}_boot_high'])} |")
     if seeds:
         lines += ["", f"Paired difference of the average DSC to the {vs}, seed by seed:", "",
                   "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
@@ -942,17 +950,16 @@ def write_summary(summary: dict, out: str) -> None:
                 f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds) + " |")
     effects = summary.get("effects") or []
     if effects:
-        ci = lambda e: f"{e[0]:+.2f} [{e[1]:+.2f}, {e[2]:+.2f}]"  # noqa: E731
+        ci = lambda e: f"{e.mean:+.2f} {_ci(e.low, e.high)} (p {e.p:.3g})"  # noqa: E731
         lines += ["", f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; paired differences with "
-                  "a bootstrap 95 % interval): averaged over the four combinations of the other two components, and "
-                  "in the full model (full minus full without it):", "",
+                  "a 95 % interval over seeds and the sign-flip p): averaged over the four combinations of the other "
+                  "two components, and in the full model (full minus full without it):", "",
                   "| component | averaged over the other two | in the full model |", "|---|---|---|"]
         lines += [f"| {e['component']} | {ci(e['averaged'])} | {ci(e['in_full'])} |" for e in effects]
     against = ("the baseline" if compared_to == "baseline"
                else f"the same setting of the {compared_to}")
     note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
-            f"Table 3). Δ: paired difference to {against} (same seeds, same test cases) with a percentile bootstrap "
-            "95 % interval resampling seeds and cases.")
+            f"Table 3), compared with {against}. " + INTERVAL_NOTE)
     if summary.get("changes"):
         note += " The runs differ from the reference in: " + ", ".join(
             f"{key} = {value}" for key, value in summary["changes"].items()) + "."
@@ -961,6 +968,11 @@ def write_summary(summary: dict, out: str) -> None:
     with open(os.path.join(out, "table3.md"), "w") as f:
         f.write(note + "\n\n" + "\n".join(lines) + "\n")
     _plot(rows, os.path.join(out, "table3.png"), vs)
+
+
+def _ci(low: float, high: float) -> str:
+    """``[low, high]`` with signs; ``[n/a]`` where one seed cannot give an interval."""
+    return "[n/a]" if math.isnan(low) or math.isnan(high) else f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _plot(rows: Sequence[dict], path: str, vs: str = "baseline") -> None:
@@ -976,10 +988,10 @@ def _plot(rows: Sequence[dict], path: str, vs: str = "baseline") -> None:
     y = np.arange(len(others))
     mean = np.array([r["DSC_avg_diff"] for r in others])
     err = np.array([[m - r["DSC_avg_diff_low"], r["DSC_avg_diff_high"] - m] for m, r in zip(mean, others)]).T
-    ax.errorbar(mean, y, xerr=err, fmt="o", capsize=3)
+    ax.errorbar(mean, y, xerr=np.nan_to_num(err), fmt="o", capsize=3)  # one seed: no interval
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(y, [r["setting"] for r in others])
-    ax.set_xlabel(f"Δ average DSC vs {vs} [%] (95 % bootstrap interval)")
+    ax.set_xlabel(f"Δ average DSC vs {vs} [%] (95 % interval over seeds)")
     ax.set_title("Table 3 ablation: paired differences")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,5 +1,5 @@
 """`dmaf ablation`: the Table-3 runner resumes, skips finished runs, writes the paper's table, and its paired
-bootstrap interval is right on hand-made examples."""
+intervals are right on hand-made examples (the intervals themselves: tests/test_stats.py)."""
 
 from __future__ import annotations
 
@@ -59,17 +59,24 @@ def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
     assert rows["baseline"]["DSC_avg"] == 61.0 and rows["full"]["DSC_R1"] == 67.0
     assert rows["full"]["DSC_avg_std"] == pytest.approx(np.std([65, 69], ddof=1))
     assert rows["full"]["DSC_avg_diff"] == pytest.approx(6.0)  # (5 + 7) / 2, paired by seed
-    assert rows["full"]["DSC_avg_diff_low"] == pytest.approx(5.0) and rows["full"]["DSC_avg_diff_high"] == 7.0
+    # two seeds, differences 5 and 7 on every case: the interval is over seeds, 6 +- t(0.975, 1 df) * 1, never the
+    # [5, 7] a case bootstrap gives (which stays as the labelled second column)
+    assert rows["full"]["DSC_avg_diff_low"] == pytest.approx(6.0 - 12.7062, abs=1e-3)
+    assert rows["full"]["DSC_avg_diff_high"] == pytest.approx(6.0 + 12.7062, abs=1e-3)
+    assert (rows["full"]["DSC_avg_diff_boot_low"], rows["full"]["DSC_avg_diff_boot_high"]) == (5.0, 7.0)
+    assert rows["full"]["DSC_avg_diff_p"] == 0.5  # 2 seeds: 4 sign patterns, 2 as extreme as the observed one
     assert rows["full"]["HD95_avg_diff"] == pytest.approx(-3.0)
     write_summary(summary, str(tmp_path))
     table = open(tmp_path / "table3.md").read()
     assert "| DMAF | Distillation | DTM | DSC R1 | DSC R2 | DSC Avg. | HD95 R1 | HD95 R2 | HD95 Avg." in table
-    assert "| • | • | • | 67.00 ± 2.83 |" in table and "+6.00 [+5.00, +7.00]" in table
+    assert "| • | • | • | 67.00 ± 2.83 |" in table and "+6.00 [-6.71, +18.71]" in table
+    assert "| full | +6.00 [-6.71, +18.71] | 0.5 |" in table and "| [+5.00, +7.00] |" in table
     # per combination and region: the paired difference to the baseline with its interval
     with open(tmp_path / "combinations.csv") as f:
         combo = {(r["setting"], r["combination"]): r for r in csv.DictReader(f)}
     assert float(combo[("full", "a+b")]["DSC_R2"]) == 67.0 and float(combo[("full", "a+b")]["DSC_R2_diff"]) == 6.0
-    assert (float(combo[("full", "a")]["DSC_R1_diff_low"]), float(combo[("full", "a")]["DSC_R1_diff_high"])) == (5.0, 7.0)
+    low, high = float(combo[("full", "a")]["DSC_R1_diff_low"]), float(combo[("full", "a")]["DSC_R1_diff_high"])
+    assert (low, high) == pytest.approx((6.0 - 12.7062, 6.0 + 12.7062), abs=1e-3)
     assert combo[("baseline", "a")]["DSC_R1_diff"] == ""
     assert os.path.getsize(tmp_path / "table3.png") > 0
 
@@ -192,7 +199,9 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     summary = study.summarize()
     row = summary["rows"][0]
     assert row["DSC_avg_diff"] == pytest.approx(2.0) and row["DSC_avg_diff_seed0"] == pytest.approx(3.0)
-    assert (row["DSC_avg_diff_low"], row["DSC_avg_diff_high"]) == (pytest.approx(1.0), pytest.approx(3.0))
+    # seeds differ by 3 and 1: 2 +- t(0.975, 1 df) * 1 over seeds; the case bootstrap's [1, 3] is the second column
+    assert (row["DSC_avg_diff_low"], row["DSC_avg_diff_high"]) == pytest.approx((2 - 12.7062, 2 + 12.7062), abs=1e-3)
+    assert (row["DSC_avg_diff_boot_low"], row["DSC_avg_diff_boot_high"]) == (pytest.approx(1.0), pytest.approx(3.0))
     table = open(var_dir / "table3.md").read()
     assert "vs reference" in table and "the same setting of the reference ../ref" in table
     # a variant's overrides are named in the note; a seed without counterpart is left out of Δ, and said so
@@ -249,12 +258,13 @@ def test_component_effects_in_the_factorial_design_by_hand(tmp_path):
     summary = summarize_records(records)
     effects = {e["component"]: e for e in summary["effects"]}
     for component, averaged, in_full in (("DMAF", 4.0, 5.0), ("distillation", 2.0, 5.0), ("DTM", 2.0, 4.0)):
-        assert effects[component]["averaged"] == pytest.approx((averaged,) * 3), component
-        assert effects[component]["in_full"] == pytest.approx((in_full,) * 3), component
+        assert effects[component]["averaged"][:3] == pytest.approx((averaged,) * 3), component
+        assert effects[component]["in_full"][:3] == pytest.approx((in_full,) * 3), component
     assert effects["DTM"]["seeds"] == 2
     write_summary(summary, str(tmp_path))
-    assert "| distillation | +2.00 [+2.00, +2.00] | +5.00 [+5.00, +5.00] |" in open(tmp_path / "table3.md").read()
-    assert open(tmp_path / "effects.csv").read().splitlines()[1].startswith("DMAF,4.0,4.0,4.0,5.0,5.0,5.0,2")
+    table = open(tmp_path / "table3.md").read()
+    assert "| distillation | +2.00 [+2.00, +2.00] (p 0.5) | +5.00 [+5.00, +5.00] (p 0.5) |" in table
+    assert open(tmp_path / "effects.csv").read().splitlines()[1].startswith("DMAF,4.0,4.0,4.0,0.5,5.0,5.0,5.0,0.5,2")
     # without all eight settings there is no factorial design to read
     assert component_effects({"baseline": {0: records[0]}, "full": {0: records[-1]}}) == []
 
