@@ -37,7 +37,7 @@ from ignite.metrics.metric import reinit__is_reduced
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.handlers import IgniteMetricHandler
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import Cumulative, DiceMetric, HausdorffDistanceMetric, compute_hausdorff_distance
 from monai.transforms import MapTransform
 from monai.utils import evenly_divisible_all_gather
 
@@ -54,6 +54,7 @@ __all__ = [
     "skip_absent_combinations",
     "SuppressSmallETd",
     "RegionDice",
+    "BRATS_EMPTY_HD95",
     "RegionHausdorffDistance",
     "PairNames",
     "summarize",
@@ -260,36 +261,98 @@ class RegionDice(_PairMetric):
         )
 
 
+#: the BraTS challenge's HD95 when exactly one of prediction and ground truth is empty: the diagonal of the
+#: 240 x 240 x 155 mm BraTS volume, sqrt(240^2 + 240^2 + 155^2)
+BRATS_EMPTY_HD95 = 373.13
+
+#: per-pair codes of :class:`RegionHausdorffDistance`'s ``<name>_empty`` details
+EMPTY_NONE, EMPTY_PRED, EMPTY_GT, EMPTY_BOTH = 0, 1, 2, 3
+
+
 class RegionHausdorffDistance(_PairMetric):
     """Hausdorff distance (95th percentile by default) per region of every evaluated pair, in the label's units.
 
-    MONAI ``HausdorffDistanceMetric(include_background=True)`` with each label's own voxel spacing (read from its
-    MetaTensor affine, so millimetres for NIfTI input). Where the prediction or the ground truth of a region is
-    empty the distance is undefined (NaN): left out of the mean and counted by :class:`CombinationTables`.
-    ``engine.state.metrics[name]`` is the mean of the defined values; ``metric_details[name]`` is ``(N, R)``.
+    The distance is MONAI's ``compute_hausdorff_distance`` (``include_background=True``, undirected: the larger of
+    the two directed ``percentile``-th percentiles of the surface distances) with each label's own voxel spacing
+    (read from its MetaTensor affine, so millimetres for NIfTI input).
+
+    Where the prediction or the ground truth of a region is empty the distance is undefined. ``empty_distance``
+    decides what is scored instead (the BraTS rule by default in ``evaluate.json``):
+
+    - a number, e.g. :data:`BRATS_EMPTY_HD95` (373.13 mm): that value when exactly one side is empty, 0 when both
+      are (nothing to find, nothing found);
+    - ``"diagonal"``: the diagonal of the label's volume (``sqrt(sum((shape * spacing)^2))``) when exactly one side
+      is empty, 0 when both are: the same rule for data without BraTS's fixed grid (MyoPS);
+    - None: NaN, left out of every mean (deleting a region then improves its score: use only to compare with
+      tools that do so).
+
+    ``engine.state.metrics[name]`` is the mean over pairs and regions of the defined values;
+    ``metric_details[name]`` is ``(N, R)`` and ``metric_details[name + "_empty"]`` ``(N, R)`` codes
+    (:data:`EMPTY_NONE`, :data:`EMPTY_PRED`, :data:`EMPTY_GT`, :data:`EMPTY_BOTH`), which :class:`CombinationTables`
+    counts in every table.
 
     Args:
         percentile: the percentile of the surface distances (95: HD95).
+        empty_distance: the score of a pair with exactly one side empty: a number, ``"diagonal"`` or None (above).
         output_transform: engine output -> ``(y_pred, y)``, lists of ``(R, *s)`` binary region maps.
         save_details: keep the per-pair values in ``engine.state.metric_details``.
     """
 
     def __init__(
-        self, percentile: float = 95.0, output_transform: Callable = lambda x: x, save_details: bool = True
+        self,
+        percentile: float = 95.0,
+        empty_distance: float | str | None = BRATS_EMPTY_HD95,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
     ) -> None:
+        if not (empty_distance is None or empty_distance == "diagonal"
+                or (isinstance(empty_distance, (int, float)) and not isinstance(empty_distance, bool)
+                    and math.isfinite(empty_distance) and empty_distance >= 0)):
+            raise ValueError(f"empty_distance must be a non-negative number, 'diagonal' or None, got {empty_distance!r}.")
+        self._empty_codes = Cumulative()  # before the base class, whose constructor resets
         super().__init__(
             metric_fn=HausdorffDistanceMetric(include_background=True, percentile=percentile, reduction="mean"),
             output_transform=output_transform,
             save_details=save_details,
         )
+        self.percentile = percentile
+        self.empty_distance = empty_distance
+
+    def reset(self) -> None:
+        super().reset()
+        self._empty_codes.reset()
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
         y_pred, y = output
         for p, g in zip(y_pred, y):
+            spacing = _spacing(g)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # empty prediction/ground truth: undefined, counted
-                self.metric_fn(p[None], g[None], spacing=_spacing(g))
+                warnings.simplefilter("ignore")  # empty prediction/ground truth: scored by the rule below
+                dist = compute_hausdorff_distance(
+                    torch.as_tensor(p)[None], torch.as_tensor(g)[None], include_background=True,
+                    percentile=self.percentile, spacing=spacing,
+                )[0].float().cpu()
+            pred_empty = ~torch.as_tensor(p).reshape(len(p), -1).bool().any(dim=1).cpu()
+            gt_empty = ~torch.as_tensor(g).reshape(len(g), -1).bool().any(dim=1).cpu()
+            code = pred_empty.long() * EMPTY_PRED + gt_empty.long() * EMPTY_GT
+            if self.empty_distance is not None:
+                if self.empty_distance == "diagonal":
+                    sp = torch.tensor(spacing if spacing is not None else [1.0] * (g.ndim - 1), dtype=torch.float64)
+                    extent = torch.tensor(g.shape[1:], dtype=torch.float64) * sp
+                    one_empty = float(torch.sqrt((extent**2).sum()))
+                else:
+                    one_empty = float(self.empty_distance)
+                dist = torch.where(code == EMPTY_BOTH, torch.zeros_like(dist), dist)
+                dist = torch.where((code == EMPTY_PRED) | (code == EMPTY_GT), torch.full_like(dist, one_empty), dist)
+            self.metric_fn.extend(dist[None])
+            self._empty_codes.extend(code[None])
+
+    def compute(self) -> Any:
+        result = super().compute()
+        if self.save_details and self._engine is not None:
+            self._engine.state.metric_details[f"{self._name}_empty"] = self._empty_codes.get_buffer()
+        return result
 
 
 class PairNames:
@@ -316,17 +379,24 @@ class PairNames:
         return out
 
 
-def _table(buffers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], regions: Sequence[str]) -> list[dict]:
+def _table(buffers: Mapping[str, tuple[torch.Tensor, ...]], regions: Sequence[str]) -> list[dict]:
     """Rows of one variant: per combination the mean Dice in % (NaN-mean over cases) and the mean of the defined
-    HD95 values per region, the count of undefined ones, the averages over regions; then the "Avg." row."""
+    HD95 values per region, the count of undefined ones and, where the empty codes of
+    :class:`RegionHausdorffDistance` are given, the pairs with exactly one side empty (``_one_empty``) and with
+    both empty (``_both_empty``); the averages over regions; then the "Avg." row (counts summed)."""
     rows = []
-    for name, (d, h) in buffers.items():
+    for name, (d, h, *rest) in buffers.items():
+        e = rest[0] if rest else None
         row: dict[str, Any] = {"combination": name}
         for r, region in enumerate(regions):
             row[f"dice_{region}"] = float(d[:, r].nanmean()) * 100 if len(d) else math.nan
             finite = h[:, r][torch.isfinite(h[:, r])] if len(h) else h
             row[f"hd95_{region}"] = float(finite.mean()) if len(finite) else math.nan
             row[f"hd95_{region}_undefined"] = int(len(h) - len(finite))
+            if e is not None:
+                codes = e[:, r] if len(e) else e
+                row[f"hd95_{region}_one_empty"] = int(((codes == EMPTY_PRED) | (codes == EMPTY_GT)).sum())
+                row[f"hd95_{region}_both_empty"] = int((codes == EMPTY_BOTH).sum())
         row["dice_avg"] = float(np.nanmean([row[f"dice_{r}"] for r in regions]))
         row["hd95_avg"] = float(np.nanmean([row[f"hd95_{r}"] for r in regions]))
         rows.append(row)
@@ -334,7 +404,7 @@ def _table(buffers: Mapping[str, tuple[torch.Tensor, torch.Tensor]], regions: Se
     for key in rows[0]:
         if key != "combination":
             vals = [r[key] for r in rows]
-            avg[key] = int(sum(vals)) if key.endswith("undefined") else float(np.nanmean(vals))
+            avg[key] = int(sum(vals)) if key.endswith(("undefined", "empty")) else float(np.nanmean(vals))
     rows.append(avg)
     return rows
 
@@ -350,37 +420,45 @@ def summarize(
     Args:
         pair_ids: ``(N, 2)`` long, the case index and the combination index of each row.
         values: per variant (``raw``, ``et_postprocessed``), the Dice ``(N, R)`` in [0, 1] and the HD95 ``(N, R)``
-            (NaN/inf where undefined) of each row; None when no pair was evaluated.
+            (NaN/inf where undefined) of each row, optionally followed by the ``(N, R)`` empty codes of
+            :class:`RegionHausdorffDistance`; None when no pair was evaluated.
         modalities: names in channel order.
         regions: region names in channel order.
 
     Returns:
         ``{"cases", "modalities", "regions", "tables": {variant: rows}, "per_case": {variant: {combination:
-        {"dice": (cases, R) in %, "hd95": (cases, R) with NaN where undefined}}}}``, rows of each combination in
-        case (loader) order.
+        {"dice": (cases, R) in %, "hd95": (cases, R) with NaN where undefined, "empty": (cases, R) codes when
+        given}}}}``, rows of each combination in case (loader) order.
     """
     combos = modality_combinations(len(modalities))
     pair_ids = torch.as_tensor(pair_ids, dtype=torch.long).reshape(-1, 2).cpu()
     case_idx, combo_idx = pair_ids[:, 0], pair_ids[:, 1]
     empty = torch.empty(0, len(regions))
     tables, per_case = {}, {}
-    for variant, (dice, hd) in values.items():
+    for variant, (dice, hd, *rest) in values.items():
         dice = empty if dice is None else dice
         hd = empty if hd is None else hd
+        codes = rest[0] if rest and rest[0] is not None else None
         if len(dice) != len(pair_ids) or len(hd) != len(pair_ids):
             raise RuntimeError(f"{variant}: {len(dice)} Dice and {len(hd)} HD rows for {len(pair_ids)} pairs.")
+        if codes is not None and len(codes) != len(pair_ids):
+            raise RuntimeError(f"{variant}: {len(codes)} empty-region rows for {len(pair_ids)} pairs.")
         buffers = {}
         for k, combo in enumerate(combos):
             rows = torch.nonzero(combo_idx == k).flatten()
             rows = rows[torch.argsort(case_idx[rows], stable=True)]
-            buffers[combination_name(combo, modalities)] = (dice[rows.to(dice.device)], hd[rows.to(hd.device)])
+            picked = (dice[rows.to(dice.device)], hd[rows.to(hd.device)])
+            if codes is not None:
+                picked += (codes[rows.to(codes.device)],)
+            buffers[combination_name(combo, modalities)] = picked
         tables[variant] = _table(buffers, regions)
         per_case[variant] = {
             name: {
                 "dice": (d * 100).tolist(),
                 "hd95": torch.where(torch.isfinite(h), h, torch.nan).tolist(),
+                **({"empty": rest[0].long().tolist()} if rest else {}),
             }
-            for name, (d, h) in buffers.items()
+            for name, (d, h, *rest) in buffers.items()
         }
     cases = int(torch.unique(case_idx).numel())
     return {"cases": cases, "modalities": list(modalities), "regions": list(regions), "tables": tables,
@@ -495,6 +573,7 @@ class CombinationTables:
         values = {}
         for variant in self.variants:
             suffix = "" if variant == "raw" else f"_{variant}"
-            values[variant] = (details.get(self.dice_name + suffix), details.get(self.hd_name + suffix))
+            values[variant] = (details.get(self.dice_name + suffix), details.get(self.hd_name + suffix),
+                               details.get(f"{self.hd_name}{suffix}_empty"))
         self.result = summarize(ids, values, self.modalities, self.regions)
         write_evaluation(self.result, self.output_dir, self.dataset)

@@ -4,7 +4,6 @@ it replaced, progress output, and multi-process evaluation (gloo) writing the sa
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -62,7 +61,8 @@ class _ThresholdNet(torch.nn.Module):
 def _reference(network, dataloader, inferer, modalities, regions, variants, et_min_voxels=500):
     """The hand-written loop that ``CombinationEvaluation.run`` (releases up to 0.1.2) was, kept as the reference:
     per case and combination, zero the absent channels, infer, argmax, regions, MONAI Dice/HD95 with the image's
-    spacing; then the tables and per-case lists as it built them."""
+    spacing, the BraTS rule for empty regions applied from the masks; returns the per-case lists (the tables are
+    checked from these with numpy)."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
     from dmaf_components.evaluation import combination_name, modality_combinations, suppress_small_et
@@ -77,6 +77,7 @@ def _reference(network, dataloader, inferer, modalities, regions, variants, et_m
                 HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")) for v in variants}
         for c in combos
     }
+    empties = {c: {v: [] for v in variants} for c in combos}
     cases = 0
     with torch.no_grad():
         for batch in dataloader:
@@ -101,33 +102,26 @@ def _reference(network, dataloader, inferer, modalities, regions, variants, et_m
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         hd(to_regions(p), gt, spacing=spacing)
+                    p_empty = to_regions(p).flatten(2).sum(2)[0] == 0
+                    g_empty = gt.flatten(2).sum(2)[0] == 0
+                    empties[combo][variant].append([int(a) + 2 * int(b) for a, b in zip(p_empty, g_empty)])
     names = list(regions)
-    tables, per_case = {}, {}
+    per_case = {}
     for variant in variants:
-        rows, per_case[variant] = [], {}
+        per_case[variant] = {}
         for combo in combos:
             dice, hd = metrics[combo][variant]
             d = dice.get_buffer() if dice.get_buffer() is not None else torch.empty(0, len(names))
             h = hd.get_buffer() if hd.get_buffer() is not None else torch.empty(0, len(names))
-            name = combination_name(combo, modalities)
-            per_case[variant][name] = {"dice": (d * 100).tolist(),
-                                       "hd95": torch.where(torch.isfinite(h), h, torch.nan).tolist()}
-            row = {"combination": name}
-            for r, region in enumerate(names):
-                row[f"dice_{region}"] = float(d[:, r].nanmean()) * 100 if len(d) else math.nan
-                finite = h[:, r][torch.isfinite(h[:, r])] if len(h) else h
-                row[f"hd95_{region}"] = float(finite.mean()) if len(finite) else math.nan
-                row[f"hd95_{region}_undefined"] = int(len(h) - len(finite))
-            row["dice_avg"] = float(np.nanmean([row[f"dice_{r}"] for r in names]))
-            row["hd95_avg"] = float(np.nanmean([row[f"hd95_{r}"] for r in names]))
-            rows.append(row)
-        avg = {"combination": "Avg."}
-        for key in rows[0]:
-            if key != "combination":
-                vals = [r[key] for r in rows]
-                avg[key] = int(sum(vals)) if key.endswith("undefined") else float(np.nanmean(vals))
-        tables[variant] = rows + [avg]
-    return {"cases": cases, "modalities": list(modalities), "regions": names, "tables": tables, "per_case": per_case}
+            e = torch.tensor(empties[combo][variant], dtype=torch.long).reshape(-1, len(names))
+            # the BraTS rule, applied here from the masks themselves: 373.13 mm when exactly one side is empty, 0
+            # when both are
+            h = torch.where((e == 1) | (e == 2), torch.full_like(h, 373.13), h)
+            h = torch.where(e == 3, torch.zeros_like(h), h)
+            per_case[variant][combination_name(combo, modalities)] = {
+                "dice": (d * 100).tolist(), "hd95": torch.where(torch.isfinite(h), h, torch.nan).tolist(),
+                "empty": e.tolist()}
+    return {"cases": cases, "per_case": per_case}
 
 
 def _parser(**overrides):
@@ -140,7 +134,8 @@ def _parser(**overrides):
 
 
 def test_per_case_values_equal_the_reference_loop(data_dir, tmp_path):
-    """Same tables and per-case values, bit for bit, as the old loop; with a case that lacks a modality."""
+    """Same per-case values, bit for bit, as the hand-written loop (BraTS rule for empty regions), with a case that
+    lacks a modality; every table entry is the plain mean of its per-case values and counts the empty pairs."""
     parser = _parser(dataset_dir=str(data_dir), datalist=str(data_dir / "datalist_missing.json"),
                      bundle_root=str(tmp_path), network=_ThresholdNet())
     evaluator = parser.get_parsed_content("evaluator")
@@ -149,11 +144,22 @@ def test_per_case_values_equal_the_reference_loop(data_dir, tmp_path):
     reference = _reference(_ThresholdNet(), parser.get_parsed_content("evaluation#dataloader"),
                            parser.get_parsed_content("validate#inferer"), parser["modalities"],
                            parser.get_parsed_content("regions"), ["raw", "et_postprocessed"])
-    assert json.dumps(written) == json.dumps(reference)  # NaN included, in the same order
+    assert json.dumps(written["per_case"]) == json.dumps(reference["per_case"])  # NaN included, same order
     assert written["cases"] == 2 and len(written["per_case"]["raw"]["t2"]["dice"]) == 1  # case 2 has no T2
     assert len(written["per_case"]["raw"]["flair+t2"]["dice"]) == 2  # evaluated there with FLAIR alone
-    undefined = sum(row["hd95_ET_undefined"] for row in written["tables"]["raw"][:-1])
-    assert 0 < undefined < 2 * 15  # some pairs predict no ET: left out of the HD95 mean and counted
+    for variant, rows in written["tables"].items():
+        for row in rows[:-1]:
+            values = reference["per_case"][variant][row["combination"]]
+            for r, region in enumerate(written["regions"]):
+                assert row[f"dice_{region}"] == pytest.approx(np.mean(np.asarray(values["dice"])[:, r]))
+                assert row[f"hd95_{region}"] == pytest.approx(np.mean(np.asarray(values["hd95"])[:, r]))
+                codes = np.asarray(values["empty"])[:, r]
+                assert row[f"hd95_{region}_one_empty"] == int(np.isin(codes, (1, 2)).sum())
+                assert row[f"hd95_{region}_both_empty"] == int((codes == 3).sum())
+                assert row[f"hd95_{region}_undefined"] == 0  # the rule defines every pair
+    one_empty = sum(row["hd95_ET_one_empty"] for row in written["tables"]["raw"][:-1])
+    assert 0 < one_empty < 2 * 15  # some pairs predict no ET: scored 373.13, and counted
+    assert written["tables"]["raw"][-1]["hd95_ET_one_empty"] == one_empty  # the Avg. row sums the counts
     assert written["tables"]["raw"] != written["tables"]["et_postprocessed"]  # the post-processing acted
     assert 5 < written["tables"]["raw"][-1]["dice_WT"] < 100  # not a degenerate prediction
     assert evaluator.state.iteration == 2 * 15  # skipped pairs are iterations too (the progress bar's total)
@@ -182,7 +188,8 @@ def test_progress_tables_and_files(single_process):
     assert len(result["tables"]["raw"]) == 16 and result["tables"]["raw"][-1]["combination"] == "Avg."
     assert np.asarray(result["per_case"]["raw"]["flair+t1+t1ce+t2"]["dice"]).shape == (2, 3)
     header = open(out / "evaluation.csv").readline().strip().split(",")
-    assert header[:4] == ["combination", "dice_WT", "hd95_WT", "hd95_WT_undefined"] and header[-2:] == [
+    assert header[:6] == ["combination", "dice_WT", "hd95_WT", "hd95_WT_undefined", "hd95_WT_one_empty",
+                          "hd95_WT_both_empty"] and header[-2:] == [
         "dice_avg", "hd95_avg"]
     assert (out / "evaluation_et_postprocessed.csv").exists() and os.path.getsize(out / "evaluation_dice.png") > 1000
     raw = open(out / "metrics" / "dice_raw.csv").read().splitlines()  # MONAI MetricsSaver: one row per pair
