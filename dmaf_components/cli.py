@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -34,20 +35,34 @@ class UsageError(DMAFDataError):
     """A command line that does not fit the command: unknown command or flag, missing or extra argument."""
 
 
+def _rate(value, item) -> float:
+    """One missing rate: a finite number in [0, 1) (NaN passes a range test, and an endless redraw followed)."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = None
+    if isinstance(value, bool) or rate is None or not math.isfinite(rate) or not 0.0 <= rate < 1.0:
+        raise DMAFDataError(f"--missing_rates: {item!r}: a missing rate must be a number in [0, 1)")
+    return rate
+
+
 def _parse_rates(rates) -> dict[str, float] | list[float] | None:
-    """``t1=0.2,t2=0.8`` / a dict / a list of rates in canonical order."""
-    if rates is None or isinstance(rates, (dict, list, tuple)):
-        return rates
+    """``t1=0.2,t2=0.8`` / a dict / a list of rates in canonical order; each a finite number in [0, 1)."""
+    if rates is None:
+        return None
+    if isinstance(rates, dict):
+        return {str(k): _rate(v, f"{k}={v}") for k, v in rates.items()}
+    if isinstance(rates, (list, tuple)):
+        return [_rate(v, v) for v in rates]
     text = str(rates)
     if "=" not in text:
-        return [float(v) for v in text.split(",")]
+        return [_rate(v, v) for v in text.split(",")]
     out = {}
     for item in text.split(","):
-        name, _, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise DMAFDataError(f"--missing_rates: {item!r} is not NAME=RATE") from None
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():
+            raise DMAFDataError(f"--missing_rates: {item!r} is not NAME=RATE")
+        out[name.strip()] = _rate(value, item)
     return out
 
 
@@ -85,6 +100,8 @@ class DMAF:
         seed: int = 0,
         overwrite: bool = False,
         no_check: bool = False,
+        masks_from: str | None = None,
+        test_list: str | None = None,
     ) -> str:
         """Write a decathlon-style datalist with a seeded split and persistent IDT modality masks.
 
@@ -102,27 +119,44 @@ class DMAF:
             seed: seed of the split and of the masks.
             overwrite: replace an existing datalist file.
             no_check: write the datalist without reading the cases (--no_check or --no-check).
+            masks_from: a PASSION split file (e.g. Brats2020_imb_split_mr2468.csv, MyoPS2020_longtail_split_357.csv):
+                its cases are the training split, with its masks; the other cases go to validation and testing.
+            test_list: with --masks_from, a file of test case names, one per line (e.g. PASSION's test.txt); the
+                remaining cases go to validation (default: --split's last two sizes, seeded).
         """
         import os
 
         from .data import build_datalist, check_datalist, write_datalist
+        from .data.check import untrained_modalities
 
+        for flag, value in (("masks_from", masks_from), ("test_list", test_list)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise DMAFDataError(f"--{flag}: expected a file name, got {value!r}")
         datalist = build_datalist(
-            data_dir, dataset, _sizes(split, "split"), mode, _parse_rates(missing_rates), exact, seed
+            data_dir, dataset, _sizes(split, "split"), mode, _parse_rates(missing_rates), exact, seed,
+            masks_from=masks_from, test_list=test_list,
         )
         output = output or os.path.join(data_dir, "datalist.json")
         if os.path.exists(output) and not overwrite:  # said before every case is read
             raise DMAFDataError(f"{output}: exists already; pass --overwrite to replace it")
         if not no_check:
-            _report(check_datalist(datalist, data_dir), f"{output} not written; fix the data or pass --no_check")
+            report = check_datalist(datalist, data_dir, name=output)
+            _report(report, f"{output} not written; fix the data or pass --no_check")
         path = write_datalist(datalist, output, overwrite)
         sizes = "/".join(str(len(datalist[k])) for k in ("training", "validation", "testing"))
         print(f"datalist: {path} ({datalist['layout']}, train/val/test = {sizes}, mode {mode})")
         if mode == "idt":
-            asked = ", ".join(f"{k} {v:.2f}" for k, v in datalist["missing_rates"].items())
             got = ", ".join(f"{k} {v:.3f}" for k, v in datalist["realised_missing_rates"].items())
-            print(f"missing rates asked: {asked}")
+            if masks_from is not None:
+                tests = f", test cases from {test_list}" if test_list is not None else ""
+                print(f"training cases and masks from {masks_from}{tests}")
+            else:
+                asked = ", ".join(f"{k} {v:.2f}" for k, v in datalist["missing_rates"].items())
+                print(f"missing rates asked: {asked}")
             print(f"missing rates realised over {len(datalist['training'])} training cases: {got}")
+        if no_check:  # otherwise the data check printed them
+            for warning in untrained_modalities(datalist):
+                print(f"warning: training: {path}: {warning}")
         return path
 
     def check(self, data_dir: str, datalist: str | None = None, workers: int | None = None, labels=None) -> None:
@@ -130,7 +164,9 @@ class DMAF:
 
         Checks: unreadable, truncated or non-NIfTI files; 2-D files; NaN or inf voxels; modalities and label of a
         case on different grids (shape, affine); label values outside the dataset's set; all-zero modalities (a
-        warning: treated as missing).
+        warning: treated as missing). The datalist itself: entries or fields of the wrong type, a modality_mask of
+        the wrong length or without a modality, a case listed twice (in one section or two), relative paths leaving
+        DATA_DIR, and (a warning) a modality that no training case has.
 
         Args:
             data_dir: the dataset folder.
@@ -150,7 +186,7 @@ class DMAF:
 
     def synthetic(
         self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False,
-        profile: str = "demo", workers: int = 1,
+        profile: str = "demo", workers: int = 1, spacing: float | None = None, template_dir: str | None = None,
     ) -> str:
         """Write a deterministic synthetic dataset in the exact BraTS2020 or MyoPS2020 layout.
 
@@ -160,8 +196,14 @@ class DMAF:
             cases: number of cases.
             shape: volume size, e.g. 96,96,64 (default 240,240,155 for BraTS, 256,256,5 for MyoPS).
             seed: dataset seed.
-            profile: demo, or study (the ablation studies' harder data, docs/accuracy.md).
+            profile: demo, or study (the ablation studies' harder data, docs/accuracy.md); BraTS also anatomy
+                (brains on the MNI ICBM152 template with contrast from the sequences' signal equations; needs
+                `pip install nilearn` for the template, or --template_dir).
             workers: cases written in parallel processes (the same files as one).
+            spacing: voxel size in mm of the anatomy profile, default 2 (its grid comes from the template; --shape is
+                refused).
+            template_dir: folder with the mni_icbm152_*_tal_nlin_sym_09a_converted.nii.gz files (anatomy profile;
+                default: the installed nilearn's).
         """
         from .data import synthesize_brats, synthesize_myops
 
@@ -170,8 +212,18 @@ class DMAF:
             raise DMAFDataError(f"dataset: expected brats or myops, got {dataset!r}")
         size = _sizes(shape, "shape")
         kwargs = {} if size is None else {"shape": [int(v) for v in size]}
+        cases = _count(cases, "cases")
         workers = _count(workers, "workers")
         make = synthesize_brats if kind == "brats" else synthesize_myops
+        if profile != "anatomy" and (spacing is not None or template_dir is not None):
+            raise DMAFDataError("--spacing/--template_dir: only for --profile anatomy (BraTS)")
+        if profile == "anatomy" and kind == "brats":
+            spacing = 2.0 if spacing is None else spacing
+            if size is not None:
+                raise DMAFDataError("--shape: the anatomy profile's grid comes from the template; set --spacing")
+            if isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not 0 < spacing <= 8:
+                raise DMAFDataError(f"--spacing: expected a voxel size in mm in (0, 8], got {spacing!r}")
+            kwargs.update(spacing=float(spacing), template_dir=None if template_dir is None else str(template_dir))
         make(str(out_dir), cases=cases, seed=seed, overwrite=overwrite, profile=profile, workers=workers, **kwargs)
         print(f"synthetic {kind}: {cases} cases in {out_dir}")
         return out_dir

@@ -31,10 +31,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 @pytest.fixture(scope="module")
 def clean_brats(tmp_path_factory):
-    """Four tiny BraTS cases with a datalist (2/1/1: every section has a case)."""
+    """Four tiny BraTS cases with a datalist (2/1/1: every section has a case; every modality in both training cases,
+    so that no modality is untrained)."""
     root = tmp_path_factory.mktemp("clean_brats")
     synthesize_brats(str(root), cases=4, shape=(32, 32, 24))
-    write_datalist(build_datalist(str(root), "brats", split=(2, 1, 1)), str(root / "datalist.json"))
+    datalist = build_datalist(str(root), "brats", split=(2, 1, 1), missing_rates=[0.0] * 4)
+    write_datalist(datalist, str(root / "datalist.json"))
     return root
 
 
@@ -131,7 +133,7 @@ def test_check_clean_sets_exit_0(clean_brats, tmp_path, capsys):
     # MyoPS: 2-D slices stored as 3-D with few slices, raw label values (0/200/500/600/1220/2221)
     synthesize_myops(str(tmp_path), cases=3, shape=(32, 32, 2))
     datalist = tmp_path / "other" / "dl.json"
-    write_datalist(build_datalist(str(tmp_path), "myops", split=(1, 1, 1)), str(datalist))
+    write_datalist(build_datalist(str(tmp_path), "myops", split=(1, 1, 1), missing_rates=[0.0] * 3), str(datalist))
     code, out, _ = _run(["check", str(tmp_path), "--datalist", str(datalist)], capsys)
     assert code == 0 and "checked 3 cases (12 files): no problem found" in out
 

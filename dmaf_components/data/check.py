@@ -16,6 +16,11 @@ missing, unreadable, truncated or non-NIfTI files, NaN or inf voxels, values bey
 maps given as a modality). On top of that: 2-D files, the modalities and the label
 of one case on one grid (shape and affine), label values outside the dataset's set, and two warnings: all-zero
 modalities (the loader treats them as missing) and BraTS modalities with a non-zero background.
+
+The datalist itself is checked before any file is read (:mod:`dmaf_components.data.io`): entries and fields of the
+wrong type, a ``modality_mask`` of the wrong length or without any modality, a case listed twice (leakage between
+training and evaluation), relative paths that leave the data folder (errors), and a modality that no training case
+has (a warning: the model is never trained on it).
 """
 
 from __future__ import annotations
@@ -30,7 +35,15 @@ import numpy as np
 import torch
 
 from .constants import BRATS_LABELS, BRATS_MODALITIES, MYOPS_MODALITIES, DMAFDataError
-from .io import load_datalist, read_datalist
+from .io import (
+    SECTIONS,
+    datalist_modalities,
+    duplicate_cases,
+    entry_name,
+    entry_problems,
+    read_datalist,
+    resolve_entry,
+)
 
 __all__ = [
     "MYOPS_RAW_LABEL_VALUES",
@@ -42,13 +55,14 @@ __all__ = [
     "check_case",
     "check_entries",
     "check_datalist",
+    "untrained_modalities",
 ]
 
 #: label values in the MyoPS2020 files (myocardium, LV, RV, edema, scar), as ``label_values`` of train_myops.json
 MYOPS_RAW_LABEL_VALUES = (0, 200, 500, 600, 1220, 2221)
 #: fewest voxels exactly 0 in a skull-stripped BraTS modality (the inference config's ``min_background``)
 MIN_BACKGROUND = 0.05
-_SECTIONS = ("training", "validation", "testing")
+_SECTIONS = SECTIONS
 
 
 class DataCheckError(DMAFDataError):
@@ -59,12 +73,14 @@ class DataCheckError(DMAFDataError):
 
 @dataclass(frozen=True)
 class CheckProblem:
-    """One problem of one file: ``severity`` is ``error`` or ``warning``."""
+    """One problem of one file: ``severity`` is ``error`` or ``warning``; ``scope`` is ``case`` (a problem of a
+    case's files or entry) or ``datalist`` (of the datalist as a whole, e.g. a modality no training case has)."""
 
     case: str
     file: str
     message: str
     severity: str = "error"
+    scope: str = "case"
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.case}: {self.file}: {self.message}"
@@ -90,10 +106,12 @@ class CheckReport:
         """One line: counts of errors and warnings and of the cases they concern."""
         if not self.problems:
             return f"checked {self.cases} cases ({self.files} files): no problem found"
-        bad = len({p.case for p in self.problems})
+        bad = len({p.case for p in self.problems if p.scope == "case"})
+        whole = sum(p.scope != "case" for p in self.problems)
         return (
             f"checked {self.cases} cases ({self.files} files): {len(self.errors)} error(s), "
-            f"{len(self.warnings)} warning(s) in {bad} case(s)"
+            f"{len(self.warnings)} warning(s)" + (f" in {bad} case(s)" if bad else "")
+            + (f" ({whole} about the datalist as a whole)" if whole else "")
         )
 
 
@@ -319,32 +337,90 @@ def check_entries(
     return report
 
 
+def untrained_modalities(datalist: Mapping, modalities: Sequence[str] | None = None) -> list[str]:
+    """One warning per modality that no training case has (realised missing rate 1.000): the model is never trained
+    on it. A training case has a modality when its ``modality_mask`` (if any) marks it present and, for an image
+    given per modality, a path is listed for it. Malformed entries are skipped (:func:`entry_problems` reports them).
+    """
+    modalities = tuple(modalities or datalist_modalities(datalist) or BRATS_MODALITIES)
+    training = [e for e in datalist.get("training") or [] if isinstance(e, Mapping) and not entry_problems(e)]
+    if not training or not isinstance(datalist.get("training"), list):
+        return []
+    present = np.zeros(len(modalities), dtype=bool)
+    for entry in training:
+        mask = entry.get("modality_mask")
+        has = np.ones(len(modalities), dtype=bool)
+        if isinstance(mask, (list, tuple)) and len(mask) == len(modalities):
+            has &= np.asarray(mask, dtype=bool)
+        image = entry.get("image")
+        if isinstance(image, Mapping):
+            has &= np.array([bool(image.get(m)) for m in modalities])
+        elif isinstance(image, (list, tuple)) and len(image) == len(modalities):
+            has &= np.array([bool(p) for p in image])
+        present |= has
+    return [f"{m} is missing from every training case (realised missing rate 1.000): the model is never trained on "
+            f"{m}" for m, seen in zip(modalities, present) if not seen]
+
+
 def check_datalist(
     datalist: str | Mapping,
     data_dir: str | None = None,
     labels: Sequence[float] | None = None,
     workers: int | None = None,
     progress: bool = True,
+    name: str | None = None,
 ) -> CheckReport:
-    """Check every case of every section (training, validation, testing) of a datalist.
+    """Check the datalist, then every case of every section (training, validation, testing) of it.
+
+    The datalist's own problems come first (see the module's docstring); the entries they concern are not read.
 
     Args:
         datalist: a datalist JSON file (as written by ``dmaf datalist``) or the datalist itself.
-        data_dir: folder that relative paths are relative to (default: the datalist file's folder).
+        data_dir: folder that relative paths are relative to (default: the datalist file's folder); relative paths
+            may not leave it.
         labels: allowed label values (default: those of the datalist's ``dataset``, brats or myops).
         workers: parallel readers (default ``min(4, cpu count)``).
         progress: show a progress bar when stderr is a terminal.
+        name: how the datalist's own problems name it (default: its file, or ``datalist`` for a mapping).
     """
     if isinstance(datalist, Mapping):
-        content, base = datalist, data_dir
-        entries = [e for s in _SECTIONS for e in content.get(s, [])]
+        content, name = datalist, name or "datalist"
+        base = os.path.abspath(data_dir) if data_dir else None
     else:
-        content = read_datalist(datalist)
-        base = data_dir or os.path.dirname(os.path.abspath(datalist))
-        entries = [e for s in _SECTIONS if s in content for e in load_datalist(datalist, s, base)]
-    if not entries:
-        raise DMAFDataError(f"{datalist if isinstance(datalist, str) else 'datalist'}: no case in {list(_SECTIONS)}")
+        content, name = read_datalist(datalist), name or str(datalist)
+        base = os.path.abspath(data_dir or os.path.dirname(os.path.abspath(datalist)))
     dataset = str(content.get("dataset") or content.get("layout") or "brats").lower()
     if list(content.get("modalities", [])) == list(MYOPS_MODALITIES):
         dataset = "myops"
-    return check_entries(entries, "myops" if dataset == "myops" else "brats", labels, base, workers, progress)
+    dataset = "myops" if dataset == "myops" else "brats"
+    modalities = MYOPS_MODALITIES if dataset == "myops" else BRATS_MODALITIES
+    problems: list[CheckProblem] = []
+    entries, listed = [], 0
+    for section in _SECTIONS:
+        items = content.get(section)
+        if section in content and not isinstance(items, list):
+            problems.append(CheckProblem(section, name, f"{section} is {type(items).__name__}; expected a list of "
+                                         "cases", scope="datalist"))
+            continue
+        for i, entry in enumerate(items or []):
+            listed += 1
+            where, case = f"{section}[{i}]", entry_name(entry)
+            bad = entry_problems(entry, modalities)
+            if not bad:
+                try:
+                    entries.append(resolve_entry(entry, base))
+                    continue
+                except DMAFDataError as exc:
+                    bad = [str(exc)]
+            problems += [CheckProblem(case or where, name, f"{where}: {message}") for message in bad]
+    if not listed:
+        raise DMAFDataError(f"{name}: no case in {list(_SECTIONS)}")
+    problems += [CheckProblem(case, name, message) for case, message in duplicate_cases(content)]
+    problems += [CheckProblem("training", name, message, "warning", "datalist")
+                 for message in untrained_modalities(content, modalities)]
+    if entries:
+        report = check_entries(entries, dataset, labels, base, workers, progress)
+    else:
+        report = CheckReport()
+    report.problems = problems + report.problems
+    return report
