@@ -13,7 +13,7 @@ test -f "$MYOPS/datalist.json" || $DMAF datalist myops "$MYOPS" --split 36,6,18 
 $DMAF synthetic brats "$BRATS" --cases 60 --shape 96,96,64 --profile study --seed 2026 --workers 2
 test -f "$BRATS/datalist.json" || $DMAF datalist brats "$BRATS" --split 36,6,18 --seed 0 --exact
 only=(--summarize_only True)
-$DMAF ablation myops "$MYOPS" --out studies/myops_table3 --settings table3 --seeds 10 "${only[@]}"
+$DMAF ablation myops "$MYOPS" --out studies/myops_table3 --settings table3 --seeds 5 "${only[@]}"
 $DMAF ablation myops "$MYOPS" --out studies/myops_long --settings distill --seeds 3 "${only[@]}"
 $DMAF ablation myops "$MYOPS" --out studies/myops_v2_probe --settings baseline --seeds 1 "${only[@]}"
 V=studies/myops_variants
