@@ -27,7 +27,8 @@ for seed in "$@"; do
   [ -f "$run/eval/evaluation.json" ] && continue
   mkdir -p "$run"
   (cd "$code/bundle" && "${env_code[@]}" "$py" -m monai.bundle run training --config_file configs/train.json \
-     --dataset_dir "$data" --bundle_root "$run" --seed "$seed" "${overrides[@]}" > "$run/train.log" 2>&1)
+     --dataset_dir "$data" --bundle_root "$run" --seed "$seed" --overwrite True "${overrides[@]}" \
+     > "$run/train.log" 2>&1)  # a seed without its evaluation is trained again from scratch
   (cd "$here/bundle" && "$py" -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \
      --dataset_dir "$data" --bundle_root "$run" "${overrides[@]}" > "$run/eval.log" 2>&1)
   "$py" - "$run/eval/evaluation.json" "$seed" "$code" >> "$out/results.txt" <<'PY'

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,14 @@ from torch import nn
 
 from .data.constants import DMAFDataError
 
-__all__ = ["load_model_weights", "read_state_dict", "describe_architecture", "MODEL_KEYS"]
+__all__ = [
+    "load_model_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "check_state_fits",
+    "describe_architecture",
+    "MODEL_KEYS",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +60,27 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0].strip().split('. ')[0]}" if lines else type(exc).__name__
 
 
-def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tensor]:
-    """The network state dict held by ``path``: a plain state dict (``models/model.pt``) or a training checkpoint.
+def _is_torn_zip(path: str) -> bool:
+    """Whether ``path`` starts as a zip file (the format of ``torch.save``) but lacks the zip's end (truncated)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
-    A training checkpoint is a dict with the state dict under one of :data:`MODEL_KEYS` (the bundle's
-    ``CheckpointSaver`` writes ``{"model", "optimizer", "trainer", ...}``). The file is read with
-    ``torch.load(weights_only=True)``, as MONAI does. A ``module.`` prefix (a DDP-wrapped network) is removed.
+
+def read_checkpoint(path: str, map_location: Any = None, mmap: bool = False) -> Any:
+    """What the PyTorch file ``path`` holds, read with ``torch.load(weights_only=True)`` as MONAI does.
+
+    Args:
+        path: a ``.pt`` file.
+        map_location: passed to ``torch.load``.
+        mmap: map the file instead of reading it (to look at its keys and shapes only).
 
     Raises:
-        DMAFDataError: one line naming the file: not found, a folder, empty, truncated or not a PyTorch file,
-            holding objects other than tensors, or holding no state dict.
+        DMAFDataError: one line naming the file: not found, a folder, empty, truncated or not a PyTorch file, or
+            holding objects other than tensors.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -70,11 +89,12 @@ def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tens
         raise DMAFDataError(f"{path}: checkpoint is a folder, expected a .pt file")
     if os.path.getsize(path) == 0:
         raise DMAFDataError(f"{path}: checkpoint is empty (0 bytes)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+    try:  # (only a complete zip-format file can be mapped; any other is read, and its fault reported)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # zip reader, unpickler and weights-only refusals
         text = str(exc)
-        if "failed finding central directory" in text or "failed reading" in text or isinstance(exc, EOFError):
+        torn = "failed finding central directory" in text or "failed reading" in text or isinstance(exc, EOFError)
+        if torn or _is_torn_zip(path):
             raise DMAFDataError(f"{path}: checkpoint is truncated or corrupt ({_first_line(exc)})") from None
         if "Weights only load failed" in text and "Unsupported global" in text:
             raise DMAFDataError(
@@ -83,6 +103,20 @@ def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tens
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         detail = f"unpickling failed: {reason.group(1).strip()}" if reason else _first_line(exc)
         raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({detail})") from None
+
+
+def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tensor]:
+    """The network state dict held by ``path``: a plain state dict (``models/model.pt``) or a training checkpoint.
+
+    A training checkpoint is a dict with the state dict under one of :data:`MODEL_KEYS` (the bundle's
+    ``CheckpointSaver`` writes ``{"model", "optimizer", "trainer", ...}``). The file is read with
+    :func:`read_checkpoint`. A ``module.`` prefix (a DDP-wrapped network) is removed.
+
+    Raises:
+        DMAFDataError: one line naming the file: as :func:`read_checkpoint`, or holding no state dict.
+    """
+    path = os.fspath(path)
+    obj = read_checkpoint(path, map_location)
     state = obj
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -178,6 +212,22 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
     return f"{path}: checkpoint does not fit the network: {'; '.join(parts)}"
 
 
+def check_state_fits(network: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
+    """Raise a one-line :class:`DMAFDataError` unless ``state`` has exactly the tensor names and shapes of
+    ``network``'s state dict (a DDP/DataParallel wrapper is looked through; a ``module.`` prefix is removed).
+
+    The line names ``path`` and, for a DMAF-Net of other hyper-parameters, the fields that differ and the bundle
+    override that makes the network fit (e.g. ``channels [8,16,32,64,128] in the checkpoint vs [4,8,16,32] in the
+    network; run with --channels "[8,16,32,64,128]"``).
+    """
+    module = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+    state = {re.sub(r"^module\.", "", str(k)): v for k, v in state.items()}
+    expected = module.state_dict()
+    fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(expected[k].shape) for k in expected)
+    if not fits:
+        raise DMAFDataError(_mismatch(path, state, expected))
+
+
 def load_model_weights(network: nn.Module, path: str, map_location: Any = None) -> nn.Module:
     """Load ``path`` into ``network`` strictly: a plain state dict or a training checkpoint (``{"model": ...}``).
 
@@ -196,13 +246,10 @@ def load_model_weights(network: nn.Module, path: str, map_location: Any = None) 
     """
     module = network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
     state = read_state_dict(path, map_location)
-    expected = module.state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise DMAFDataError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN/inf values (e.g. '{bad[0]}')")
-    fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(expected[k].shape) for k in expected)
-    if not fits:
-        raise DMAFDataError(_mismatch(path, state, expected))
+    check_state_fits(module, state, path)
     module.load_state_dict(state, strict=True)
     logger.info(f"loaded {len(state)} tensors from {path}")
     return network

@@ -29,15 +29,18 @@ import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.transforms import SaveImaged
+from monai.utils import CommonKeys
 
 from .checkpoints import load_model_weights
 from .data.constants import DMAFDataError
+from .data.names import is_nifti
 from .data.studies import STUDY_ERROR_KEY, STUDY_NOTES_KEY, find_studies
-from .transforms import AVAILABLE_POSTFIX
+from .transforms import AVAILABLE_POSTFIX, _first_line, _itk_reason
 
 __all__ = [
     "BundleExit",
@@ -55,6 +58,7 @@ __all__ = [
     "StudyDataset",
     "StudyEvaluator",
     "AtomicSaveImaged",
+    "untrained_modalities",
     "run_inference",
 ]
 
@@ -325,6 +329,33 @@ class StudyDataset(Dataset):
         return out
 
 
+def untrained_modalities(checkpoint: str, modalities: Sequence[str]) -> list[str] | None:
+    """The modalities that a training checkpoint records as never seen in training, in ``modalities`` order.
+
+    The bundle's training checkpoints (``models/checkpoint_*.pt``) hold the state of the
+    :class:`~dmaf_components.handlers.DynamicTrainingMonitor` under ``"dtm"``, whose ``seen`` flags which modalities
+    were present in at least one training iteration (a modality missing from every training case, e.g. with
+    ``--missing_rates t2=1``, has an untrained encoder). A plain state dict (``models/model.pt``) carries no such
+    record.
+
+    Returns:
+        the never-seen modalities (empty when all were seen), or None when ``checkpoint`` carries no DTM state for
+        ``len(modalities)`` modalities (plain state dict, older checkpoint, unreadable file).
+    """
+    obj = None
+    for mmap in (True, False):  # mmap: the weights are not read (only the zip format supports it)
+        try:
+            obj = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:
+            continue
+    dtm = obj.get("dtm") if isinstance(obj, Mapping) else None
+    seen = dtm.get("seen") if isinstance(dtm, Mapping) else None
+    if not isinstance(seen, torch.Tensor) or seen.numel() != len(modalities):
+        return None
+    return [m for m, s in zip(modalities, seen.reshape(-1).bool().tolist()) if not s]
+
+
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
@@ -335,6 +366,11 @@ class StudyEvaluator(SupervisedEvaluator):
     A batch (one study) flagged by :class:`StudyDataset`, or whose inference or postprocessing (writing included)
     raises, is logged as one line ``study <case> FAILED: <file>: <cause>`` and recorded in :attr:`failed`; the run
     goes on. Each segmented study is logged with the modalities it has files for and the ones the network used.
+
+    Modalities never seen in training (:attr:`untrained`, set by :func:`run_inference` from a training checkpoint's
+    DTM state, :func:`untrained_modalities`): a study that has only such modalities fails (its result would come
+    from untrained encoders); beside trained ones, such a modality is not used (its channel is dropped from the
+    ``modality_mask``, the condition the network was trained in for it), with one warning line per study.
 
     Args:
         modalities: canonical channel order, for the log lines.
@@ -361,6 +397,8 @@ class StudyEvaluator(SupervisedEvaluator):
         self.separate_folder = as_bool(separate_folder, "separate_folder")
         self.segmented: list[str] = []
         self.failed: dict[str, str] = {}
+        self.untrained: list[str] = []
+        self.checkpoint: str | None = None
 
     def _fail(self, case: str, message: str) -> dict:
         self.failed[case] = message
@@ -376,6 +414,21 @@ class StudyEvaluator(SupervisedEvaluator):
         case = str(_first(batchdata.get("case", engine.state.iteration)))
         if FAILURE_KEY in batchdata:
             return self._fail(case, str(_first(batchdata[FAILURE_KEY])))
+        if self.untrained and self.modalities and "modality_mask" in batchdata:
+            present = self._names(batchdata["modality_mask"])
+            never = [m for m in present if m in self.untrained]
+            source = f"the checkpoint {self.checkpoint} records no training iteration with "
+            source += "it" if len(never) == 1 else "them"
+            if never and len(never) == len(present):
+                return self._fail(case, f"only {', '.join(never)} present, never seen in training ({source}): "
+                                        "refused, the result would come from untrained weights")
+            if never:
+                drop = [self.modalities.index(m) for m in never]
+                mask = torch.as_tensor(batchdata["modality_mask"]).clone()
+                mask[..., drop] = False
+                batchdata["modality_mask"] = mask
+                batchdata[CommonKeys.IMAGE][:, drop] = 0
+                logger.warning(f"study {case}: {', '.join(never)} never seen in training ({source}): not used")
         try:
             output = super()._iteration(engine, batchdata)
         except Exception as exc:  # inference or writing of this study failed: report it, go on with the others
@@ -408,6 +461,74 @@ class StudyEvaluator(SupervisedEvaluator):
         return output
 
 
+class _OneWriter:
+    """The one image writer class an :class:`AtomicSaveImaged` uses, standing in ``SaveImage.writers``.
+
+    MONAI's ``SaveImage`` tries each writer resolved for the extension in turn, logs a writer's error at INFO
+    ("unable to write") and goes on with the next: on a full disk nibabel raises ``OSError(ENOSPC)`` and ITK, tried
+    next for ``.nii.gz``, truncates the file without raising. With this single writer (the one MONAI tries first) there
+    is no fallback, and the error it raised is kept in :attr:`error`, so that the caller raises the writer's own error
+    instead of ``SaveImage``'s "cannot find a suitable writer".
+
+    Args:
+        writer_cls: a ``monai.data.ImageWriter`` class.
+    """
+
+    def __init__(self, writer_cls: type) -> None:
+        self.writer_cls = writer_cls
+        self.error: Exception | None = None
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.error = None
+        writer = self.writer_cls(**kwargs)
+        for name in ("set_data_array", "set_metadata", "write"):
+            setattr(writer, name, self._recorded(getattr(writer, name)))
+        return writer
+
+    def _recorded(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                self.error = exc
+                raise
+
+        return call
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.writer_cls.__name__})"
+
+
+def _read_back(path: str, numel: int | None) -> None:
+    """Read a written image file in full, header and data (NIfTI through nibabel, NRRD/MetaImage through ITK).
+
+    Raises:
+        DMAFDataError: the file does not read back (truncated, corrupt) or holds another number of voxels than
+            ``numel`` (when given).
+    """
+    if is_nifti(path):
+        import nibabel as nib
+
+        try:
+            img = nib.load(path, mmap=False)  # read, not mapped: every byte is decoded, a truncated file raises
+            data = np.asanyarray(img.dataobj)
+        except Exception as exc:
+            raise DMAFDataError(f"the file written does not read back: {_first_line(exc)}") from None
+        shape = tuple(img.shape)
+    else:
+        import itk
+
+        try:
+            data = itk.array_view_from_image(itk.imread(path))
+        except Exception as exc:
+            raise DMAFDataError(f"the file written does not read back: ITK: {_itk_reason(exc)}") from None
+        shape = tuple(data.shape)
+    if numel is not None and data.size != numel:
+        raise DMAFDataError(
+            f"the file written does not read back: {data.size} voxels (shape {shape}), expected {numel}"
+        )
+
+
 class AtomicSaveImaged(SaveImaged):
     """``SaveImaged`` that writes to a temporary file in the output folder and renames it into place.
 
@@ -416,9 +537,12 @@ class AtomicSaveImaged(SaveImaged):
     name planned by :func:`plan_outputs`; without ``name_key`` in the data, ``SaveImaged``'s own naming). The format
     follows ``output_ext`` as in ``SaveImaged``: NIfTI by default, NRRD (``.nrrd``) or MetaImage (``.mha``) through
     MONAI's ``ITKWriter``, on the grid and affine of the image's metadata. It is written as
-    ``.<name>.tmp<pid><output_ext>``, flushed to disk, then moved with ``os.replace``: a killed run leaves no
-    truncated file under the final name. Without ``overwrite``, an existing result is never replaced (one-line
-    error). MONAI Label drops it with every ``SaveImaged`` from the bundle's postprocessing.
+    ``.<name>.tmp<pid><output_ext>``, flushed to disk, read back in full (header and every voxel), then moved with
+    ``os.replace``: a killed run or a full disk leaves no truncated file under the final name, and an earlier result
+    stays as it was. Only the writer MONAI tries first for the extension is used (``writer`` overrides it), and its
+    error is raised: ``SaveImage`` would log it at INFO and fall back to another writer (ITK for ``.nii.gz``, which
+    truncates a file on a full disk without raising). Without ``overwrite``, an existing result is never replaced
+    (one-line error). MONAI Label drops it with every ``SaveImaged`` from the bundle's postprocessing.
 
     Args:
         name_key: data key holding the study name.
@@ -446,6 +570,19 @@ class AtomicSaveImaged(SaveImaged):
         self.name_key = name_key
         self.overwrite = as_bool(overwrite)
         self.separate_folder = separate_folder
+        self._writer = _OneWriter(self.saver.writers[0])
+        self.saver.writers = (self._writer,)
+
+    def _write(self, img: Any, meta: Mapping | None, stem: str) -> None:
+        """Write ``img`` to ``stem + output_ext`` with the one writer, raising the writer's own error."""
+        try:
+            self.saver(img=img, meta_data=meta, filename=stem)
+            return
+        except Exception as exc:
+            failure = self._writer.error or exc
+        if "ITK ERROR" in str(failure):  # ITK's text starts with the C++ source location
+            raise DMAFDataError(f"ITK: {_itk_reason(failure)}")
+        raise failure
 
     def _target(self, data: Mapping[Hashable, Any], img: Any, meta: Mapping | None) -> str:
         name = data.get(self.name_key)
@@ -469,9 +606,11 @@ class AtomicSaveImaged(SaveImaged):
             tmp = stem + ext
             try:
                 os.makedirs(folder, exist_ok=True)
-                self.saver(img=d[key], meta_data=meta, filename=stem)
+                self._write(d[key], meta, stem)
                 with open(tmp, "rb+") as f:
                     os.fsync(f.fileno())
+                resampled = bool(self.saver.meta_kwargs.get("resample"))
+                _read_back(tmp, None if resampled else int(np.prod(d[key].shape)))
                 os.replace(tmp, target)
             except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
                 if os.path.lexists(tmp):
@@ -495,27 +634,32 @@ def run_inference(
     output_ext: str = ".nii.gz",
     separate_folder: bool = False,
     save_weights: bool = False,
+    save_snapshot: bool = False,
 ) -> dict[str, Any]:
     """The bundle's inference run: checks, then every study, then a summary.
 
     Before any study is computed: the output names are planned (:func:`plan_outputs`: format, collisions, existing
     results, input folder; with ``save_weights`` the modality weight maps and their summary too, see
-    :mod:`dmaf_components.weight_maps`), the checkpoint is loaded into ``network``
+    :mod:`dmaf_components.weight_maps`; with ``save_snapshot`` the picture, :mod:`dmaf_components.snapshots`), the
+    checkpoint is loaded into ``network``
     (:func:`~dmaf_components.checkpoints.load_model_weights`, a state dict or a training checkpoint; a
     :class:`~dmaf_components.weight_maps.ModalityWeightsNet` is looked through, the checkpoint is the plain
     network's), and only then is ``output_dir`` created and test-written. A failure of
-    any of these ends the run at once with :class:`BundleExit`. Then ``evaluator`` runs over all studies;
-    failed studies are reported one line each, and at the end :class:`BundleExit` carries the summary and one
+    any of these ends the run at once with :class:`BundleExit`. A training checkpoint's record of modalities never
+    seen in training (:func:`untrained_modalities`) is passed to ``evaluator`` (:class:`StudyEvaluator`). Then
+    ``evaluator`` runs over all studies; failed studies are reported one line each, and at the end :class:`BundleExit` carries the summary and one
     line per failed study (exit status 1).
 
     Returns:
         ``{"segmented": [case...], "failed": {case: line}, "outputs": {case: path}}`` when every study succeeded.
     """
+    from .snapshots import snapshot_outputs
     from .weight_maps import ModalityWeightsNet, weight_map_outputs
 
     try:
         overwrite = as_bool(overwrite)
         extra = weight_map_outputs() if as_bool(save_weights, "save_weights") else ()
+        extra += snapshot_outputs() if as_bool(save_snapshot, "save_snapshot") else ()
         plan = plan_outputs(
             studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext,
             as_bool(separate_folder, "separate_folder"), extra,
@@ -529,6 +673,15 @@ def run_inference(
         prepare_output_dir(output_dir)
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None
+    if checkpoint is not None and isinstance(evaluator, StudyEvaluator) and evaluator.modalities:
+        never = untrained_modalities(checkpoint, evaluator.modalities)
+        if never:
+            evaluator.untrained, evaluator.checkpoint = never, str(checkpoint)
+            logger.warning(
+                f"{checkpoint}: {', '.join(never)} never seen in training (its DTM state): a study with only "
+                f"{'this modality' if len(never) == 1 else 'these modalities'} is refused, beside others "
+                f"{'it is' if len(never) == 1 else 'they are'} not used"
+            )
     logger.info(f"inference: {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} -> {output_dir}")
     evaluator.run()
     segmented, failed = list(evaluator.segmented), dict(evaluator.failed)

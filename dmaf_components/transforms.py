@@ -85,6 +85,18 @@ def _itk_reason(exc: BaseException) -> str:
     return f"{head} {detail}".strip()
 
 
+def _file_identity(path: str, series: str | None = None) -> tuple:
+    """What tells two files apart: device and inode (a hard link, a symbolic link or another spelling of the path is
+    the same file, as ``os.path.samefile`` decides), or the real path when the file cannot be stat'ed (its read
+    then fails with its own message); a DICOM folder's series identifier, when given, tells its series apart."""
+    try:
+        info = os.stat(path)
+        where: tuple = (info.st_dev, info.st_ino)
+    except OSError:
+        where = (os.path.realpath(path),)
+    return where + (series,)
+
+
 class LoadModalitiesd(MapTransform):
     """Load the modalities of a study into channels in a fixed order; absent modalities become zero channels.
 
@@ -113,7 +125,9 @@ class LoadModalitiesd(MapTransform):
     Args:
         keys: the image key(s).
         modalities: canonical channel order, e.g. ``("flair", "t1", "t1ce", "t2")``.
-        label_keys: keys of single-file labels loaded alongside (channel first), with the same one-line errors.
+        label_keys: keys of single-file labels loaded alongside (channel first), with the same one-line errors; a
+            label whose spatial shape or affine (within ``affine_atol``) differs from the image's is an error
+            naming the case, the label file and the image file, as in ``dmaf check``.
         base_dir: folder that relative paths are relative to.
         dtype: dtype of the loaded image.
         affine_atol: tolerance when comparing the affines of one study's files.
@@ -310,9 +324,9 @@ class LoadModalitiesd(MapTransform):
         files = {m: self._path(p) for m, p in self._as_mapping(value, key).items()}
         if not files:
             raise DMAFDataError(f"{case or key}: no modality file at all")
-        seen: dict[str, str] = {}
+        seen: dict[tuple, str] = {}
         for modality, path in files.items():
-            twin = seen.setdefault(os.path.realpath(path), modality)
+            twin = seen.setdefault(_file_identity(path, (series or {}).get(modality)), modality)
             if twin != modality:
                 raise DMAFDataError(f"{case or key}: {twin} and {modality} are the same file {path}")
         loaded: dict[str, MetaTensor] = {}
@@ -341,14 +355,45 @@ class LoadModalitiesd(MapTransform):
         available = torch.tensor([m in loaded and bool(loaded[m].ne(0).any()) for m in self.modalities])
         return image, available
 
+    def _reference_file(self, value: Any, key: Hashable) -> str | None:
+        """The file whose grid a study's image takes (its first modality file, or its 4-D file); None when the
+        study was given as an array."""
+        if isinstance(value, (str, os.PathLike)):
+            return self._path(value)
+        if isinstance(value, (Mapping, list, tuple)):
+            first = next(iter(self._as_mapping(value, key).values()), None)
+            return None if first is None else self._path(first)
+        return None
+
+    def _check_label_grid(self, path: str, label: MetaTensor, image: MetaTensor, ref: str | None, case: Any) -> None:
+        """A label must share its image's grid: the same spatial shape and affine (within ``affine_atol``), as
+        ``dmaf check`` requires; otherwise it is scored, or trained on, against voxels it does not describe."""
+        where = f"{case}: {path}" if case else path
+        ref_name = os.path.basename(ref) if ref else "the image"
+        shape, ref_shape = tuple(label.shape[1:]), tuple(image.shape[1:])
+        if shape != ref_shape:
+            raise DMAFDataError(f"{where}: shape {shape} differs from {ref_name} {ref_shape}")
+        if ref is not None:  # (an array given without its affine has none to compare)
+            a, b = np.asarray(label.affine, dtype=np.float64), np.asarray(image.affine, dtype=np.float64)
+            if not np.allclose(a, b, atol=self.affine_atol):
+                raise DMAFDataError(
+                    f"{where}: affine differs from {ref_name} (largest difference {float(np.abs(a - b).max()):.4g})"
+                )
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        grid = None  # (image, its reference file) of the first image key: the grid every label must share
         for key in self.key_iterator(d):
             series = d.pop(f"{key}{SERIES_POSTFIX}", None)
+            ref = self._reference_file(d[key], key)
             d[key], d[f"{key}{AVAILABLE_POSTFIX}"] = self.load(d[key], key, d.get("case"), series)
+            grid = (d[key], ref) if grid is None else grid
         for key in self.label_keys:
             if d.get(key) is not None:
-                d[key] = self.read(self._path(d[key]), image=False)
+                path = self._path(d[key])
+                d[key] = self.read(path, image=False)
+                if grid is not None:
+                    self._check_label_grid(path, d[key], grid[0], grid[1], d.get("case"))
         return d
 
 

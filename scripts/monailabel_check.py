@@ -21,6 +21,11 @@
 6. ``POST /train/dmaf_brats`` for one epoch, polled until it finishes;
 7. stops the server by its PID. Every wait is bounded.
 
+``--work DIR`` is cleared before a run only when this check made it: a new or empty folder gets the marker file
+``.dmaf_monailabel_check``, and a folder with that marker (or with only what an earlier version of the check left
+there) is emptied at the next run. Any other non-empty folder, or a file, is refused with one line and exit status
+2, and nothing in it is touched.
+
 Usage: python scripts/monailabel_check.py --monailabel-python .venv-monailabel/bin/python --work /tmp/mlcheck
 """
 
@@ -46,6 +51,49 @@ BUNDLE = os.path.join(ROOT, "bundle")
 MODEL = "dmaf_brats"
 #: the check runs on 2 CPU cores: smaller patches than the paper's 128^3 (the network itself is the default one)
 SMALL = {"roi_size": [64, 64, 64]}
+
+
+#: file that marks a --work folder as made by this check, so that a later run may empty it
+WORK_MARKER = ".dmaf_monailabel_check"
+#: what this check writes in --work (an earlier version's folder, made before the marker, holds only these)
+_WORK_ENTRIES = {"studies", "apps", "in", "seg", "server.log", "infer_result.nii.gz"}
+
+
+def prepare_work_dir(work: str) -> str:
+    """Make ``work`` an empty folder holding only :data:`WORK_MARKER`, deleting only what this check made.
+
+    A missing or empty folder is used; a folder with the marker, or an earlier version's folder (only entries this
+    check writes, ``studies/`` and ``apps/monaibundle/`` among them), is emptied (links inside are removed, never
+    followed).
+
+    Raises:
+        ValueError: one line naming the folder: it is a file, or it holds files this check did not make (nothing is
+            deleted).
+    """
+    if os.path.lexists(work) and not os.path.isdir(work):
+        raise ValueError(f"--work {work}: is not a folder; give a new or empty folder")
+    entries = sorted(os.listdir(work)) if os.path.isdir(work) else []
+    earlier = (
+        set(entries) <= _WORK_ENTRIES
+        and {"studies", "apps"} <= set(entries)
+        and os.path.isdir(os.path.join(work, "apps", "monaibundle"))
+    )
+    if entries and WORK_MARKER not in entries and not earlier:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"--work {work}: holds files this check did not make ({shown}) and no {WORK_MARKER} marker; nothing was "
+            "deleted: give a new or empty folder"
+        )
+    for name in entries:
+        path = os.path.join(work, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, WORK_MARKER), "w") as f:
+        f.write("made by scripts/monailabel_check.py; the next run empties this folder\n")
+    return work
 
 
 def log(msg: str) -> None:
@@ -128,13 +176,20 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/dmaf_monailabel_check")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for the server to start or train")
     args = parser.parse_args()
+    try:
+        prepare_work_dir(args.work)
+    except ValueError as exc:
+        print(f"monailabel_check: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = exc.filename or args.work
+        print(f"monailabel_check: error: --work {where}: cannot prepare ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     ml_bin = os.path.dirname(os.path.abspath(args.monailabel_python))
     monailabel = os.path.join(ml_bin, "monailabel")
     # the `monailabel` launcher runs `python -m monailabel.main`: its environment must come first on PATH
     env = dict(os.environ, PATH=ml_bin + os.pathsep + os.environ.get("PATH", ""), VIRTUAL_ENV=os.path.dirname(ml_bin))
 
-    shutil.rmtree(args.work, ignore_errors=True)
-    os.makedirs(args.work)
     studies, names = make_studies(args.work)
     log(f"studies: {len(names)} 4-channel NIfTI in {studies}")
 

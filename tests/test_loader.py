@@ -234,3 +234,46 @@ def test_training_loader_uses_its_thread_on_two_cores():
     assert parser.get_parsed_content("num_workers") == min(4, available_cpus())
     assert parser.get_parsed_content("train_num_workers") == train_loader_workers(min(4, available_cpus()))
     assert parser["train#dataloader"]["num_workers"] == "@train_num_workers"
+
+
+def test_a_label_off_its_images_grid_is_a_one_line_error_naming_the_case_and_both_files(tmp_path):
+    """The bundle's loader compares a label's shape and affine with its study's, as ``dmaf check`` does (same
+    messages, same 1e-3 tolerance): a label one voxel short, or mirrored (an axis of its affine flipped), used to be
+    trained on and scored without a word."""
+    import nibabel as nib
+    import numpy as np
+
+    from dmaf_components.data import DMAFDataError
+    from dmaf_components.transforms import LoadModalitiesd
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    image = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    label = np.zeros((8, 9, 10), np.uint8)
+    label[2:5, 3:6, 4:7] = 1
+    for name in ("s_flair", "s_t1"):
+        nib.save(nib.Nifti1Image(image, affine), str(tmp_path / f"{name}.nii.gz"))
+    mirrored = affine.copy()
+    mirrored[0, 0], mirrored[0, 3] = -1.0, 7.0
+    nudged = affine.copy()
+    nudged[1, 3] = 5e-4  # within the tolerance
+    files = {"short": (label[:, :, :-1], affine), "mirrored": (label, mirrored), "nudged": (label, nudged)}
+    for name, (array, aff) in files.items():
+        nib.save(nib.Nifti1Image(array, aff), str(tmp_path / f"{name}_seg.nii.gz"))
+    loader = LoadModalitiesd("image", ("flair", "t1", "t1ce", "t2"), label_keys="label")
+    study = {"flair": str(tmp_path / "s_flair.nii.gz"), "t1": str(tmp_path / "s_t1.nii.gz")}
+
+    def load(name, image=study):
+        return loader({"case": "s", "image": image, "label": str(tmp_path / f"{name}_seg.nii.gz")})
+
+    short = str(tmp_path / "short_seg.nii.gz")
+    with pytest.raises(DMAFDataError, match=f"^s: {short}: shape \\(8, 9, 9\\) differs from s_flair.nii.gz "
+                                            "\\(8, 9, 10\\)$"):
+        load("short")
+    mirrored = str(tmp_path / "mirrored_seg.nii.gz")
+    with pytest.raises(DMAFDataError, match=f"^s: {mirrored}: affine differs from s_flair.nii.gz \\(largest "
+                                            "difference 7\\)$"):
+        load("mirrored")
+    with pytest.raises(DMAFDataError, match="affine differs from s_t1.nii.gz"):  # the first file present
+        load("mirrored", {"t1": study["t1"]})
+    out = load("nudged")
+    assert out["label"].shape == (1, 8, 9, 10) and out["image"].shape == (4, 8, 9, 10)

@@ -319,14 +319,13 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     final = tmp_path / "s_seg.nii.gz"
     final.write_bytes(b"earlier result")
 
-    def killed(self, filename, *args, **kwargs):  # a crash after part of the file was written
+    def killed(img, filename, *args, **kwargs):  # a crash after part of the file was written
         with open(filename, "wb") as f:
             f.write(b"\x1f\x8b partial")
         raise OSError(28, "No space left on device")
 
-    for writer in saver.saver.writers:  # ITK and/or nibabel, as MONAI resolves them for .nii.gz
-        monkeypatch.setattr(writer, "write", killed)
-    with pytest.raises(DMAFDataError, match="s_seg.nii.gz: cannot write the result"):
+    monkeypatch.setattr(nib, "save", killed)  # what MONAI's NibabelWriter calls
+    with pytest.raises(DMAFDataError, match=r"s_seg.nii.gz: cannot write the result \(OSError: \[Errno 28\] No "):
         saver({"pred": pred, "case": "s"})
     assert final.read_bytes() == b"earlier result" and os.listdir(tmp_path) == ["s_seg.nii.gz"]
     monkeypatch.undo()
@@ -534,3 +533,233 @@ def test_a_flat_folder_of_modality_files_is_grouped_into_studies(tmp_path):
     assert studies["p2"]["error"] == (f"{tmp_path / 'p2_flair.nii'}: a second file for flair (also "
                                       f"{tmp_path / 'p2_FLAIR.nii.gz'})")
     assert studies["BRATS_003"]["image"] == str(tmp_path / "BRATS_003.nii.gz")
+
+
+# ------------------------------------------------------------------------------------------------ round 3
+def _earlier(out, names):
+    """Earlier results in ``out``: ``{name: bytes}``, to be compared byte for byte after a failed run."""
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = {}
+    for i, name in enumerate(names):
+        earlier[name] = f"earlier result {i}".encode()
+        (out / name).write_bytes(earlier[name])
+    return earlier
+
+
+def test_a_full_disk_fails_the_study_and_keeps_every_earlier_result(weights, tmp_path, monkeypatch):
+    """nibabel's OSError(ENOSPC) was logged at INFO by MONAI's SaveImage, which then wrote the file with ITK (on a
+    full disk: truncated, no error) and the truncated file replaced the earlier result, exit 0. Now the writer's
+    error fails the study in one line naming the file and the cause, and --overwrite true keeps every earlier file
+    byte for byte, the weight maps included."""
+    real_save = nib.save
+    _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz", "t1ce": "s_t1ce.nii.gz"})
+    out = tmp_path / "out"
+    earlier = _earlier(out, ["s_seg.nii.gz", "s_modality_weights.nii.gz", "s_modality_weights.json"])
+
+    def full_disk(only):
+        def save(img, filename, *args, **kwargs):
+            if only not in os.path.basename(str(filename)):
+                return real_save(img, filename, *args, **kwargs)
+            with open(filename, "wb") as f:  # part of the file, then the disk is full
+                f.write(b"\x1f\x8b\x08 partial")
+            raise OSError(28, "No space left on device")
+
+        return save
+
+    for failing in ("_seg", "modality_weights"):
+        monkeypatch.setattr(nib, "save", full_disk(failing))
+        wf = _workflow(tmp_path / "in", out, weights / "model.pt", overwrite="true", save_weights=True)
+        with pytest.raises(SystemExit) as err:
+            wf.run()
+        target = out / ("s_seg.nii.gz" if failing == "_seg" else "s_modality_weights.nii.gz")
+        assert str(err.value).splitlines()[-2:] == [
+            f"inference finished: 0 segmented, 1 failed (results in {out})",
+            f"s: {target}: cannot write the result (OSError: [Errno 28] No space left on device)",
+        ]
+        assert sorted(os.listdir(out)) == sorted(earlier)  # no temporary file left
+        kept = [n for n in earlier if failing == "_seg" or "modality_weights" in n]
+        assert all((out / n).read_bytes() == earlier[n] for n in kept)
+    # the second run wrote the segmentation (complete) before its weight map failed
+    assert nib.load(str(out / "s_seg.nii.gz")).shape == SHAPE
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_a_writer_that_truncates_without_raising_is_caught_by_reading_the_file_back(tmp_path, monkeypatch, ext):
+    """A writer that truncates the file on a full disk without raising (ITK did for .nii.gz) no longer gets its
+    file renamed into place: the temporary file is read back in full before the rename."""
+    import itk
+    from monai.data import MetaTensor
+
+    from dmaf_components.inference import AtomicSaveImaged
+
+    saver = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", output_ext=ext,
+                             output_dtype=np.uint8, print_log=False, overwrite=True)
+    pred = MetaTensor(torch.randint(0, 5, (1,) + SHAPE).float(), affine=torch.as_tensor(BRATS_AFFINE))
+    final = tmp_path / f"s_seg{ext}"
+    final.write_bytes(b"earlier result")
+    module, name = (nib, "save") if ext == ".nii.gz" else (itk, "imwrite")
+    real = getattr(module, name)
+
+    def truncating(img, filename, *args, **kwargs):
+        real(img, filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+
+    monkeypatch.setattr(module, name, truncating)
+    with pytest.raises(DMAFDataError, match=rf"^{re.escape(str(final))}: cannot write the result \(the file written "
+                                            r"does not read back: .+\)$"):
+        saver({"pred": pred, "case": "s"})
+    assert final.read_bytes() == b"earlier result" and os.listdir(tmp_path) == [final.name]
+    monkeypatch.undo()
+    saver({"pred": pred, "case": "s"})  # the same saver, without the fault: written and read back
+    assert final.stat().st_size > 100
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_real_full_tmpfs_fails_the_study_and_keeps_the_earlier_result(tmp_path):
+    """The same on a real full file system: a 32 KiB tmpfs, a result that does not fit."""
+    import gc
+    import shutil
+
+    from monai.data import MetaTensor
+
+    from dmaf_components.inference import AtomicSaveImaged
+
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        for ext in (".nii.gz", ".nrrd"):
+            final = disk / f"s_seg{ext}"
+            final.write_bytes(b"earlier result")
+            saver = AtomicSaveImaged("pred", output_dir=str(disk), output_postfix="seg", output_ext=ext,
+                                     output_dtype=np.uint8, print_log=False, overwrite=True)
+            pred = MetaTensor(torch.randint(0, 5, (1, 64, 64, 48)).float(), affine=torch.as_tensor(BRATS_AFFINE))
+            with pytest.raises(DMAFDataError, match=rf"^{re.escape(str(final))}: cannot write the result \(.*"
+                                                    r"(No space left on device|fwrite wrote only)"):
+                saver({"pred": pred, "case": "s"})
+            assert final.read_bytes() == b"earlier result" and os.listdir(disk) == [final.name]
+            final.unlink()
+    finally:
+        gc.collect()  # a file object the failed gzip write left open keeps the mount busy
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_dangling_links_and_link_loops_are_failed_studies_naming_the_link(weights, tmp_path):
+    """A study folder or a modality file that was a dangling symbolic link or a loop was dropped without a word
+    (the run said "1 segmented" and never named the study)."""
+    studies = tmp_path / "in"
+    _study(studies / "good", {"flair": "good_flair.nii.gz"})
+    os.symlink(tmp_path / "gone", studies / "moved")  # a study folder moved away
+    os.symlink(studies / "loop", studies / "loop")  # a study folder linking to itself
+    _study(studies / "part", {"flair": "part_flair.nii.gz"})
+    os.symlink(tmp_path / "gone_t2.nii.gz", studies / "part" / "part_t2.nii.gz")
+    _study(studies / "cycle", {"flair": "cycle_flair.nii.gz"})
+    os.symlink(studies / "cycle" / "cycle_t1.nii.gz", studies / "cycle" / "cycle_t1.nii.gz")
+    os.symlink(tmp_path / "gone.txt", studies / "good" / "report.txt")  # no modality: noted, the study goes on
+    found = {s["case"]: s for s in find_studies(str(studies), log=False)}
+    assert found["moved"]["error"] == (f"{studies / 'moved'}: a dangling symbolic link (its target "
+                                       f"{tmp_path / 'gone'} does not exist)")
+    assert found["loop"]["error"] == f"{studies / 'loop'}: a symbolic link loop (-> {studies / 'loop'})"
+    assert found["part"]["error"] == (f"{studies / 'part' / 'part_t2.nii.gz'}: a dangling symbolic link (its target "
+                                      f"{tmp_path / 'gone_t2.nii.gz'} does not exist); it names t2")
+    assert found["cycle"]["error"].startswith(f"{studies / 'cycle' / 'cycle_t1.nii.gz'}: a symbolic link loop")
+    assert "error" not in found["good"] and found["good"]["notes"] == [
+        f"{studies / 'good' / 'report.txt'}: a dangling symbolic link (its target {tmp_path / 'gone.txt'} does not "
+        "exist): ignored"]
+    with pytest.raises(SystemExit) as err:
+        _workflow(studies, tmp_path / "out", weights / "model.pt").run()
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"inference finished: 1 segmented, 4 failed (results in {tmp_path / 'out'})"
+    assert sorted(lines[1:]) == sorted(f"{case}: {found[case]['error']}" for case in ("moved", "loop", "part", "cycle"))
+    # flat layout: a dangling modality file directly in the input folder fails its case
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    nib.save(nib.Nifti1Image(_volume()["flair"].astype(np.float32), BRATS_AFFINE), str(flat / "p1_flair.nii.gz"))
+    os.symlink(tmp_path / "gone.nii.gz", flat / "p1_t2.nii.gz")
+    os.symlink(tmp_path / "gone4d.nii.gz", flat / "BRATS_009.nii.gz")
+    found = {s["case"]: s for s in find_studies(str(flat), log=False)}
+    assert found["p1"]["error"].startswith(f"{flat / 'p1_t2.nii.gz'}: a dangling symbolic link")
+    assert found["BRATS_009"]["error"].startswith(f"{flat / 'BRATS_009.nii.gz'}: a dangling symbolic link")
+
+
+def test_a_hard_link_is_the_same_file(tmp_path):
+    """A hard link from T2 to the FLAIR file passed the same-file check, which compared real paths."""
+    from dmaf_components.transforms import LoadModalitiesd
+
+    flair = tmp_path / "p1_flair.nii.gz"
+    nib.save(nib.Nifti1Image(_volume()["flair"].astype(np.float32), BRATS_AFFINE), str(flair))
+    os.link(flair, tmp_path / "p1_t2.nii.gz")
+    loader = LoadModalitiesd("image", BRATS_MODALITIES)
+    with pytest.raises(DMAFDataError, match=rf"^p1: flair and t2 are the same file {re.escape(str(tmp_path))}"):
+        loader.load({"flair": str(flair), "t2": str(tmp_path / "p1_t2.nii.gz")}, case="p1")
+    os.symlink(flair, tmp_path / "p1_t1.nii.gz")  # a symbolic link, as before
+    with pytest.raises(DMAFDataError, match=r"^p1: flair and t1 are the same file"):
+        loader.load({"flair": str(flair), "t1": str(tmp_path / "p1_t1.nii.gz")}, case="p1")
+    (tmp_path / "p1_t1ce.nii.gz").write_bytes(flair.read_bytes())  # a copy is another file: it is read
+    image, available = loader.load({"flair": str(flair), "t1ce": str(tmp_path / "p1_t1ce.nii.gz")}, case="p1")
+    assert available.tolist() == [True, False, True, False]
+
+
+def test_bids_names_with_a_contrast_entity(tmp_path):
+    """``sub-01_ce-gadolinium_T1w`` (BIDS: ce- is the contrast agent) was read as the native T1."""
+    from dmaf_components.data.names import case_of, modality_of
+
+    expected = {
+        "sub-01_T1w.nii.gz": ("t1", "sub-01"), "sub-01_T2w.nii.gz": ("t2", "sub-01"),
+        "sub-01_FLAIR.nii.gz": ("flair", "sub-01"),
+        "sub-01_ce-gadolinium_T1w.nii.gz": ("t1ce", "sub-01"), "sub-01_ce-Gd_T2w.nii.gz": ("t2", "sub-01"),
+        "sub-01_ce-gadolinium_FLAIR.nii.gz": ("flair", "sub-01"),
+        "sub-01_ses-1_acq-mprage_ce-gd_run-1_T1w.nii.gz": ("t1ce", "sub-01_ses-1_acq-mprage_run-1"),
+        "sub-01_acq-ce_T1w.nii.gz": ("t1", "sub-01_acq-ce"),  # acq-ce is an acquisition label, not the ce entity
+        "s1_t1-ce.nii.gz": ("t1ce", "s1"), "s1_T1.nii.gz": ("t1", "s1"), "x_ce-t1.nii.gz": ("t1", "x_ce"),
+    }
+    assert {n: (modality_of(n, BRATS_MODALITIES), case_of(n, BRATS_MODALITIES)) for n in expected} == expected
+    # a model without T1ce never takes a contrast-enhanced T1 for a native one
+    assert modality_of("sub-01_ce-gd_T1w.nii.gz", ("flair", "t1", "t2")) is None
+    # a flat BIDS anat folder is one study with T1 and T1ce
+    images = _volume()
+    for name, modality in (("sub-01_T1w.nii.gz", "t1"), ("sub-01_ce-gadolinium_T1w.nii.gz", "t1ce"),
+                           ("sub-01_FLAIR.nii.gz", "flair")):
+        nib.save(nib.Nifti1Image(images[modality].astype(np.float32), BRATS_AFFINE), str(tmp_path / name))
+    (study,) = find_studies(str(tmp_path), log=False)
+    assert study["case"] == "sub-01" and study["image"] == {
+        "t1": str(tmp_path / "sub-01_T1w.nii.gz"), "t1ce": str(tmp_path / "sub-01_ce-gadolinium_T1w.nii.gz"),
+        "flair": str(tmp_path / "sub-01_FLAIR.nii.gz")}
+
+
+def test_a_modality_never_trained_is_refused_alone_and_not_used_beside_others(weights, tmp_path, caplog):
+    """A checkpoint whose DTM never saw T2 in training segmented a T2-only study with exit 0 and no warning."""
+    from dmaf_components.inference import untrained_modalities
+
+    state = torch.load(weights / "model.pt", weights_only=True)
+    dtm = {"ema_relation": torch.zeros(4, dtype=torch.float64), "ema_prototype": torch.zeros(4, dtype=torch.float64),
+           "seen": torch.tensor([True, True, True, False]), "prev_grads": [None] * 4}
+    torch.save({"model": state, "dtm": dtm, "trainer": {"iteration": 4}}, tmp_path / "no_t2.pt")
+    assert untrained_modalities(str(tmp_path / "no_t2.pt"), BRATS_MODALITIES) == ["t2"]
+    assert untrained_modalities(str(weights / "model.pt"), BRATS_MODALITIES) is None  # a plain state dict
+    assert untrained_modalities(str(weights / "checkpoint_final.pt"), BRATS_MODALITIES) is None  # no DTM state
+    studies = tmp_path / "in"
+    _study(studies / "t2_only", {"t2": "t2_only_t2.nii.gz"})
+    _study(studies / "mixed", {"flair": "mixed_flair.nii.gz", "t2": "mixed_t2.nii.gz"})
+    _study(studies / "flair_only", {"flair": "flair_only_flair.nii.gz"})  # the same FLAIR as mixed
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="dmaf_components.inference"):
+        with pytest.raises(SystemExit) as err:
+            _workflow(studies, out, tmp_path / "no_t2.pt").run()
+    assert str(err.value).splitlines() == [
+        f"inference finished: 2 segmented, 1 failed (results in {out})",
+        f"t2_only: only t2 present, never seen in training (the checkpoint {tmp_path / 'no_t2.pt'} records no "
+        "training iteration with it): refused, the result would come from untrained weights",
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if w.startswith("study mixed:")] == [
+        f"study mixed: t2 never seen in training (the checkpoint {tmp_path / 'no_t2.pt'} records no training "
+        "iteration with it): not used"]
+    mixed = np.asarray(nib.load(str(out / "mixed_seg.nii.gz")).dataobj)
+    assert np.array_equal(mixed, np.asarray(nib.load(str(out / "flair_only_seg.nii.gz")).dataobj))
+    assert sorted(os.listdir(out)) == ["flair_only_seg.nii.gz", "mixed_seg.nii.gz"]

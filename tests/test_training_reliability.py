@@ -102,6 +102,8 @@ def test_inf_in_a_training_image_stops_training_with_one_line_and_saves_nothing_
     assert proc.returncode != 0, log[-3000:]
     lines = [line for line in log.splitlines() if "Non-finite loss at iteration 4 (epoch 2): loss/total=" in line]
     assert lines and "Training stopped before the optimizer step" in lines[0], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(lines[0][lines[0].index("Non-finite"):])  # the last line
     saved = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "models" / "*.pt")))
     assert saved == ["checkpoint_epoch=1.pt", "model.pt"], saved  # no final checkpoint of the failed iteration
     from dmaf_components.handlers import non_finite_entries
@@ -179,3 +181,228 @@ def test_one_epoch_without_validation_leaves_the_final_weights_as_model_pt(data3
     state = _load(tmp_path / "models" / "model.pt")
     DMAFNet(3, 4, 4, channels=(4, 8, 16, 32), num_layers=1, num_heads=2).load_state_dict(state, strict=True)
     _assert_equal(state, _load(tmp_path / "models" / "checkpoint_final.pt")["model"])
+
+
+# --- reliability, round 3: settings compared on resume, earlier trainings kept, one-line refusals ---------------------
+
+
+@pytest.fixture(scope="module")
+def finished(data3, tmp_path_factory):
+    """A finished one-epoch training (no validation): models/ holds model.pt and its checkpoints."""
+    root = tmp_path_factory.mktemp("finished")
+    _train(data3, root, max_epochs=1)
+    return root
+
+
+def _digests(folder):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _refused(data3, root, **overrides):
+    """Build and run the training in this process; return the one line it ends with (BundleExit: SystemExit)."""
+    with pytest.raises(SystemExit) as info:
+        _workflow(data3, root, **overrides).run()
+    return str(info.value.code)
+
+
+def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_non_zero_rate(data3, finished,
+                                                                                              tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(finished / "models", root / "models")
+    before = _load(root / "models" / "model.pt")
+    ckpt = str(root / "models" / "checkpoint_final.pt")
+    assert float(_load(ckpt)["optimizer"]["param_groups"][0]["lr"]) == 0.0  # where the 1-epoch schedule ended
+    log = _train(data3, root, resume_from=ckpt, max_epochs=2, learning_rate=1e-3)
+    rate = 1e-3 * (1 - 1 / 2) ** 0.9  # PolynomialLR at epoch 1 of 2 from the new rate: 0.0005359
+    assert any(f"Resume: max_epochs 1 in the checkpoint, 2 now; learning_rate 0.0002 in the checkpoint, 0.001 now: "
+               f"the learning-rate schedule (PolynomialLR) follows the new settings; learning rate {rate:.4g} from "
+               "epoch 2." in line for line in log), log
+    final = _load(root / "models" / "checkpoint_final.pt")
+    assert final["trainer"]["iteration"] == 4
+    assert final["lr_scheduler"]["total_iters"] == 2 and final["lr_scheduler"]["base_lrs"] == [1e-3]
+    after = _load(root / "models" / "model.pt")
+    moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
+    assert len(moved) > len(before) // 2, "the resumed epoch did not train (learning rate 0?)"
+    # an unchanged resume stays exact: the settings equal the checkpoint's, nothing is recomputed
+    digests = _digests(root / "models")
+    line = _refused(data3, root, resume_from=str(root / "models" / "checkpoint_final.pt"), max_epochs=1)
+    assert line == (f"{root / 'models' / 'checkpoint_final.pt'}: max_epochs 1 is below the 2 epochs the checkpoint has "
+                    "trained (max_epochs 2 when it was saved); pass --max_epochs 3 or more to train on")
+    assert _digests(root / "models") == digests  # no final checkpoint of the refused run
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line_and_writes_nothing(data3, finished, tmp_path):
+    ckpt = finished / "models" / "checkpoint_final.pt"
+    truncated, plain = tmp_path / "truncated.pt", finished / "models" / "model.pt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    digests = _digests(finished / "models")
+    cases = {
+        "channels": ({"resume_from": str(ckpt), "channels": [8, 16, 32, 64]},
+                     f"{ckpt}: checkpoint does not fit the network: channels [4,8,16,32] in the checkpoint vs "
+                     '[8,16,32,64] in the network; run with --channels "[4,8,16,32]"'),
+        "truncated": ({"resume_from": str(truncated)}, f"{truncated}: checkpoint is truncated or corrupt ("),
+        "weights only": ({"resume_from": str(plain)},
+                         f"{plain}: not a training checkpoint: it holds network weights only (362 tensors, as "
+                         "models/model.pt); --resume_from takes a models/checkpoint_*.pt, which holds model, loss, "
+                         "optimizer, lr_scheduler, trainer, dtm, random_state, model_saver"),
+        "batch size": ({"resume_from": str(ckpt), "batch_size": 2},
+                       f"{ckpt}: its epochs have 2 iterations, this run's 1 (another datalist, batch_size or number "
+                       "of processes)"),
+    }
+    for name, (overrides, message) in cases.items():
+        root = tmp_path / name.replace(" ", "_")
+        line = _refused(data3, root, max_epochs=3, **overrides)
+        assert line.startswith(message), (name, line)
+        assert not list((root / "models").iterdir()), name  # nothing written
+    assert _digests(finished / "models") == digests
+
+
+def test_training_into_a_folder_of_an_earlier_training_is_refused_unless_overwrite(data3, finished, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(finished / "models", root / "models")
+    digests = _digests(root / "models")
+    models = root / "models"
+    line = _refused(data3, root, max_epochs=1)
+    assert line == (f"ckpt_dir {models}: holds 3 file(s) of an earlier training (checkpoint_epoch=1.pt, "
+                    "checkpoint_final.pt, model.pt); they are kept: pass --overwrite true to replace them, "
+                    f"--resume_from {models}/checkpoint_final.pt to continue that training, or choose another "
+                    "--bundle_root")
+    assert _digests(models) == digests
+    log = _train(data3, root, max_epochs=1, seed=1, overwrite="true")
+    assert any("model.pt holds the final weights" in line for line in log)
+    assert _digests(models)["model.pt"] != digests["model.pt"]
+
+
+def test_a_checkpoint_loader_of_another_program_may_train_into_the_folder_it_loads_from(tmp_path):
+    """MONAI Label's train task inserts a CheckpointLoader for models/model.pt and writes the fine-tuned model back:
+    not refused. Without a loader, or with a bad max_epochs, the preflight refuses with one line."""
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from dmaf_components.handlers.reliability import TrainingPreflight
+
+    (tmp_path / "models").mkdir()
+    torch.save({"w": torch.zeros(1)}, tmp_path / "models" / "model.pt")
+    preflight = TrainingPreflight(str(tmp_path / "models"), "", False, 2)
+    fine_tuning = Engine(lambda e, b: None)
+    CheckpointLoader(str(tmp_path / "models" / "model.pt"), {"w": torch.nn.Linear(1, 1)}).attach(fine_tuning)
+    preflight.attach(fine_tuning)
+    with pytest.raises(SystemExit, match="holds 1 file\\(s\\) of an earlier training \\(model.pt\\)"):
+        preflight.attach(Engine(lambda e, b: None))
+    preflight.check()  # in initialize: the folder is checked only in a `python -m monai.bundle` process
+    for bad in (0, -1, 2.5, "abc", True):
+        with pytest.raises(SystemExit, match=f"^max_epochs: expected a whole number of epochs >= 1 .*got {bad!r}$"):
+            TrainingPreflight(str(tmp_path / "new"), "", False, bad).check()
+    with pytest.raises(SystemExit, match="^overwrite: expected true or false, got 'maybe'$"):
+        TrainingPreflight(str(tmp_path / "models"), "", "maybe", 2).check()
+
+
+def test_a_data_error_in_training_ends_with_its_one_line_other_errors_keep_their_traceback():
+    from ignite.engine import Engine
+    from monai.handlers import StatsHandler
+
+    from dmaf_components.data import DMAFDataError
+    from dmaf_components.handlers.reliability import OneLineExit, one_line_message
+
+    def engine_raising(exc):
+        def step(engine, batch):
+            raise exc
+
+        engine = Engine(step)
+        OneLineExit().attach(engine)
+        StatsHandler(iteration_log=False, epoch_log=False).attach(engine)  # logs a traceback and re-raises
+        return engine
+
+    def wrapped(message):  # as MONAI's apply_transform wraps a transform's error
+        try:
+            raise DMAFDataError(message)
+        except DMAFDataError as e:
+            try:
+                raise RuntimeError("applying transform <ModalityDropd>") from e
+            except RuntimeError as outer:
+                return outer
+
+    with pytest.raises(SystemExit) as info:
+        engine_raising(wrapped("c1: modality_mask has 3 entries, expected 4")).run([0], max_epochs=1)
+    assert info.value.code == "c1: modality_mask has 3 entries, expected 4"
+    with pytest.raises(ZeroDivisionError):
+        engine_raising(ZeroDivisionError("a bug")).run([0], max_epochs=1)
+    alone = Engine(lambda e, b: 1 / 0)  # the only exception handler: other errors still reach the caller
+    OneLineExit().attach(alone)
+    with pytest.raises(ZeroDivisionError):
+        alone.run([0], max_epochs=1)
+    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                          "last):\n...\ndmaf_components.data.constants.DMAFDataError: c2: f.nii.gz: file not found\n")
+    assert one_line_message(worker) == "c2: f.nii.gz: file not found"
+    assert one_line_message(ValueError("x")) is None
+
+
+def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
+    """Through ``python -m monai.bundle run training``: exit status 1 and the cause as the last line, before any
+    data is read where the cause is a setting."""
+    import json
+
+    cases = {
+        "max_epochs 0": (["--max_epochs", "0"], "max_epochs: expected a whole number of epochs >= 1 (--max_epochs, "
+                                                 "or the model zoo's --epochs), got 0"),
+        "max_epochs -3": (["--max_epochs", "-3"], "max_epochs: expected a whole number of epochs >= 1"),
+        "earlier training": (["--bundle_root", str(finished)], f"ckpt_dir {finished / 'models'}: holds 3 file(s) "
+                                                               "of an earlier training"),
+    }
+    datalist = json.loads((data3 / "datalist.json").read_text())
+    datalist["training"][0]["modality_mask"] = [1, 0, 1]
+    (tmp_path / "short_mask.json").write_text(json.dumps(datalist))
+    cases["modality_mask of 3"] = (["--datalist", str(tmp_path / "short_mask.json")], "modality_mask")
+    shutil.copytree(data3, tmp_path / "data")
+    import nibabel as nib
+
+    listed = datalist["training"][0]["label"]
+    label = tmp_path / "data" / (os.path.relpath(listed, data3) if os.path.isabs(listed) else listed)
+
+    img = nib.load(str(label))
+    nib.save(nib.Nifti1Image(img.get_fdata()[:-1].astype("uint8"), img.affine), str(label))
+    case = label.name[: -len("_seg.nii.gz")]
+    cases["label 1 voxel short"] = (["--dataset_dir", str(tmp_path / "data")],
+                                    f"{case}: {label}: shape (47, 48, 32) differs from {case}_flair.nii.gz "
+                                    "(48, 48, 32)")
+    for name, (args, message) in cases.items():
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+               "--dataset_dir", str(data3), "--bundle_root", str(tmp_path / name.replace(" ", "_")), "--max_epochs",
+               "1"] + SMALL + args
+        proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 1, (name, log[-3000:])
+        assert "Traceback" not in log, (name, log[-3000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert message in last, (name, last)
+
+
+def test_a_refused_or_failed_start_writes_no_final_checkpoint(tmp_path):
+    """A resume refused at its start (a data error, a BundleExit) must not save the state it did not restore as
+    checkpoint_final.pt, over the checkpoint it was given."""
+    from ignite.engine import Engine, Events
+
+    from dmaf_components.data import DMAFDataError
+    from dmaf_components.handlers import FiniteCheckpointSaver
+    from dmaf_components.inference import BundleExit
+
+    for exc in (DMAFDataError("ckpt.pt: checkpoint is truncated or corrupt"), BundleExit("refused")):
+        engine = Engine(lambda e, b: None)
+        FiniteCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True,
+                              final_filename="final.pt").attach(engine)
+
+        def refuse(_, exc=exc):
+            raise exc
+
+        engine.add_event_handler(Events.STARTED, refuse)
+        with pytest.raises(type(exc)):
+            engine.run([0], max_epochs=1)
+        assert os.listdir(tmp_path) == [], type(exc)
+    engine = Engine(lambda e, b: 1 / 0)  # any other failure still leaves its final checkpoint, as MONAI's saver does
+    FiniteCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True,
+                          final_filename="final.pt").attach(engine)
+    with pytest.raises(ZeroDivisionError):
+        engine.run([0], max_epochs=1)
+    assert os.listdir(tmp_path) == ["final.pt"]

@@ -26,6 +26,10 @@ __all__ = [
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _IMAGE = re.compile(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", re.IGNORECASE)
 _SEP = r"(?:^|[-_. ])"
+#: BIDS suffixes of anatomical MR images that the alias table knows (lower case)
+_BIDS_SUFFIXES = ("t1w", "t2w", "flair")
+#: BIDS ``ce-<label>`` entity (contrast agent, e.g. ``sub-01_ce-gadolinium_T1w``), between ``_``-separated entities
+_BIDS_CE = re.compile(r"(?:^|_)ce-[a-z0-9]+_")
 
 
 def is_nifti(name: str) -> bool:
@@ -62,8 +66,15 @@ def _patterns(modalities: tuple[str, ...]) -> list[tuple[re.Pattern, str, int]]:
     return patterns
 
 
-def _best_match(name: str, modalities: Sequence[str]) -> tuple[str, re.Match] | None:
-    """The modality whose longest alias ends the name, with the match in the lower-case stem; None if none does."""
+def _best_match(name: str, modalities: Sequence[str]) -> tuple[str, int, tuple[int, int] | None] | None:
+    """The modality whose longest alias ends the name, where the case name ends in the lower-case stem, and the span
+    of a BIDS ``ce-<label>`` entity to leave out of the case name (or None); None if no alias ends the name.
+
+    A BIDS name (suffix ``T1w``, ``T2w`` or ``FLAIR`` after ``_``) with a ``ce-<label>`` entity is contrast-enhanced:
+    ``sub-01_ce-gadolinium_T1w`` is T1ce (no modality when ``t1ce`` is not one of ``modalities``); T2w and FLAIR keep
+    their modality (post-contrast T2/FLAIR are T2/FLAIR-weighted images). The entity is not part of the case name
+    (``sub-01_ce-gadolinium_T1w`` and ``sub-01_T2w`` are both of case ``sub-01``).
+    """
     stem = image_stem(name).lower()
     best, best_len = None, -1
     for pattern, modality, length in _patterns(tuple(modalities)):
@@ -71,7 +82,21 @@ def _best_match(name: str, modalities: Sequence[str]) -> tuple[str, re.Match] | 
             found = pattern.search(stem)
             if found:
                 best, best_len = (modality, found), length
-    return best
+    if best is None:
+        return None
+    modality, found = best
+    ce = None
+    if found.group(1) in _BIDS_SUFFIXES and stem[found.start()] == "_":
+        entity = None
+        for entity in _BIDS_CE.finditer(stem[: found.start() + 1]):
+            pass  # the last ce- entity before the suffix
+        if entity is not None:
+            ce = (entity.start(), entity.end() - 1)
+            if modality == "t1":  # never a native T1: T1ce, or no modality of this model
+                if "t1ce" not in modalities:
+                    return None
+                modality = "t1ce"
+    return modality, found.start(), ce
 
 
 def modality_of(name: str, modalities: Sequence[str]) -> str | None:
@@ -80,7 +105,8 @@ def modality_of(name: str, modalities: Sequence[str]) -> str | None:
     Case-insensitive; surrounding whitespace is ignored; the alias must be the whole name or end it after a ``-``,
     ``_``, ``.`` or space (``BraTS20_Training_001_t1ce``, ``BraTS-GLI-00000-000-t1c``, ``s1_T1Gd``, ``FLAIR``,
     ``patient 3 T2-FLAIR``, ``myops_training_101_C0``). When several aliases end the name, the longest wins
-    (``t2-flair`` is FLAIR, not T2). The same rule names DICOM series by folder name or SeriesDescription.
+    (``t2-flair`` is FLAIR, not T2). A BIDS name with a ``ce-<label>`` entity and the suffix ``T1w`` is T1ce
+    (``sub-01_ce-gadolinium_T1w``). The same rule names DICOM series by folder name or SeriesDescription.
     """
     best = _best_match(name, modalities)
     return best[0] if best else None
@@ -94,8 +120,9 @@ def case_of(name: str, modalities: Sequence[str]) -> str | None:
     if best is None:
         return None
     stem = image_stem(name)
-    start = best[1].start()
-    return (stem[:start] if len(stem) == len(stem.lower()) else stem.lower()[:start]) or None
+    _, start, ce = best
+    stem = stem if len(stem) == len(stem.lower()) else stem.lower()
+    return ((stem[: ce[0]] + stem[ce[1] : start]) if ce else "") or stem[:start] or None
 
 
 def is_label_file(name: str) -> bool:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -54,6 +55,26 @@ def _check_modality_map(modality_map: Mapping[str, str] | None, modalities: Sequ
             )
         out[str(name).strip().lower()] = modality
     return out
+
+
+def _link_problem(path: str) -> str | None:
+    """One line when ``path`` is a symbolic link that leads nowhere: dangling, a loop, or a target that cannot be
+    reached; None otherwise (not a link, or a link to an existing file or folder)."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        if exc.errno == errno.ELOOP:
+            return f"{path}: a symbolic link loop (-> {target})"
+        if exc.errno == errno.ENOENT:
+            return f"{path}: a dangling symbolic link (its target {target} does not exist)"
+        return f"{path}: a symbolic link whose target {target} cannot be reached ({exc.strerror or exc})"
+    return None
 
 
 def _dicom_candidates(
@@ -117,8 +138,10 @@ def find_studies(
 
     Nothing is dropped silently. An image file or DICOM series of a study folder that matches no modality is listed
     in the study's ``"notes"`` (and logged as a warning when ``log``). A study folder that cannot be used (no
-    modality image, or two images for one modality) is kept with an ``"error"`` line, so that the caller reports it
-    as a failed study; it is never skipped.
+    modality image, two images for one modality, a modality file or series folder that is a dangling symbolic link
+    or a link loop) is kept with an ``"error"`` line, so that the caller reports it as a failed study; it is never
+    skipped. So is a study folder or a modality file of ``input_dir`` that is such a link (the error names the link
+    and the cause); a dangling link in a study folder that names no modality is noted.
 
     Args:
         input_dir: the folder of studies.
@@ -139,8 +162,17 @@ def find_studies(
     expected = ", ".join(f"*_{MODALITY_ALIASES.get(m, (m,))[0]}.nii.gz" for m in modalities) + " or DICOM series"
     for name in entries:
         folder = os.path.join(input_dir, name)
+        broken = None if name.startswith(".") or is_image_file(name) else _link_problem(folder)
+        if broken is not None:  # a study folder that is a dangling link or a loop: a failed study, not a gap
+            studies.append({"case": name, "image": {}, STUDY_ERROR_KEY: broken})
+            continue
         if name.startswith(".") or not os.path.isdir(folder):
             continue
+        links = {}  # the folder's links that lead nowhere: a failed study when one names a modality
+        for f in sorted(os.listdir(folder)):
+            problem = _link_problem(os.path.join(folder, f))
+            if problem is not None:
+                links[f] = problem
         files = [os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
         mapped = {f: _mapped(os.path.basename(f), mapping) for f in files if is_image_file(f)} if mapping else {}
         image, notes, errors = classify_files([f for f in files if not mapped.get(f)], modalities, any_format=True)
@@ -159,6 +191,14 @@ def find_studies(
             image[modality], sources[modality] = path, source
             if dicom is not None:
                 series[modality] = dicom.identifier
+        link_errors = []
+        for f, problem in links.items():
+            named = _mapped(f, mapping) or modality_of(f, modalities)
+            if named is not None and (is_image_file(f) or "." not in f.strip()):  # a file or a series folder
+                link_errors.append(f"{problem}; it names {named}")
+            else:
+                notes.append(f"{problem}: ignored")
+        errors = link_errors + errors
         study: dict = {"case": name, "image": image}
         if series:
             study["image" + SERIES_POSTFIX] = series
@@ -175,9 +215,13 @@ def find_studies(
         studies.append(study)
     flat: dict[str, list[str]] = {}  # case -> its modality files directly in input_dir (MyoPS's release layout)
     four_d: list[str] = []
+    broken_files: dict[str, str] = {}  # image files of input_dir that are links leading nowhere
     for name in entries:
         path = os.path.join(input_dir, name)
-        if name.startswith(".") or not os.path.isfile(path) or not is_image_file(name):
+        problem = None if name.startswith(".") or not is_image_file(name) else _link_problem(path)
+        if problem is not None:
+            broken_files[path] = problem
+        elif name.startswith(".") or not os.path.isfile(path) or not is_image_file(name):
             continue
         if is_label_file(name):
             if log:
@@ -194,10 +238,13 @@ def find_studies(
         owner = next((c for c in flat if re.match(re.escape(c) + r"[-_. ]", stem)), None)
         if owner is None:
             studies.append({"case": stem, "image": path})
+            if path in broken_files:
+                studies[-1][STUDY_ERROR_KEY] = broken_files[path]
         else:
             siblings.setdefault(owner, []).append(path)
     for case, files in sorted(flat.items()):  # a sibling is noted by classify_files, as in a study folder
         image, notes, errors = classify_files(files + siblings.get(case, []), modalities, any_format=True)
+        errors = [broken_files[f] for f in sorted(files) if f in broken_files] + errors
         study = {"case": case, "image": image}
         if notes:
             study[STUDY_NOTES_KEY] = notes

@@ -8,22 +8,27 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Training never goes on with, nor saves, a non-finite model; a training run always leaves a ``model.pt``."""
+"""Training never goes on with, nor saves, a non-finite model; a training run always leaves a ``model.pt``; it never
+replaces an earlier training's files unasked; a data error or a refused setting ends it with one line."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
 import torch
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
 from torch import nn
+
+from ..data.constants import DMAFDataError
+from ..inference import BundleExit, as_bool
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -33,6 +38,9 @@ __all__ = [
     "NonFiniteLossHandler",
     "FiniteCheckpointSaver",
     "FinalModelFallback",
+    "OneLineExit",
+    "TrainingPreflight",
+    "one_line_message",
     "non_finite_entries",
 ]
 
@@ -163,7 +171,9 @@ class FiniteCheckpointSaver(CheckpointSaver):
     Every save (key metric, interval, final, on exception) first checks the tensors of ``save_dict``; a non-finite
     state is not written and :class:`NonFiniteError` is raised (on an exception, the exception is re-raised). After a
     :class:`NonFiniteError`, no "final" checkpoint is written on the exception event either: the state of a failed
-    iteration is half-way through it, and the last interval checkpoint is the one to resume from.
+    iteration is half-way through it, and the last interval checkpoint is the one to resume from. Nor after a data
+    error or a refusal (:class:`~dmaf_components.data.DMAFDataError`, ``SystemExit``): a resume refused at its start
+    would otherwise write the state it did not restore over the checkpoint it was given.
 
     With ``epoch_level=False`` (a checkpoint every ``save_interval`` iterations), the last iteration of an epoch is
     not saved here: its epoch-end handlers (learning-rate step, validation) have not run yet, so that the
@@ -198,7 +208,7 @@ class FiniteCheckpointSaver(CheckpointSaver):
         super().completed(engine)
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        if isinstance(e, NonFiniteError) or non_finite_entries(self.save_dict):
+        if isinstance(e, (NonFiniteError, DMAFDataError, SystemExit)) or non_finite_entries(self.save_dict):
             self.logger.error(f"Not saving a final checkpoint after this exception: {e}")
             raise e
         super().exception_raised(engine, e)
@@ -288,3 +298,169 @@ class FinalModelFallback:
             f"No validation ran in this training: {self.filepath} holds the final weights "
             f"(epoch {engine.state.epoch}, iteration {engine.state.iteration})."
         )
+
+
+def one_line_message(exc: BaseException) -> str | None:
+    """The one-line message of a failure that needs no traceback, else None.
+
+    That is a :class:`~dmaf_components.data.DMAFDataError` anywhere in the exception's cause chain (MONAI wraps a
+    transform's error in ``RuntimeError: applying transform ...``; a loader worker process passes it on as text,
+    whose ``DMAFDataError: ...`` line is then taken), a :class:`NonFiniteError` or a ``SystemExit`` carrying a message
+    (:class:`~dmaf_components.inference.BundleExit`).
+    """
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, SystemExit):
+            return str(e.code) if isinstance(e.code, str) else None
+        if isinstance(e, (DMAFDataError, NonFiniteError)):
+            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+            return lines[0] if lines else type(e).__name__
+    for e in chain:  # e.g. "Caught RuntimeError in DataLoader worker process 0. Original Traceback ..."
+        found = re.findall(r"DMAFDataError: (\S[^\n]*)", str(e))
+        if found:
+            return found[-1].strip()
+    return None
+
+
+class OneLineExit:
+    """Ends a training with one line, and no traceback, when it fails on bad data or a refused setting.
+
+    Attached to ``Events.EXCEPTION_RAISED``; list it first among the trainer's handlers, as Ignite stops at the
+    first exception handler that raises. For a failure that :func:`one_line_message` describes in one line (a data
+    error of the loader, a non-finite loss, a refused resume), the line is logged as an error and
+    :class:`~dmaf_components.inference.BundleExit` raised: exit status 1 and the line as the last line of the
+    output. Any other exception is left to the next exception handlers (MONAI's ``StatsHandler`` logs its traceback
+    and re-raises it), or re-raised here when there is none.
+
+    Args:
+        name: logger name; default: the engine's logger.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.logger = logging.getLogger(name)
+        self._name = name
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if self._name is None:
+            self.logger = engine.logger
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+
+    def __call__(self, engine: Engine, e: BaseException) -> None:
+        from ignite.engine import Events
+
+        if isinstance(e, BundleExit):
+            raise e  # (Ignite hands an exception to its handlers once per loop level: it is logged already)
+        message = one_line_message(e)
+        if message is not None:
+            if not isinstance(e, NonFiniteError):  # (which its handler has logged)
+                self.logger.error(message)
+            raise BundleExit(message) from None
+        if len(getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, ())) <= 1:
+            raise e
+
+
+def _is_loader(handler: Any) -> bool:
+    parent = getattr(handler, "_parent", None)  # (Ignite wraps filtered handlers)
+    return isinstance(parent() if callable(parent) else handler, CheckpointLoader)
+
+
+class TrainingPreflight:
+    """Checks of a training's settings and output folder, before anything is trained or written.
+
+    - ``max_epochs`` must be a whole number >= 1;
+    - ``ckpt_dir`` must not hold the ``.pt`` files (``model.pt``, ``checkpoint_*.pt``) of an earlier training, which
+      this one would replace (MONAI's default), unless ``overwrite`` is true, ``resume_from`` names the checkpoint to
+      continue, or another ``CheckpointLoader`` attached to the trainer starts it from a checkpoint (MONAI Label's
+      train task, which fine-tunes ``models/model.pt`` and writes the result back there).
+
+    A refusal is :class:`~dmaf_components.inference.BundleExit`: exit status 1 and one line, nothing written.
+    :meth:`check` runs the checks when the bundle's ``initialize`` calls it (before the data is read and cached); the
+    output folder is checked there only in a ``python -m monai.bundle`` process, as a program that creates the
+    workflow itself may add its own loader. :meth:`attach` (the trainer's handlers: every process, DDP included)
+    runs them all again when the trainer is built, where the other loaders are known.
+
+    Args:
+        ckpt_dir: the folder the training writes its model and checkpoints to (the bundle's ``ckpt_dir``).
+        resume_from: the checkpoint the training continues from, if any.
+        overwrite: replace the files of an earlier training (``true``/``false``, any case, or a bool).
+        max_epochs: the number of epochs to train to; None: not checked.
+        name: logger name; default: the engine's logger.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str,
+        resume_from: str | None = "",
+        overwrite: bool | str = False,
+        max_epochs: Any = None,
+        name: str | None = None,
+    ) -> None:
+        self.ckpt_dir = os.fspath(ckpt_dir)
+        self.resume_from = resume_from or ""
+        self.overwrite = overwrite
+        self.max_epochs = max_epochs
+        self.logger = logging.getLogger(name)
+        self._name = name
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.engine import Events
+
+        if self._name is None:
+            self.logger = engine.logger
+        loaders = [h for h, _, _ in getattr(engine, "_event_handlers", {}).get(Events.STARTED, ()) if _is_loader(h)]
+        self.check(output=True, loader=bool(loaders))
+
+    def check(self, output: bool | None = None, loader: bool | None = None) -> None:
+        """Run the checks; raise :class:`~dmaf_components.inference.BundleExit` with one line at the first refusal.
+
+        Args:
+            output: check the output folder; None: only in a ``python -m monai.bundle`` process.
+            loader: whether the trainer starts from a checkpoint through a ``CheckpointLoader`` of its own; None: not
+                known yet (the files an allowed run will replace are then listed later, by :meth:`attach`).
+        """
+        from ..bundle_args import is_bundle_command_line
+
+        try:
+            overwrite = as_bool(self.overwrite, "overwrite")
+        except DMAFDataError as exc:
+            raise BundleExit(str(exc)) from None
+        epochs = self.max_epochs
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+            raise BundleExit(
+                f"max_epochs: expected a whole number of epochs >= 1 (--max_epochs, or the model zoo's --epochs), "
+                f"got {epochs!r}"
+            )
+        if output is None:
+            output = is_bundle_command_line()
+        if not output or self.resume_from or not os.path.isdir(self.ckpt_dir):
+            return
+        found = sorted(f for f in os.listdir(self.ckpt_dir) if f.endswith(".pt"))
+        if not found:
+            return
+        if overwrite or loader:
+            if loader is None:
+                return
+            why = "--overwrite true" if overwrite else "this training starts from a checkpoint (a CheckpointLoader)"
+            self.logger.warning(
+                f"ckpt_dir {self.ckpt_dir}: {why}: the files of the earlier training ({', '.join(found)}) are replaced "
+                "as this training writes its own; those it does not write stay."
+            )
+            return
+        checkpoints = sorted((f for f in found if f.startswith("checkpoint_")), key=lambda f: os.path.getmtime(
+            os.path.join(self.ckpt_dir, f)))
+        resume = ""
+        if checkpoints:
+            resume = f", --resume_from {os.path.join(self.ckpt_dir, checkpoints[-1])} to continue that training"
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise BundleExit(
+            f"ckpt_dir {self.ckpt_dir}: holds {len(found)} file(s) of an earlier training ({shown}); they are kept: "
+            f"pass --overwrite true to replace them{resume}, or choose another --bundle_root"
+        )
+

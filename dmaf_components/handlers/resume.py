@@ -19,7 +19,8 @@ software), from the end of an epoch or from any iteration, with any number of lo
   of a sample depend neither on the samples before it nor on the worker that loads it;
 - :class:`RandomStateHandler` checkpoints the global generators (torch CPU/CUDA, numpy, python) and tells the sampler
   the epoch and where in it training resumes;
-- :class:`ResumeCheckpointLoader` loads the checkpoint and says where training resumes.
+- :class:`ResumeCheckpointLoader` loads the checkpoint, refuses one that does not fit the run, makes the learning
+  rate follow a changed ``max_epochs`` or ``learning_rate``, and says where training resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
@@ -36,7 +37,13 @@ import torch
 from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
 from monai.utils import MAX_SEED
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset, Sampler
+
+from ..checkpoints import _first_line, check_state_fits, read_checkpoint
+from ..data.constants import DMAFDataError
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -233,8 +240,28 @@ class RandomStateHandler:
 
 
 class ResumeCheckpointLoader(CheckpointLoader):
-    """MONAI's :class:`~monai.handlers.CheckpointLoader` that tells where training resumes, and loads older
-    checkpoints.
+    """MONAI's :class:`~monai.handlers.CheckpointLoader` that checks the checkpoint against the run, follows a changed
+    schedule, tells where training resumes, and loads older checkpoints.
+
+    Before anything is restored, the checkpoint is compared with the run; each refusal is one
+    :class:`~dmaf_components.data.DMAFDataError` line naming the file (with
+    :class:`~dmaf_components.handlers.reliability.OneLineExit` attached, the run's last line):
+
+    - a file that is missing, truncated or not a PyTorch file, or that holds no training state (e.g. the plain
+      weights of ``models/model.pt``);
+    - weights of other hyper-parameters than the network's (``--channels``, ``--modalities``...: the fields that
+      differ and the override that fits, as :func:`~dmaf_components.checkpoints.check_state_fits`);
+    - epochs of another length (another datalist, ``batch_size`` or number of processes): the position in the epoch
+      could not be restored;
+    - a ``max_epochs`` below the epochs the checkpoint has already trained;
+    - any other state that does not load (e.g. an optimizer of other parameter groups: ``--learn_alpha1``).
+
+    A learning-rate scheduler's ``total_iters`` and ``base_lrs`` and an optimizer's ``weight_decay`` are settings of
+    the run (``max_epochs``, ``learning_rate``, ``weight_decay``): where the checkpoint's differ from the run's, the
+    run's are kept and the rate is recomputed for the epoch reached with the scheduler's closed form (PolynomialLR:
+    ``learning_rate * (1 - epoch / max_epochs) ** power``), so that a finished run resumed with a larger
+    ``max_epochs`` trains on at a non-zero rate instead of the 0.0 its stored schedule ended at. A scheduler without
+    a closed form refuses such a change. Each change is logged. Unchanged settings are left exactly as restored.
 
     After restoring, it logs one line: the checkpoint, the epoch and iteration it was saved at and the next ones
     (Ignite's own "resuming from iteration 0, epoch 0" line is printed before the checkpoint is read). Objects of
@@ -244,10 +271,102 @@ class ResumeCheckpointLoader(CheckpointLoader):
     Args: as :class:`~monai.handlers.CheckpointLoader`.
     """
 
+    def _check(self, engine: Engine, checkpoint: Any) -> None:
+        """Refuse, with one line, a checkpoint that does not fit the run (before anything is restored)."""
+        path, full = self.load_path, self.load_dict
+        if not isinstance(checkpoint, Mapping) or not any(k in checkpoint for k in full):
+            if isinstance(checkpoint, Mapping) and checkpoint and all(
+                isinstance(v, torch.Tensor) for v in checkpoint.values()
+            ):
+                what = f"network weights only ({len(checkpoint)} tensors, as models/model.pt)"
+            elif isinstance(checkpoint, Mapping):
+                what = f"keys {sorted(map(str, checkpoint))[:8]}"
+            else:
+                what = f"a {type(checkpoint).__name__}"
+            raise DMAFDataError(
+                f"{path}: not a training checkpoint: it holds {what}; --resume_from takes a models/checkpoint_*.pt, "
+                f"which holds {', '.join(full)}"
+            )
+        for key, obj in full.items():
+            state = checkpoint.get(key)
+            if isinstance(obj, nn.Module) and isinstance(state, Mapping) and state:
+                check_state_fits(obj, state, path if key == next(iter(full)) else f"{path} ({key})")
+        trainer = next((checkpoint.get(k) for k, v in full.items() if v is engine), None)
+        if not isinstance(trainer, Mapping):
+            return
+        length, now = trainer.get("epoch_length"), engine.state.epoch_length
+        if length and now and int(length) != int(now):
+            raise DMAFDataError(
+                f"{path}: its epochs have {int(length)} iterations, this run's {int(now)} (another datalist, "
+                "batch_size or number of processes): the position in the epoch cannot be restored; resume with the "
+                "settings the checkpoint was trained with"
+            )
+        iteration, max_epochs = int(trainer.get("iteration", 0)), engine.state.max_epochs
+        epoch = iteration // int(length) if length else int(trainer.get("epoch", 0))
+        if max_epochs is not None and epoch > max_epochs:
+            raise DMAFDataError(
+                f"{path}: max_epochs {max_epochs} is below the {epoch} epochs the checkpoint has trained "
+                f"(max_epochs {trainer.get('max_epochs')} when it was saved); pass --max_epochs {epoch + 1} or more to "
+                "train on"
+            )
+        if max_epochs is not None and epoch == max_epochs and length and iteration % int(length) == 0:
+            self.logger.warning(f"{path} has trained all {max_epochs} epochs: nothing is left to train (pass a larger "
+                                "--max_epochs to train on).")
+
+    def _settings(self) -> dict[str, Any]:
+        """The run's schedule settings held by the objects of ``load_dict`` (before the checkpoint replaces them)."""
+        settings: dict[str, Any] = {}
+        for key, obj in self.load_dict.items():
+            if isinstance(obj, LRScheduler):
+                settings[key] = {"total_iters": getattr(obj, "total_iters", None), "base_lrs": list(obj.base_lrs)}
+            elif isinstance(obj, Optimizer):
+                settings[key] = {"weight_decay": [g.get("weight_decay") for g in obj.param_groups]}
+        return settings
+
+    def _follow(self, before: dict[str, Any]) -> None:
+        """Keep the run's schedule settings where the restored ones differ, and recompute the learning rate."""
+        path = self.load_path
+        for key, old in before.items():
+            obj = self.load_dict[key]
+            if isinstance(obj, Optimizer):
+                for group, decay in zip(obj.param_groups, old["weight_decay"]):
+                    if decay is not None and group.get("weight_decay") != decay:
+                        self.logger.info(f"Resume: weight_decay {group.get('weight_decay')} in the checkpoint, {decay} "
+                                         "now: training continues with the new value.")
+                        group["weight_decay"] = decay
+                continue
+            changes = []
+            if old["total_iters"] is not None and obj.total_iters != old["total_iters"]:  # type: ignore[attr-defined]
+                changes.append(("max_epochs", obj.total_iters, old["total_iters"]))  # type: ignore[attr-defined]
+                obj.total_iters = old["total_iters"]  # type: ignore[attr-defined]
+            if list(obj.base_lrs) != old["base_lrs"]:
+                changes.append(("learning_rate", _short(obj.base_lrs), _short(old["base_lrs"])))
+                obj.base_lrs = list(old["base_lrs"])
+                for group, lr in zip(obj.optimizer.param_groups, old["base_lrs"]):
+                    group["initial_lr"] = lr
+            if not changes:
+                continue
+            what = "; ".join(f"{name} {a} in the checkpoint, {b} now" for name, a, b in changes)
+            closed = getattr(obj, "_get_closed_form_lr", None)
+            if closed is None:
+                first = changes[0]
+                raise DMAFDataError(
+                    f"{path}: {what}: {type(obj).__name__} cannot recompute its rate for the new setting; resume with "
+                    f"--{first[0]} {first[1]}"
+                )
+            for group, lr in zip(obj.optimizer.param_groups, closed()):
+                group["lr"] = lr
+            obj._last_lr = [group["lr"] for group in obj.optimizer.param_groups]
+            self.logger.info(
+                f"Resume: {what}: the learning-rate schedule ({type(obj).__name__}) follows the new settings; "
+                f"learning rate {_short(obj._last_lr)} from epoch {obj.last_epoch + 1}."
+            )
+
     def __call__(self, engine: Engine) -> None:
-        checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True, mmap=True)  # keys only
+        checkpoint = read_checkpoint(self.load_path, map_location="cpu", mmap=True)  # keys and shapes only
         full = self.load_dict
-        if isinstance(checkpoint, dict) and len(full) > 1:
+        if len(full) > 1:  # (a single object may be loaded from a plain state dict, as MONAI does)
+            self._check(engine, checkpoint)
             missing = [k for k in full if k not in checkpoint]
             if missing:
                 self.logger.warning(
@@ -255,10 +374,19 @@ class ResumeCheckpointLoader(CheckpointLoader):
                     "exact (a checkpoint written by an older version)."
                 )
                 self.load_dict = {k: v for k, v in full.items() if k in checkpoint}
+        before = self._settings()
         try:
             super().__call__(engine)
+        except DMAFDataError:
+            raise
+        except Exception as exc:  # an optimizer of other parameter groups, a loss of other terms...
+            raise DMAFDataError(
+                f"{self.load_path}: the training state does not fit this run ({_first_line(exc)}); resume with the "
+                "settings the checkpoint was trained with"
+            ) from None
         finally:
             self.load_dict = full
+        self._follow(before)
         state = engine.state
         length = state.epoch_length or 0
         mid = f", {state.iteration - state.epoch * length} iterations into epoch {state.epoch + 1}" if length and (
@@ -268,3 +396,10 @@ class ResumeCheckpointLoader(CheckpointLoader):
             f"Resumed from checkpoint {self.load_path} at epoch {state.epoch}, iteration {state.iteration}{mid}: "
             f"training continues with iteration {state.iteration + 1} until epoch {state.max_epochs}."
         )
+
+
+def _short(values: Any) -> str:
+    """``[0.0002, 0.0002]`` as ``0.0002``; several different values as a list (4 significant digits)."""
+    values = [float(v) for v in values]
+    shown = [f"{v:.4g}" for v in values]
+    return shown[0] if len(set(shown)) == 1 else "[" + ", ".join(shown) + "]"
