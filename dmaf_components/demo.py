@@ -12,7 +12,8 @@
 
 Steps (each printed as the command a user would type): generate the synthetic BraTS2020-layout set when it is not
 there yet, write its IDT datalist, train briefly (``run training``), evaluate all 15 modality combinations
-(``evaluate.json``), and segment a new study that has only FLAIR and T1ce (``inference.json``).
+(``evaluate.json``), and segment a new study that has only FLAIR and T1ce (``inference.json``, with its snapshot
+PNG: slices through the predicted tumour with the labels overlaid).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def run_demo(
     common = ["--dataset_dir", data_dir, "--bundle_root", root] + DEMO_OVERRIDES
     print(f"[demo] 3/5 training for {epochs} epochs (DMAF fusion, distillation, DTM)")
     _run([py, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", "--max_epochs",
-          str(epochs), "--val_interval", str(max(1, epochs // 3))] + common, BUNDLE_DIR)
+          str(epochs), "--val_interval", str(max(1, epochs // 3)), "--overwrite", "True"]  # a rerun retrains
+         + common, BUNDLE_DIR)
 
     print("[demo] 4/5 evaluation over all 15 modality combinations of the test split")
     _run([py, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']"] + common,
@@ -88,7 +90,7 @@ def run_demo(
     seg_dir = os.path.join(work_dir, "segmentations")
     _run([py, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", new_dir,
           "--bundle_root", root, "--output_dir", seg_dir, "--roi_size", "[48,48,48]", "--num_workers", "0",
-          "--overwrite", "True"],  # a rerun of the demo replaces its own segmentation (kept otherwise)
+          "--overwrite", "True", "--save_snapshot", "True"],  # a rerun replaces its own results (kept otherwise)
          BUNDLE_DIR)
 
     print("\n" + table.strip())
@@ -99,3 +101,4 @@ def run_demo(
     print(f"[demo] evaluation:     {os.path.join(root, 'eval', 'evaluation.csv')} (+ .json, _dice.png)")
     print(f"[demo] TensorBoard:    tensorboard --logdir {os.path.join(root, 'eval')}")
     print(f"[demo] segmentation:   {os.path.join(seg_dir, 'new_study_seg.nii.gz')}")
+    print(f"[demo] picture:        {os.path.join(seg_dir, 'new_study_snapshot.png')} (open this first)")

@@ -304,7 +304,7 @@ class DMAFNetExport(nn.Module):
     features are zeroed afterwards (eager mode skips it; its features are zero all the same), the DMAF modules attend
     over one token sequence with M_mask (eager mode keeps only the present modalities' tokens: the same weights), and
     the eager CPU fast paths (fused instance norm, oneDNN calls, padded attention heads) give way to PyTorch's modules
-    (the same results within float rounding). docs/method.md ("Export") has the measured agreement.
+    (the same results within float rounding). docs/engineering.md ("Export") has the measured agreement.
 
     Args:
         net: the network; its training mode, layout policy and gradient checkpointing do not apply here.
