@@ -8,12 +8,15 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Command-line overrides of ``python -m monai.bundle run``: warn about keys that no config defines.
+"""Command-line runs of ``python -m monai.bundle run``: warn about keys that no config defines; end with one line on
+a data error.
 
 ``monai.bundle run`` adds every ``--key value`` to the config, so a mistyped key (``--epoch 1``, ``--max_epoch 1``)
 is silently ignored and the run goes on with the default. The bundle's ``initialize`` sections call
 :func:`warn_unknown_overrides`, which reads the command line of the running process, loads the same config files and
-warns, with the closest key, about every ``--key`` that names nothing.
+warns, with the closest key, about every ``--key`` that names nothing. The training's ``initialize`` also calls
+:func:`exit_on_data_errors`, so that a data error raised while the configuration is being built (a case that fails
+to load while the training set is cached) ends the process with its one line instead of a chain of tracebacks.
 """
 
 from __future__ import annotations
@@ -21,13 +24,23 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["override_keys", "config_ids", "unknown_overrides", "warn_unknown_overrides"]
+__all__ = [
+    "override_keys",
+    "config_ids",
+    "unknown_overrides",
+    "warn_unknown_overrides",
+    "is_bundle_command_line",
+    "exit_on_data_errors",
+    "choice",
+    "fraction",
+]
 
 
 def _run_arguments() -> set[str]:
@@ -135,3 +148,77 @@ def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=2)
     return messages
+
+
+def is_bundle_command_line(argv: Sequence[str] | None = None) -> bool:
+    """Whether this process is ``python -m monai.bundle ...`` (``argv``: ``sys.argv`` by default)."""
+    return _is_bundle_command_line(sys.argv if argv is None else argv)
+
+
+def exit_on_data_errors(argv: Sequence[str] | None = None) -> bool:
+    """In a ``python -m monai.bundle`` process, print an uncaught exception that holds a data error as its one line.
+
+    Installs a ``sys.excepthook``: an uncaught exception for which
+    :func:`~dmaf_components.handlers.reliability.one_line_message` has a line (a
+    :class:`~dmaf_components.data.DMAFDataError` anywhere in its cause chain, e.g. under MONAI's ``Failed to
+    instantiate`` and ``applying transform`` errors) prints that line to stderr, and the process exits with status 1
+    at once, after the log is flushed (skipping the interpreter's shutdown, which a loader thread still reading
+    another case can abort); any other exception prints its traceback as before. Does nothing in other processes (a
+    test, MONAI Label), whose exceptions are theirs to handle.
+
+    Args:
+        argv: the full command line, ``sys.argv`` by default.
+
+    Returns:
+        whether the hook was installed.
+    """
+    if not is_bundle_command_line(argv):
+        return False
+    from .handlers.reliability import one_line_message
+
+    previous = sys.excepthook
+    if getattr(previous, "_dmaf_one_line", False):
+        return True
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        message = one_line_message(exc)
+        if message is None:
+            previous(exc_type, exc, tb)
+            return
+        logging.shutdown()  # flushes the log files and streams
+        sys.stdout.flush()
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        # End now: a loader thread still reading another case (MONAI's CacheDataset pool) can make the interpreter's
+        # shutdown abort ("terminate called without an active exception", status 134) after the line.
+        os._exit(1)
+
+    hook._dmaf_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+    return True
+
+
+def choice(key: str, value: Any, allowed: Sequence[str]) -> str:
+    """A config value that must be one of ``allowed``; else a one-line error naming the key.
+
+    Raises:
+        DMAFDataError: ``--key: expected one of [...], got ...``.
+    """
+    from .data.constants import DMAFDataError
+
+    if not isinstance(value, str) or value not in allowed:
+        raise DMAFDataError(f"--{key}: expected one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def fraction(key: str, value: Any) -> float:
+    """A config value that must be a number in [0, 1]; else a one-line error naming the key.
+
+    Raises:
+        DMAFDataError: ``--key: expected a number in [0, 1], got ...``.
+    """
+    from .data.constants import DMAFDataError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise DMAFDataError(f"--{key}: expected a number in [0, 1], got {value!r}")
+    return float(value)
