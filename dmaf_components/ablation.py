@@ -41,7 +41,15 @@ from .data.io import read_datalist
 from .data.loader import available_cpus
 from .stats import PairedInterval, paired_bootstrap, seed_interval
 
-__all__ = ["SETTINGS", "setting_overrides", "resolve_settings", "paired_bootstrap", "AblationStudy", "AblationRunError"]
+__all__ = [
+    "SETTINGS",
+    "setting_overrides",
+    "resolve_settings",
+    "paired_bootstrap",
+    "validation_curve",
+    "AblationStudy",
+    "AblationRunError",
+]
 
 #: what every paired difference of a summary reports: the seed-level interval (:func:`~dmaf_components.stats.seed_interval`)
 #: and, as a second labelled column, the case-resampling bootstrap (too narrow with few seeds)
@@ -109,6 +117,38 @@ def resolve_settings(spec: str | Sequence[str], with_baseline: bool = True) -> l
         raise DMAFDataError("--settings: no setting named")
     chosen = set(names) | ({"baseline"} if with_baseline else set())
     return [s for s in SETTINGS if s in chosen]
+
+
+def validation_curve(run_dir: str) -> dict[str, Any]:
+    """The learning curve a run logged: its validation mean Dice by epoch (``val_mean_dice`` in the TensorBoard
+    events under ``run_dir/eval``; over several starts of a resumed run, a later start's value wins) and the
+    iteration each epoch ended at.
+
+    Returns:
+        ``{"epoch": [...], "iteration": [...], "val_mean_dice": [...]}`` (empty lists without events).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dice: dict[int, float] = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "eval", "events.out.tfevents.*")), key=os.path.getmtime):
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        if "val_mean_dice" in acc.Tags()["scalars"]:
+            dice.update({int(e.step): float(e.value) for e in acc.Scalars("val_mean_dice")})
+    epochs = sorted(dice)
+    per_epoch = None
+    ckpts = glob.glob(os.path.join(run_dir, "models", "checkpoint_final.pt"))
+    if ckpts:
+        import torch
+
+        try:
+            state = torch.load(ckpts[0], map_location="cpu", weights_only=True, mmap=True)
+            trainer = state.get("trainer", {}) if isinstance(state, Mapping) else {}
+            per_epoch = int(trainer["epoch_length"]) if "epoch_length" in trainer else None
+        except Exception:  # an unreadable checkpoint costs the iteration column, not the record
+            per_epoch = None
+    return {"epoch": epochs, "iteration": [e * per_epoch if per_epoch else None for e in epochs],
+            "val_mean_dice": [dice[e] for e in epochs]}
 
 
 def _sha256(path: str) -> str:
@@ -411,6 +451,7 @@ class AblationStudy:
             "train_seconds": train_s,  # summed over the run's processes (epochs redone after a resume included)
             "train_resumed": resumed,
             "evaluate_seconds": time.time() - eval_start,
+            "validation": validation_curve(run_dir),
             "evaluation": evaluation,
         }
         tmp = self.record_path(setting, seed) + ".tmp"

@@ -116,6 +116,10 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
     assert record["datalist_sha256"] and record["versions"]["dmaf_components"]
     assert len(record["evaluation"]["per_case"]["raw"]) == 7  # every combination of 3 modalities
     assert any("epoch 2/2" in line for line in lines)
+    # the learning curve is in the record: validated after epochs 1 and 2, 3 training cases of batch 1 per epoch
+    curve = record["validation"]
+    assert curve["epoch"] == [1, 2] and curve["iteration"] == [3, 6]
+    assert all(0.0 <= v <= 1.0 for v in curve["val_mean_dice"])
 
     # a finished study does nothing again
     mtime = os.path.getmtime(study.record_path("baseline", 0))
