@@ -14,7 +14,7 @@ code=${CODE:-$here}
 data=${DATA:-$here/data/synthetic_brats}
 py=${PYTHON:-$here/.venv/bin/python}
 overrides=(--roi_size "[48,48,48]" --num_workers 2 --sw_overlap 0.25 --learning_rate 0.001 --max_epochs 12
-           --val_interval 4)
+           --val_interval 4 ${EXTRA:-})  # EXTRA: more overrides, e.g. EXTRA="--patch_sampling foreground"
 env_code=()
 if [ "$code" != "$here" ]; then
   # import the other tree's package instead of this checkout's editable install
