@@ -13,7 +13,7 @@ DEMO_DIR ?= data/synthetic_brats
 MLVENV ?= .venv-monailabel
 ML_STAMP := $(MLVENV)/.dmaf-installed
 
-.PHONY: env demo test wheel clean-env monailabel-env monailabel-check
+.PHONY: env demo test lint wheel clean-env monailabel-env monailabel-check
 
 env: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Static checks (pycodestyle errors/warnings and pyflakes; settings in pyproject.toml's [tool.ruff]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The bundle's package as a wheel in bundle/wheels/: metadata.json's required_packages_version names
 # dmaf-components==<version>, which no public index serves; `pip install --find-links bundle/wheels ...` (or

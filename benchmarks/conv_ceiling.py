@@ -69,7 +69,8 @@ def time_one(conf, reps: int) -> tuple[float, float]:
         torch.autograd.grad(y, inputs, _cl(torch.ones_like(y)))
 
     run()
-    out_shape = _OneDNNConvFunction.apply(x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1, True).shape
+    out_shape = _OneDNNConvFunction.apply(x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1,
+                                          True).shape
     # forward, weight gradient and (if needed) input gradient each cost the forward's FLOPs (torch.utils.flop_counter's
     # rule); counted from the shapes, not by FlopCounterMode, which would also count the zero sample that the
     # backward pads batch-1 coarse-level convolutions with
@@ -101,7 +102,8 @@ def main() -> None:
     print(f"{'input':>22} {'weight':>18} {'stride':>6} {'n':>3} {'ms each':>8} {'GFLOP/s':>8} {'% peak':>6}")
     for _, (xs, ws, stride, _p, _b, needs), count, sec, flops in sorted(rows, reverse=True):
         print(f"{str(list(xs)):>22} {str(list(ws)):>18} {stride[0]:>6} {count:>3} {1e3 * sec:8.1f} "
-              f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:6.1f}" + ("" if needs else "  (no input grad)"))
+              f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:6.1f}"
+              + ("" if needs else "  (no input grad)"))
     rate = total_f / total_t / 1e9
     print(f"\nconvolutions of one step: {total_f / 1e9:.1f} GFLOP in {total_t:.2f} s = {rate:.1f} GFLOP/s = "
           f"{100 * rate / peak:.1f} % of the matmul peak (the ceiling: every other operation taking no time)")

@@ -53,7 +53,8 @@ def main() -> None:
         torch.save(DMAFNet().state_dict(), os.path.join(work, "root", "models", "model.pt"))
         print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory {args.keep_freed_memory}")
-        for label, modalities in (("all 4 modalities", ("flair", "t1", "t1ce", "t2")), ("FLAIR + T1ce", ("flair", "t1ce"))):
+        for label, modalities in (("all 4 modalities", ("flair", "t1", "t1ce", "t2")),
+                                  ("FLAIR + T1ce", ("flair", "t1ce"))):
             studies = os.path.join(work, f"studies_{len(modalities)}", "study")
             os.makedirs(studies)
             for m in modalities:

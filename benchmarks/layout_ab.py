@@ -9,7 +9,8 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 """Interleaved A/B timing of one training step, in one process: the CPU kernels (networks/cpu_kernels.py:
-channels-last oneDNN convolutions, fused norm, padded heads) on vs off (``--compare layout``), or the full model vs the attention-free baseline (``--compare model``:
+channels-last oneDNN convolutions, fused norm, padded heads) on vs off (``--compare layout``), or the full model vs
+the attention-free baseline (``--compare model``:
 DMAF + distillation + DTM vs concatenation fusion without distillation or DTM, as in train_step.py).
 
 The shared CPU drifts by tens of percent over minutes, so configurations timed one after the other can be compared

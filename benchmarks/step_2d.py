@@ -112,7 +112,8 @@ def main() -> None:
                 times[name].append(t)
     patterns = len({tuple(r.tolist()) for m in masks[1:] for r in m})
     print(f"2-D step, {args.size}^2, batch {args.batch}, masks {args.masks} ({patterns} patterns), DMAF grouping "
-          f"{args.grouping}, token grid {args.token_grid or 'default'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{args.grouping}, token grid {args.token_grid or 'default'}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
     first = args.variants[0]
     for name, ts in times.items():
         line = f"  {name:<20s} {statistics.median(ts):7.3f} s/step (min {min(ts):.3f})"

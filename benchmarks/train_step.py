@@ -231,7 +231,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["full", "baseline"])
     parser.add_argument("--skip-flops", action="store_true", help="time only (no FLOP-counting passes)")
     parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), off = plain")
+                        help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), "
+                             "off = plain")
     parser.add_argument("--masks", nargs="+", default=["all", "idt"])
     parser.add_argument("--bf16", action="store_true", help="with --amp: bfloat16 autocast, no GradScaler")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True)")
@@ -328,7 +329,8 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"matmul_peak_gflops": peak, "peak_dtype": str(peak_dtype), "device_name": name,
                        "channels_last": args.channels_last, "options": {k: getattr(args, k) for k in
-                       ("amp", "bf16", "fused_adamw", "compile", "concurrent", "norm")}, "results": results}, fh, indent=2)
+                       ("amp", "bf16", "fused_adamw", "compile", "concurrent", "norm")}, "results": results}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":

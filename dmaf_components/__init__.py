@@ -14,6 +14,6 @@ from __future__ import annotations
 
 __version__ = "0.1.10"
 
-from . import data, evaluation, handlers, inferers, losses, networks, transforms  # noqa: E402  (bundle configs use these)
+from . import data, evaluation, handlers, inferers, losses, networks, transforms  # bundle configs use these
 
 __all__ = ["data", "evaluation", "handlers", "inferers", "losses", "networks", "transforms", "__version__"]

@@ -51,8 +51,9 @@ __all__ = [
     "AblationRunError",
 ]
 
-#: what every paired difference of a summary reports: the seed-level interval (:func:`~dmaf_components.stats.seed_interval`)
-#: and, as a second labelled column, the case-resampling bootstrap (too narrow with few seeds)
+#: what every paired difference of a summary reports: the seed-level interval
+#: (:func:`~dmaf_components.stats.seed_interval`) and, as a second labelled column, the case-resampling bootstrap (too
+#: narrow with few seeds)
 INTERVAL_NOTE = (
     "Δ: paired difference (same seeds, same test cases) with a 95 % t-interval whose unit of replication is the seed "
     "(seed-to-seed spread of the paired means plus the test cases' share, t with seeds − 1 degrees of freedom); p: "
@@ -231,7 +232,8 @@ class AblationStudy:
         clash = sorted(reserved & set(self.overrides))
         if clash:
             raise DMAFDataError(f"overrides {clash}: set by the study itself (settings, seeds, paths)"
-                                + ("" if self.reference else "; a variant study with --reference may set the settings' keys"))
+                                + ("" if self.reference
+                                   else "; a variant study with --reference may set the settings' keys"))
         self.bundle_dir = os.path.abspath(bundle_dir or BUNDLE_DIR)
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "train.json")):
             raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
@@ -267,7 +269,8 @@ class AblationStudy:
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
-        parser.read_config([os.path.join(self.bundle_dir, c) for c in _CONFIGS[self.dataset] + ["configs/evaluate.json"]])
+        parser.read_config([os.path.join(self.bundle_dir, c)
+                            for c in _CONFIGS[self.dataset] + ["configs/evaluate.json"]])
         for key in self.overrides:
             if key not in parser:
                 close = difflib.get_close_matches(key, [k for k in parser.get() if isinstance(k, str)], n=1)
@@ -331,7 +334,8 @@ class AblationStudy:
         want = self.identity(setting, seed)
         for key in ("setting", "seed", "dataset", "datalist_sha256"):
             if key in found and not _same(found[key], want[key]):
-                raise DMAFDataError(f"{path}: made with {key} {found[key]!r}, but this study asks {want[key]!r}{advice}")
+                raise DMAFDataError(f"{path}: made with {key} {found[key]!r}, "
+                                    f"but this study asks {want[key]!r}{advice}")
         if "overrides" in found and not (summarizing and not self.overrides):
             diff = _override_diff(found["overrides"] or {}, want["overrides"])
             if diff:
@@ -474,7 +478,8 @@ class AblationStudy:
         ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
         if theirs != ours:
             raise DMAFDataError(
-                f"the bundle's processes import dmaf_components from {theirs or '(nowhere: ' + out.stderr.strip()[-200:] + ')'}"
+                "the bundle's processes import dmaf_components from "
+                f"{theirs or '(nowhere: ' + out.stderr.strip()[-200:] + ')'}"
                 f", this runner from {ours}: records would name the wrong code. Start the runner so that both import "
                 "the same package (e.g. `python -P -m dmaf_components.cli`, or from outside the checkout)"
             )
@@ -615,7 +620,8 @@ class AblationStudy:
                                     reference_name=self.reference and os.path.relpath(self.reference, self.out))
         if summary["rows"]:
             if summary["unpaired"]:
-                self.log(f"ablation: no counterpart in the {summary['compared_to']} for {', '.join(summary['unpaired'])}"
+                self.log(f"ablation: no counterpart in the {summary['compared_to']} "
+                         f"for {', '.join(summary['unpaired'])}"
                          "; their differences are left out")
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
@@ -741,7 +747,8 @@ def _read_seconds(path: str) -> float:
 
 def _hms(seconds: float) -> str:
     seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+            else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 def _git_commit(path: str) -> str | None:
@@ -988,11 +995,13 @@ def write_summary(summary: dict, out: str) -> None:
                   "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
         for row in [r for r in rows if "DSC_avg_diff" in r]:
             lines.append(f"| {row['setting']} | " + " | ".join(
-                f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds) + " |")
+                f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds)
+                + " |")
     effects = summary.get("effects") or []
     if effects:
         ci = lambda e: f"{e.mean:+.2f} {_ci(e.low, e.high)} (p {e.p:.3g})"  # noqa: E731
-        lines += ["", f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; paired differences with "
+        lines += ["", f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; "
+                  "paired differences with "
                   "a 95 % interval over seeds and the sign-flip p): averaged over the four combinations of the other "
                   "two components, and in the full model (full minus full without it):", "",
                   "| component | averaged over the other two | in the full model |", "|---|---|---|"]

@@ -186,7 +186,8 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
     ours, theirs = describe_architecture(expected), describe_architecture(state)
     diffs = [f for f in _OVERRIDES if f in ours and f in theirs and ours[f] != theirs[f]]
     if diffs:
-        what = "; ".join(f"{f} {_format(theirs[f])} in the checkpoint vs {_format(ours[f])} in the network" for f in diffs)
+        what = "; ".join(f"{f} {_format(theirs[f])} in the checkpoint vs {_format(ours[f])} in the network"
+                         for f in diffs)
         fixes = []
         for f in diffs:
             if f == "modalities":

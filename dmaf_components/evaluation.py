@@ -308,7 +308,8 @@ class RegionHausdorffDistance(_PairMetric):
         if not (empty_distance is None or empty_distance == "diagonal"
                 or (isinstance(empty_distance, (int, float)) and not isinstance(empty_distance, bool)
                     and math.isfinite(empty_distance) and empty_distance >= 0)):
-            raise ValueError(f"empty_distance must be a non-negative number, 'diagonal' or None, got {empty_distance!r}.")
+            raise ValueError("empty_distance must be a non-negative number, 'diagonal' or None, "
+                             f"got {empty_distance!r}.")
         self._empty_codes = Cumulative()  # before the base class, whose constructor resets
         super().__init__(
             metric_fn=HausdorffDistanceMetric(include_background=True, percentile=percentile, reduction="mean"),

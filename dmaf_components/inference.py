@@ -647,7 +647,8 @@ def run_inference(
     network's), and only then is ``output_dir`` created and test-written. A failure of
     any of these ends the run at once with :class:`BundleExit`. A training checkpoint's record of modalities never
     seen in training (:func:`untrained_modalities`) is passed to ``evaluator`` (:class:`StudyEvaluator`). Then
-    ``evaluator`` runs over all studies; failed studies are reported one line each, and at the end :class:`BundleExit` carries the summary and one
+    ``evaluator`` runs over all studies; failed studies are reported one line each, and at the end
+    :class:`BundleExit` carries the summary and one
     line per failed study (exit status 1).
 
     Returns:

@@ -159,7 +159,8 @@ class LoadModalitiesd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.modalities = tuple(modalities)
-        self.label_keys = () if label_keys is None else ((label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
+        self.label_keys = () if label_keys is None else (
+            (label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
         self.base_dir = base_dir
         self.affine_atol = affine_atol
         self.spatial_ndim = spatial_ndim

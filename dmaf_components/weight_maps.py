@@ -76,7 +76,8 @@ class ModalityWeightsNet(nn.Module):
             mean over all levels, each upsampled to the input's size.
 
     ``forward(x (B, M, *spatial), modality_mask (B, M) | None)`` returns float32 ``(B, K + M, *spatial)``: the
-    network's logits, then one weight channel per modality (0 for missing modalities, summing to 1 over the present ones).
+    network's logits, then one weight channel per modality (0 for missing modalities, summing to 1 over the present
+    ones).
     The weights are read by a forward hook on the fusion module: ``DMAFFusion.spatial_weights`` is evaluated again
     on the same inputs (one extra DMAF weight computation per hooked level; the network's own forward is untouched).
     Eval mode only. ``state_dict``/``load_state_dict`` are the wrapped network's.

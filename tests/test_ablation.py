@@ -212,9 +212,11 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     variant_overrides = {**setting_overrides("full"), "learn_alpha1": False}
     for seed in (0, 1):
         rec = json.load(open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json"))
-        json.dump(dict(rec, overrides=variant_overrides), open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w"))
+        json.dump(dict(rec, overrides=variant_overrides),
+                  open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w"))
     os.makedirs(var_dir / "runs" / "full" / "seed2")
-    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl)), overrides=variant_overrides),
+    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl)),
+                   overrides=variant_overrides),
               open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"))
     lines = []
     three = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 3, datalist=str(dl),
@@ -232,7 +234,8 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):
         three.summarize()
     with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):  # refused before anything trains
-        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v4"), "full", 2, datalist=str(dl), reference=str(ref_dir))
+        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v4"), "full", 2, datalist=str(dl),
+                      reference=str(ref_dir))
     with pytest.raises(ValueError, match="not a study folder"):
         AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl), reference=str(tmp_path))
     write_summary(summary, str(tmp_path / "again"))  # the summary is self-contained
@@ -376,7 +379,8 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     content = json.load(open(dl))
     for name, change, message in (("torn.json", None, r"torn.json: cannot read the datalist"),
                                   ("notest.json", {"testing": []}, r"notest.json: no case in 'testing'"),
-                                  ("brats.json", {"dataset": "brats"}, r"a brats datalist, but the study's dataset is myops")):
+                                  ("brats.json", {"dataset": "brats"},
+                                   r"a brats datalist, but the study's dataset is myops")):
         path = tmp_path / name
         path.write_text(json.dumps(content)[:50] if change is None else json.dumps({**content, **change}))
         with pytest.raises(ValueError, match=message):
@@ -409,7 +413,8 @@ def test_a_summary_leaves_no_stale_files_of_an_earlier_summary(tmp_path):
     from dmaf_components.ablation import SETTINGS, write_summary
 
     ones = np.ones((3, 2, 2))
-    records = [_record(name, seed, (60 + i + seed) * ones, 10 * ones) for i, name in enumerate(SETTINGS) for seed in (0, 1)]
+    records = [_record(name, seed, (60 + i + seed) * ones, 10 * ones)
+               for i, name in enumerate(SETTINGS) for seed in (0, 1)]
     write_summary(summarize_records(records), str(tmp_path))
     assert (tmp_path / "effects.csv").exists() and (tmp_path / "table3.png").exists()
     write_summary(summarize_records([r for r in records if r["setting"] == "baseline"]), str(tmp_path))

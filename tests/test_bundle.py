@@ -100,7 +100,8 @@ def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(traine
     assert torch.equal(seen["dtm"]["ema_relation"], saved["dtm"]["ema_relation"])
     assert torch.equal(seen["dtm"]["ema_prototype"], saved["dtm"]["ema_prototype"])
     assert all(
-        (a is None and b is None) or torch.equal(a, b) for a, b in zip(seen["dtm"]["prev_grads"], saved["dtm"]["prev_grads"])
+        (a is None and b is None) or torch.equal(a, b)
+        for a, b in zip(seen["dtm"]["prev_grads"], saved["dtm"]["prev_grads"])
     )
     assert trainer.state.iteration == 8
 
@@ -241,7 +242,8 @@ def test_weak_spot_options_reach_the_loss_and_the_optimizer():
         parser = ConfigParser()
         parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
         parser.update({"channels": [4, 8, 16, 32], "num_layers": 1, "device": "$torch.device('cpu')", **overrides})
-        index = next(i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith("DynamicTrainingMonitor"))
+        index = next(i for i, h in enumerate(parser["train#handlers"])
+                     if h["_target_"].endswith("DynamicTrainingMonitor"))
         return parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer"), parser.get_parsed_content(
             f"train#handlers#{index}")
 

@@ -22,7 +22,6 @@ from dmaf_components.data import (
     idt_masks,
     load_datalist,
     missing_rates_of,
-    synthesize_brats,
 )
 from dmaf_components.transforms import CheckLabelValuesd, LoadModalitiesd, ModalityDropd
 

@@ -23,7 +23,8 @@ def test_crop_then_pad_equals_pad_then_crop():
     data = {"image": torch.randn(4, 40, 27, 50), "label": torch.randint(0, 4, (1, 40, 27, 50)).float()}
     pad, crop = SpatialPadd(["image", "label"], roi), RandSpatialCropd(["image", "label"], roi, random_size=False)
     for seed in range(5):
-        a = Compose([SpatialPadd(["image", "label"], roi), RandSpatialCropd(["image", "label"], roi, random_size=False)])
+        a = Compose([SpatialPadd(["image", "label"], roi),
+                     RandSpatialCropd(["image", "label"], roi, random_size=False)])
         b = Compose([crop, pad])
         a.set_random_state(seed)
         b.set_random_state(seed)
@@ -132,7 +133,7 @@ def test_bundle_configs_keep_freed_memory_first_and_can_be_turned_off():
     keep.assert_called_once_with(True)  # the bundle's default
 
 
-def _train_loader(data_dir, configs, datalist, prob=None):
+def _train_loader(data_dir, configs, datalist, prob=None):  # noqa: F811  (a dataset root, not the fixture)
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()

@@ -48,7 +48,8 @@ def _adapt(command: str, paths: dict[str, str]) -> list[str]:
         args[0] = sys.executable
     elif args[0] == "torchrun":
         args = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--master_port",
-                str(29600 + os.getpid() % 1000)] + [a.replace("--nproc_per_node=2", "--nproc_per_node=1") for a in args[1:]]
+                str(29600 + os.getpid() % 1000)] + [a.replace("--nproc_per_node=2", "--nproc_per_node=1")
+                                                    for a in args[1:]]
     verb = args[args.index("monai.bundle") + 1]
     if verb == "run":
         args += TINY + (["--epochs", "1", "--val_interval", "1"] if "configs/inference.json" not in args else [])

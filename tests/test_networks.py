@@ -265,7 +265,8 @@ def test_grouping_by_present_count_matches_one_masked_sequence(spatial_dims):
         x = feats.clone().requires_grad_()
         weights = fusion.spatial_weights(x, mask)
         (weights * torch.linspace(0, 1, weights.numel()).reshape(weights.shape)).sum().backward()
-        results.append((weights.detach(), x.grad, fusion.modality_embed.grad.clone(), fusion.layers[0].attn.qkv.weight.grad.clone()))
+        results.append((weights.detach(), x.grad, fusion.modality_embed.grad.clone(),
+                        fusion.layers[0].attn.qkv.weight.grad.clone()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     assert not results[0][0][3].any() and torch.allclose(results[0][0][5].sum(0), torch.ones(size))

@@ -204,7 +204,8 @@ def test_evaluate_config_loads_a_training_checkpoint(weights, tmp_path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([os.path.join(BUNDLE, "configs", "train.json"), os.path.join(BUNDLE, "configs", "evaluate.json")])
+    parser.read_config([os.path.join(BUNDLE, "configs", "train.json"),
+                        os.path.join(BUNDLE, "configs", "evaluate.json")])
     parser.update({"ckpt_path": str(weights / "checkpoint_final.pt"), "device": "$torch.device('cpu')",
                    "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2, "bundle_root": str(tmp_path)})
     parser.get_parsed_content("load_weights")

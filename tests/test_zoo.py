@@ -129,7 +129,8 @@ def test_zoo_key_names_and_aliases():
     assert parsed({"datalist": "/b.json"}, "datalist") == ["/b.json"]
     with open(os.path.join(BUNDLE, "configs", "train.json")) as f:
         train = json.load(f)
-    assert train["train"]["trainer"]["max_epochs"] == "@max_epochs" and train["lr_scheduler"]["total_iters"] == "@max_epochs"
+    assert (train["train"]["trainer"]["max_epochs"] == "@max_epochs"
+            and train["lr_scheduler"]["total_iters"] == "@max_epochs")
     assert "checkpointloader" in train and train["checkpoint_loader"] == "@checkpointloader"
 
 

@@ -255,7 +255,8 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).to(a.dtype)
 
 
-def _leaky_relu_grad(grad: torch.Tensor, at: torch.Tensor, slope: float, private: bool, is_result: bool) -> torch.Tensor:
+def _leaky_relu_grad(grad: torch.Tensor, at: torch.Tensor, slope: float, private: bool,
+                     is_result: bool) -> torch.Tensor:
     """The gradient through LeakyReLU(``slope``) at its input, or (``is_result``) its output ``at`` (the same sign
     for a slope > 0). With private ops: ATen's own kernel, written into ``at``'s memory unless ``is_result``."""
     if private:
@@ -497,7 +498,8 @@ def _fusable(adn: ADN) -> bool:
 
 
 def remove_cpu_kernels(net: nn.Module) -> nn.Module:
-    """Give every re-classed module of ``net`` its plain class back (in place; parameters untouched); returns ``net``."""
+    """Give every re-classed module of ``net`` its plain class back (in place; parameters untouched); returns
+    ``net``."""
     plain = {CPUConv3d: nn.Conv3d, CPUConv2d: nn.Conv2d, CPUNormAct: ADN, CPUUNetDecoder: UNetDecoder,
              CPUConcatFusion: ConcatFusion, CPUPaddedHeadAttention: SABlock}
     for module in net.modules():
