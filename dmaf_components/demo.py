@@ -102,3 +102,5 @@ def run_demo(
     print(f"[demo] TensorBoard:    tensorboard --logdir {os.path.join(root, 'eval')}")
     print(f"[demo] segmentation:   {os.path.join(seg_dir, 'new_study_seg.nii.gz')}")
     print(f"[demo] picture:        {os.path.join(seg_dir, 'new_study_snapshot.png')} (open this first)")
+    print(f"[demo] report:         {os.path.join(seg_dir, 'new_study_report.json')} (expected Dice from "
+          f"{os.path.join(root, 'models', 'quality.json')}, advice on the missing modalities)")

@@ -526,6 +526,12 @@ class CombinationTables:
         dice_name: name the Dice metric is attached under.
         hd_name: name the HD95 metric is attached under.
         save_rank: the rank that writes.
+        quality_table: where to write the quality table of ``quality_variant``
+            (:func:`~dmaf_components.quality.write_quality_table`, bound to ``model_path`` by its SHA-256; the bundle
+            writes ``quality.json`` beside the weights); None: not written.
+        model_path: the evaluated weights file.
+        datalist: the datalist's path (recorded with its SHA-256).
+        quality_variant: the variant tabulated (``raw``: the labels inference writes).
     """
 
     def __init__(
@@ -537,6 +543,10 @@ class CombinationTables:
         dice_name: str = "dice",
         hd_name: str = "hd95",
         save_rank: int = 0,
+        quality_table: str | None = None,
+        model_path: str | None = None,
+        datalist: Any = None,
+        quality_variant: str = "raw",
     ) -> None:
         self.modalities = list(modalities)
         self.dataset = dataset.lower()
@@ -549,6 +559,10 @@ class CombinationTables:
         self.dice_name = dice_name
         self.hd_name = hd_name
         self.save_rank = save_rank
+        self.quality_table = quality_table
+        self.model_path = model_path
+        self.datalist = datalist
+        self.quality_variant = quality_variant
         self._ids: list[tuple[int, int]] = []
         self.result: dict[str, Any] | None = None
 
@@ -578,3 +592,8 @@ class CombinationTables:
                                details.get(f"{self.hd_name}{suffix}_empty"))
         self.result = summarize(ids, values, self.modalities, self.regions)
         write_evaluation(self.result, self.output_dir, self.dataset)
+        if self.quality_table is not None:
+            from .quality import write_quality_table
+
+            write_quality_table(self.result, self.quality_table, self.dataset, self.model_path, self.datalist,
+                                self.quality_variant)

@@ -372,6 +372,10 @@ class StudyEvaluator(SupervisedEvaluator):
     from untrained encoders); beside trained ones, such a modality is not used (its channel is dropped from the
     ``modality_mask``, the condition the network was trained in for it), with one warning line per study.
 
+    With :attr:`save_report` (set by :func:`run_inference`) each segmented study also gets ``<case>_report.json``
+    (:func:`~dmaf_components.quality.study_report` with :attr:`quality`, the model's quality table or None) and one
+    log line; a report that cannot be written fails the study.
+
     Args:
         modalities: canonical channel order, for the log lines.
         output_dir, output_postfix, output_ext, separate_folder: where results go (:func:`output_path`), for the log
@@ -399,6 +403,10 @@ class StudyEvaluator(SupervisedEvaluator):
         self.failed: dict[str, str] = {}
         self.untrained: list[str] = []
         self.checkpoint: str | None = None
+        self.save_report = False
+        self.quality: dict | None = None
+        self.quality_path: str | None = None
+        self.overwrite = False
 
     def _fail(self, case: str, message: str) -> dict:
         self.failed[case] = message
@@ -412,6 +420,7 @@ class StudyEvaluator(SupervisedEvaluator):
 
     def _iteration(self, engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         case = str(_first(batchdata.get("case", engine.state.iteration)))
+        never_used: dict[str, str] = {}
         if FAILURE_KEY in batchdata:
             return self._fail(case, str(_first(batchdata[FAILURE_KEY])))
         if self.untrained and self.modalities and "modality_mask" in batchdata:
@@ -428,6 +437,7 @@ class StudyEvaluator(SupervisedEvaluator):
                 mask[..., drop] = False
                 batchdata["modality_mask"] = mask
                 batchdata[CommonKeys.IMAGE][:, drop] = 0
+                never_used = {m: "never seen in training" for m in never}
                 logger.warning(f"study {case}: {', '.join(never)} never seen in training ({source}): not used")
         try:
             output = super()._iteration(engine, batchdata)
@@ -435,7 +445,6 @@ class StudyEvaluator(SupervisedEvaluator):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return self._fail(case, describe_failure(exc))
-        self.segmented.append(case)
         found = str(_first(batchdata.get(FOUND_KEY, "")))
         used = self._names(batchdata["modality_mask"]) if "modality_mask" in batchdata else []
         names = self.modalities or ()
@@ -458,7 +467,27 @@ class StudyEvaluator(SupervisedEvaluator):
             f"study {case}: {files}; used {', '.join(used) or 'none'}"
             f"{'; missing ' + ', '.join(missing) if missing else ''}{target}"
         )
+        if self.save_report and self.output_dir:
+            found_names = list(names) if found == "4-D" else [m for m in found.split(",") if m]
+            available = batchdata.get(f"image{AVAILABLE_POSTFIX}")
+            zero = [] if available is None else [m for m in found_names if m not in self._names(available)]
+            try:
+                self._write_report(case, found_names, used, {**{m: "all zero" for m in zero}, **never_used})
+            except Exception as exc:
+                return self._fail(case, describe_failure(exc))
+        self.segmented.append(case)
         return output
+
+    def _write_report(self, case: str, found: list[str], used: list[str], not_used: dict[str, str]) -> None:
+        from .quality import REPORT_POSTFIX, report_line, study_report, write_json_atomic
+
+        target = output_path(case, str(self.output_dir), REPORT_POSTFIX, ".json", self.separate_folder)
+        segmentation = output_path(case, str(self.output_dir), self.output_postfix, self.output_ext,
+                                   self.separate_folder)
+        report = study_report(case, self.modalities or tuple(found), found, used, self.quality, not_used,
+                              self.untrained, os.path.basename(segmentation), self.quality_path)
+        write_json_atomic(report, target, self.overwrite)
+        logger.info(report_line(report, target))
 
 
 class _OneWriter:
@@ -635,6 +664,8 @@ def run_inference(
     separate_folder: bool = False,
     save_weights: bool = False,
     save_snapshot: bool = False,
+    quality_table: str | None = None,
+    save_report: Any = "auto",
 ) -> dict[str, Any]:
     """The bundle's inference run: checks, then every study, then a summary.
 
@@ -651,16 +682,30 @@ def run_inference(
     :class:`BundleExit` carries the summary and one
     line per failed study (exit status 1).
 
+    The quality table ``quality_table`` (``quality.json`` beside the weights, written by ``evaluate.json``,
+    :mod:`dmaf_components.quality`) is read before the outputs are planned: a table of another model (its SHA-256
+    differs from ``checkpoint``'s) ends the run before any study; no table is one note in the log.
+    ``save_report``: ``auto`` (the bundle's default) writes ``<case>_report.json`` per study when a matching table
+    was found, ``True`` always (``"expected": null`` without a table), ``False`` never (the table is not read); the
+    reports are planned like the label maps.
+
     Returns:
         ``{"segmented": [case...], "failed": {case: line}, "outputs": {case: path}}`` when every study succeeded.
     """
+    from .quality import load_quality_table, report_outputs
     from .snapshots import snapshot_outputs
     from .weight_maps import ModalityWeightsNet, weight_map_outputs
 
     try:
         overwrite = as_bool(overwrite)
+        auto = isinstance(save_report, str) and save_report.strip().lower() == "auto"
+        report = auto or as_bool(save_report, "save_report")
+        modalities = evaluator.modalities if isinstance(evaluator, StudyEvaluator) else None
+        table = load_quality_table(quality_table, checkpoint, modalities) if report else None
+        report = report and (table is not None or not auto)
         extra = weight_map_outputs() if as_bool(save_weights, "save_weights") else ()
         extra += snapshot_outputs() if as_bool(save_snapshot, "save_snapshot") else ()
+        extra += report_outputs() if report else ()
         plan = plan_outputs(
             studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext,
             as_bool(separate_folder, "separate_folder"), extra,
@@ -674,6 +719,9 @@ def run_inference(
         prepare_output_dir(output_dir)
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None
+    if isinstance(evaluator, StudyEvaluator):
+        evaluator.save_report, evaluator.quality, evaluator.overwrite = report, table, overwrite
+        evaluator.quality_path = None if table is None else str(quality_table)
     if checkpoint is not None and isinstance(evaluator, StudyEvaluator) and evaluator.modalities:
         never = untrained_modalities(checkpoint, evaluator.modalities)
         if never:

@@ -4,6 +4,7 @@ added as overrides."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -100,7 +101,11 @@ def test_every_card_command_runs(card_bundle):
         assert proc.returncode == 0, command + "\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "no config of this run defines" not in proc.stderr, command + "\n" + proc.stderr[-2000:]
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "eval" / "evaluation.csv").is_file()
-    assert len(os.listdir(paths["/data/seg"])) == 1
+    # the evaluation wrote models/quality.json for model.pt: inference found it and wrote the study's report
+    assert (bundle / "models" / "quality.json").is_file()
+    seg = sorted(os.listdir(paths["/data/seg"]))
+    assert len(seg) == 2 and seg[0].endswith("_report.json") and seg[1].endswith("_seg.nii.gz")
+    assert json.load(open(os.path.join(paths["/data/seg"], seg[0])))["expected"]["combination"] == "flair+t1+t1ce+t2"
     ts = torch.jit.load(str(bundle / "models" / "model.ts"))
     with torch.no_grad():
         out = ts(torch.randn(1, 4, 40, 32, 24), torch.tensor([[True, False, True, False]]))
