@@ -27,13 +27,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .data.constants import DMAFDataError
+from .outputs import atomic_write
 
 __all__ = [
     "QUALITY_FORMAT_VERSION",
@@ -79,32 +79,17 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 
 def write_json_atomic(obj: Any, target: str, overwrite: bool = True) -> str:
-    """Write ``obj`` as JSON to ``target`` atomically (temporary file in the folder, flushed, ``os.replace``).
+    """Write ``obj`` as JSON to ``target`` atomically (:func:`~dmaf_components.outputs.atomic_write`).
 
     Raises:
         DMAFDataError: ``target`` exists and ``overwrite`` is off, or it cannot be written (one line).
     """
-    if not overwrite and os.path.lexists(target):
-        raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
-    folder = os.path.dirname(target) or "."
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp", suffix=".json", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
-        if tmp is not None and os.path.lexists(tmp):
-            os.remove(tmp)
-        if not isinstance(exc, Exception):
-            raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-        raise DMAFDataError(f"{target}: cannot be written ({reason})") from None
-    return target
+
+    def write(f: Any) -> None:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+    return atomic_write(target, write, overwrite=overwrite, what="the file")
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | int | None]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,6 +46,7 @@ from monai.transforms import MapTransform
 
 from .data.constants import BRATS_LABELS, MYOPS_LABELS, DMAFDataError
 from .inference import as_bool, describe_failure, output_path
+from .outputs import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -393,30 +393,13 @@ def snapshot_figure(
 
 
 def save_figure(fig: Figure, target: str, overwrite: bool = False) -> str:
-    """Write ``fig`` as PNG to ``target`` atomically (temporary file in the folder, flushed, ``os.replace``).
+    """Write ``fig`` as PNG to ``target`` atomically (:func:`~dmaf_components.outputs.atomic_write`).
 
     Raises:
         DMAFDataError: ``target`` exists and ``overwrite`` is off, or it cannot be written (one line).
     """
-    if not overwrite and os.path.lexists(target):
-        raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
-    folder = os.path.dirname(target) or "."
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp", suffix=".png", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
-        if tmp is not None and os.path.lexists(tmp):
-            os.remove(tmp)
-        if not isinstance(exc, Exception):
-            raise
-        raise DMAFDataError(f"{target}: cannot write the snapshot ({describe_failure(exc)})") from None
-    return target
+    return atomic_write(target, lambda f: fig.savefig(f, format="png"), binary=True, overwrite=overwrite,
+                        what="the snapshot")
 
 
 class SaveSnapshotd(MapTransform):
