@@ -174,7 +174,7 @@ def exit_on_data_errors(argv: Sequence[str] | None = None) -> bool:
     """
     if not is_bundle_command_line(argv):
         return False
-    from .handlers.reliability import one_line_message
+    from .errors import one_line_message
 
     previous = sys.excepthook
     if getattr(previous, "_dmaf_one_line", False):

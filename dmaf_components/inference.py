@@ -26,21 +26,20 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
-from monai.transforms import SaveImaged
 from monai.utils import CommonKeys
 
 from .checkpoints import load_model_weights
+from .errors import BundleExit, as_bool, describe_failure, exit_on_data_error
+from .outputs import OUTPUT_EXTENSIONS, AtomicSaveImaged, _dotted, output_extension, output_path
 from .data.constants import DMAFDataError
-from .data.names import is_nifti
 from .data.studies import STUDY_ERROR_KEY, STUDY_NOTES_KEY, find_studies
-from .transforms import AVAILABLE_POSTFIX, _first_line, _itk_reason
+from .transforms import AVAILABLE_POSTFIX
 
 __all__ = [
     "BundleExit",
@@ -68,66 +67,6 @@ logger = logging.getLogger(__name__)
 FAILURE_KEY = "inference_failure"
 #: key holding the modalities a study has files for (comma-separated; ``4-D`` files list their non-zero channels)
 FOUND_KEY = "modalities_found"
-#: single-file formats a segmentation is written in: NIfTI (MONAI's ``NibabelWriter``), NRRD and MetaImage
-#: (``ITKWriter``, whose LPS direction, origin and spacing come from the image's affine)
-OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-class BundleExit(SystemExit):
-    """Ends a bundle run with exit status 1 and ``message`` as the last line printed (no traceback).
-
-    A :class:`SystemExit`, so that MONAI's ``ConfigExpression`` does not bury it under ``RuntimeError: Failed to
-    evaluate ConfigExpression``; callers in Python catch it as ``SystemExit`` (``exc.code`` is the message).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def as_bool(value: Any, name: str = "overwrite") -> bool:
-    """A switch given in Python or on the command line: ``True``/``False``, or ``true``/``false``/``1``/``0``/``yes``/
-    ``no`` in any case (fire passes ``--overwrite false`` as the string ``"false"``, which is truthy).
-
-    Raises:
-        DMAFDataError: any other value.
-    """
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise DMAFDataError(f"{name}: expected true or false, got {value!r}")
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line for an exception raised while preparing or segmenting a study.
-
-    MONAI wraps transform errors (``RuntimeError: applying transform ...``); the chain is followed to the
-    :class:`DMAFDataError` (whose message names the file) or else to the innermost exception.
-    """
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    data_errors = [e for e in chain if isinstance(e, DMAFDataError)]
-    if data_errors:
-        return str(data_errors[0]).strip().splitlines()[0]
-    root = chain[-1]
-    lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
-    return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
-
-
-def exit_on_data_error(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``func(*args, **kwargs)``, turning a :class:`DMAFDataError` into :class:`BundleExit` (for bundle configs)."""
-    try:
-        return func(*args, **kwargs)
-    except DMAFDataError as exc:
-        raise BundleExit(str(exc)) from None
 
 
 def discover_studies(
@@ -152,39 +91,6 @@ def discover_studies(
         if not studies:
             raise BundleExit(f"{dataset_dir}: no study found besides the output folder {output_dir}")
     return studies
-
-
-def _dotted(ext: str) -> str:
-    ext = str(ext).strip().lower()
-    return ext if ext.startswith(".") or not ext else "." + ext
-
-
-def output_extension(output_ext: str) -> str:
-    """``output_ext`` in lower case with its leading dot (``nrrd`` -> ``.nrrd``).
-
-    Raises:
-        DMAFDataError: not one of :data:`OUTPUT_EXTENSIONS`.
-    """
-    ext = _dotted(output_ext)
-    if ext not in OUTPUT_EXTENSIONS:
-        raise DMAFDataError(
-            f"output_ext {output_ext!r}: not a supported output format; use .nii.gz (default), .nii, .nrrd or .mha"
-        )
-    return ext
-
-
-def output_path(
-    case: str,
-    output_dir: str,
-    output_postfix: str = "seg",
-    output_ext: str = ".nii.gz",
-    separate_folder: bool = False,
-) -> str:
-    """Where the segmentation of study ``case`` is written: ``<output_dir>/<case>_<postfix><ext>``, or
-    ``<output_dir>/<case>/<case>_<postfix><ext>`` with ``separate_folder`` (as MONAI's ``SaveImage``)."""
-    name = f"{case}_{output_postfix}" if output_postfix else case
-    folder = os.path.join(output_dir, case) if separate_folder else output_dir
-    return os.path.join(folder, name + output_ext)
 
 
 def _source(study: Mapping, dataset_dir: str | None) -> str:
@@ -488,166 +394,6 @@ class StudyEvaluator(SupervisedEvaluator):
                               self.untrained, os.path.basename(segmentation), self.quality_path)
         write_json_atomic(report, target, self.overwrite)
         logger.info(report_line(report, target))
-
-
-class _OneWriter:
-    """The one image writer class an :class:`AtomicSaveImaged` uses, standing in ``SaveImage.writers``.
-
-    MONAI's ``SaveImage`` tries each writer resolved for the extension in turn, logs a writer's error at INFO
-    ("unable to write") and goes on with the next: on a full disk nibabel raises ``OSError(ENOSPC)`` and ITK, tried
-    next for ``.nii.gz``, truncates the file without raising. With this single writer (the one MONAI tries first) there
-    is no fallback, and the error it raised is kept in :attr:`error`, so that the caller raises the writer's own error
-    instead of ``SaveImage``'s "cannot find a suitable writer".
-
-    Args:
-        writer_cls: a ``monai.data.ImageWriter`` class.
-    """
-
-    def __init__(self, writer_cls: type) -> None:
-        self.writer_cls = writer_cls
-        self.error: Exception | None = None
-
-    def __call__(self, **kwargs: Any) -> Any:
-        self.error = None
-        writer = self.writer_cls(**kwargs)
-        for name in ("set_data_array", "set_metadata", "write"):
-            setattr(writer, name, self._recorded(getattr(writer, name)))
-        return writer
-
-    def _recorded(self, method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return method(*args, **kwargs)
-            except Exception as exc:
-                self.error = exc
-                raise
-
-        return call
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.writer_cls.__name__})"
-
-
-def _read_back(path: str, numel: int | None) -> None:
-    """Read a written image file in full, header and data (NIfTI through nibabel, NRRD/MetaImage through ITK).
-
-    Raises:
-        DMAFDataError: the file does not read back (truncated, corrupt) or holds another number of voxels than
-            ``numel`` (when given).
-    """
-    if is_nifti(path):
-        import nibabel as nib
-
-        try:
-            img = nib.load(path, mmap=False)  # read, not mapped: every byte is decoded, a truncated file raises
-            data = np.asanyarray(img.dataobj)
-        except Exception as exc:
-            raise DMAFDataError(f"the file written does not read back: {_first_line(exc)}") from None
-        shape = tuple(img.shape)
-    else:
-        import itk
-
-        try:
-            data = itk.array_view_from_image(itk.imread(path))
-        except Exception as exc:
-            raise DMAFDataError(f"the file written does not read back: ITK: {_itk_reason(exc)}") from None
-        shape = tuple(data.shape)
-    if numel is not None and data.size != numel:
-        raise DMAFDataError(
-            f"the file written does not read back: {data.size} voxels (shape {shape}), expected {numel}"
-        )
-
-
-class AtomicSaveImaged(SaveImaged):
-    """``SaveImaged`` that writes to a temporary file in the output folder and renames it into place.
-
-    The file is named ``<output_dir>/<data[name_key]>_<output_postfix><output_ext>``, or
-    ``<output_dir>/<data[name_key]>/<data[name_key]>_<output_postfix><output_ext>`` with ``separate_folder`` (the
-    name planned by :func:`plan_outputs`; without ``name_key`` in the data, ``SaveImaged``'s own naming). The format
-    follows ``output_ext`` as in ``SaveImaged``: NIfTI by default, NRRD (``.nrrd``) or MetaImage (``.mha``) through
-    MONAI's ``ITKWriter``, on the grid and affine of the image's metadata. It is written as
-    ``.<name>.tmp<pid><output_ext>``, flushed to disk, read back in full (header and every voxel), then moved with
-    ``os.replace``: a killed run or a full disk leaves no truncated file under the final name, and an earlier result
-    stays as it was. Only the writer MONAI tries first for the extension is used (``writer`` overrides it), and its
-    error is raised: ``SaveImage`` would log it at INFO and fall back to another writer (ITK for ``.nii.gz``, which
-    truncates a file on a full disk without raising). Without ``overwrite``, an existing result is never replaced
-    (one-line error). MONAI Label drops it with every ``SaveImaged`` from the bundle's postprocessing.
-
-    Args:
-        name_key: data key holding the study name.
-        overwrite: replace an existing result.
-        separate_folder: one folder per study (default False, unlike ``SaveImaged``).
-        keys, output_dir, output_postfix, kwargs: ``SaveImaged``'s.
-    """
-
-    def __init__(
-        self,
-        keys: Any,
-        output_dir: str = "./",
-        output_postfix: str = "trans",
-        name_key: str = "case",
-        overwrite: bool = False,
-        separate_folder: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        separate_folder = as_bool(separate_folder, "separate_folder")
-        super().__init__(
-            keys, output_dir=output_dir, output_postfix=output_postfix, separate_folder=separate_folder, **kwargs
-        )
-        self.output_dir = str(output_dir)
-        self.output_postfix = str(output_postfix)
-        self.name_key = name_key
-        self.overwrite = as_bool(overwrite)
-        self.separate_folder = separate_folder
-        self._writer = _OneWriter(self.saver.writers[0])
-        self.saver.writers = (self._writer,)
-
-    def _write(self, img: Any, meta: Mapping | None, stem: str) -> None:
-        """Write ``img`` to ``stem + output_ext`` with the one writer, raising the writer's own error."""
-        try:
-            self.saver(img=img, meta_data=meta, filename=stem)
-            return
-        except Exception as exc:
-            failure = self._writer.error or exc
-        if "ITK ERROR" in str(failure):  # ITK's text starts with the C++ source location
-            raise DMAFDataError(f"ITK: {_itk_reason(failure)}")
-        raise failure
-
-    def _target(self, data: Mapping[Hashable, Any], img: Any, meta: Mapping | None) -> str:
-        name = data.get(self.name_key)
-        if isinstance(name, str) and name:
-            return output_path(name, self.output_dir, self.output_postfix, self.saver.output_ext, self.separate_folder)
-        meta = img.meta if hasattr(img, "meta") else meta
-        return str(self.saver.folder_layout.filename(**self.saver.fname_formatter(meta, self.saver)))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
-            if meta_key is None and meta_key_postfix is not None:
-                meta_key = f"{key}_{meta_key_postfix}"
-            meta = d.get(meta_key) if meta_key is not None else None
-            target = self._target(d, d[key], meta)
-            if not self.overwrite and os.path.lexists(target):
-                raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
-            folder, base = os.path.split(target)
-            ext = self.saver.output_ext
-            stem = os.path.join(folder, f".{base[: len(base) - len(ext)]}.tmp{os.getpid()}")
-            tmp = stem + ext
-            try:
-                os.makedirs(folder, exist_ok=True)
-                self._write(d[key], meta, stem)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                resampled = bool(self.saver.meta_kwargs.get("resample"))
-                _read_back(tmp, None if resampled else int(np.prod(d[key].shape)))
-                os.replace(tmp, target)
-            except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                if not isinstance(exc, Exception):
-                    raise
-                raise DMAFDataError(f"{target}: cannot write the result ({describe_failure(exc)})") from None
-        return d
 
 
 def run_inference(

@@ -45,8 +45,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from .data.constants import BRATS_LABELS, MYOPS_LABELS, DMAFDataError
-from .inference import as_bool, describe_failure, output_path
-from .outputs import atomic_write
+from .errors import as_bool, describe_failure
+from .outputs import atomic_write, output_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -417,7 +417,7 @@ class SaveSnapshotd(MapTransform):
         image_key, weights_key, mask_key, name_key: data keys.
         modalities, label_values, dataset_name, spatial_dims: as :func:`snapshot_figure`.
         output_dir, output_postfix, separate_folder, overwrite: where and how, as
-            :class:`~dmaf_components.inference.AtomicSaveImaged` (``output_postfix`` default ``snapshot``).
+            :class:`~dmaf_components.outputs.AtomicSaveImaged` (``output_postfix`` default ``snapshot``).
     """
 
     def __init__(

@@ -43,7 +43,8 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from .data.constants import DMAFDataError
-from .inference import AtomicSaveImaged, BundleExit, _dotted, as_bool, describe_failure, output_path
+from .errors import BundleExit, as_bool, describe_failure
+from .outputs import AtomicSaveImaged, _dotted, output_path
 
 __all__ = [
     "WEIGHTS_POSTFIX",
@@ -142,7 +143,7 @@ class ModalityWeightsNet(nn.Module):
 
 def modality_weights_network(network: nn.Module, enabled: Any = False, level: int | str = 0) -> nn.Module:
     """``network`` itself, or with ``enabled`` (``--save_weights True``) a :class:`ModalityWeightsNet` around it
-    (for bundle configs: a misfit ends the run with one line, :class:`~dmaf_components.inference.BundleExit`)."""
+    (for bundle configs: a misfit ends the run with one line, :class:`~dmaf_components.errors.BundleExit`)."""
     try:
         if not as_bool(enabled, "save_weights"):
             return network
@@ -257,7 +258,7 @@ class SaveModalityWeightsd(MapTransform):
         regions: ``{name: class indices}`` (``dmaf_components.evaluation.REGIONS[dataset]``).
         label_values: label value of each class index.
         output_dir, output_postfix, separate_folder, name_key, overwrite: where and how, as
-            :class:`~dmaf_components.inference.AtomicSaveImaged`.
+            :class:`~dmaf_components.outputs.AtomicSaveImaged`.
         mask_key: the study's bool ``(M,)`` modality mask; missing modalities' channels are set to exactly 0.
         segmentation_postfix, segmentation_ext: the segmentation's name, recorded in the JSON.
         level: which weights (recorded in the JSON).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,7 @@ from monai.utils import CommonKeys
 from torch import nn
 
 from ..data.constants import DMAFDataError
-from ..inference import BundleExit, as_bool
+from ..errors import BundleExit, NonFiniteError, as_bool, one_line_message
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -43,10 +42,6 @@ __all__ = [
     "one_line_message",
     "non_finite_entries",
 ]
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or a state to be saved holds NaN or inf values."""
 
 
 def _state_of(obj: Any) -> Any:
@@ -300,40 +295,13 @@ class FinalModelFallback:
         )
 
 
-def one_line_message(exc: BaseException) -> str | None:
-    """The one-line message of a failure that needs no traceback, else None.
-
-    That is a :class:`~dmaf_components.data.DMAFDataError` anywhere in the exception's cause chain (MONAI wraps a
-    transform's error in ``RuntimeError: applying transform ...``; a loader worker process passes it on as text,
-    whose ``DMAFDataError: ...`` line is then taken), a :class:`NonFiniteError` or a ``SystemExit`` carrying a message
-    (:class:`~dmaf_components.inference.BundleExit`).
-    """
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for e in chain:
-        if isinstance(e, SystemExit):
-            return str(e.code) if isinstance(e.code, str) else None
-        if isinstance(e, (DMAFDataError, NonFiniteError)):
-            lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-            return lines[0] if lines else type(e).__name__
-    for e in chain:  # e.g. "Caught RuntimeError in DataLoader worker process 0. Original Traceback ..."
-        found = re.findall(r"DMAFDataError: (\S[^\n]*)", str(e))
-        if found:
-            return found[-1].strip()
-    return None
-
-
 class OneLineExit:
     """Ends a training with one line, and no traceback, when it fails on bad data or a refused setting.
 
     Attached to ``Events.EXCEPTION_RAISED``; list it first among the trainer's handlers, as Ignite stops at the
     first exception handler that raises. For a failure that :func:`one_line_message` describes in one line (a data
     error of the loader, a non-finite loss, a refused resume), the line is logged as an error and
-    :class:`~dmaf_components.inference.BundleExit` raised: exit status 1 and the line as the last line of the
+    :class:`~dmaf_components.errors.BundleExit` raised: exit status 1 and the line as the last line of the
     output. Any other exception is left to the next exception handlers (MONAI's ``StatsHandler`` logs its traceback
     and re-raises it), or re-raised here when there is none.
 
@@ -380,7 +348,7 @@ class TrainingPreflight:
       continue, or another ``CheckpointLoader`` attached to the trainer starts it from a checkpoint (MONAI Label's
       train task, which fine-tunes ``models/model.pt`` and writes the result back there).
 
-    A refusal is :class:`~dmaf_components.inference.BundleExit`: exit status 1 and one line, nothing written.
+    A refusal is :class:`~dmaf_components.errors.BundleExit`: exit status 1 and one line, nothing written.
     :meth:`check` runs the checks when the bundle's ``initialize`` calls it (before the data is read and cached); the
     output folder is checked there only in a ``python -m monai.bundle`` process, as a program that creates the
     workflow itself may add its own loader. :meth:`attach` (the trainer's handlers: every process, DDP included)
@@ -418,7 +386,7 @@ class TrainingPreflight:
         self.check(output=True, loader=bool(loaders))
 
     def check(self, output: bool | None = None, loader: bool | None = None) -> None:
-        """Run the checks; raise :class:`~dmaf_components.inference.BundleExit` with one line at the first refusal.
+        """Run the checks; raise :class:`~dmaf_components.errors.BundleExit` with one line at the first refusal.
 
         Args:
             output: check the output folder; None: only in a ``python -m monai.bundle`` process.
