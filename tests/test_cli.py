@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 
 import pytest
 
-from dmaf_components import cli
 from dmaf_components.cli import DMAF, main
 
 COMMANDS = [name for name, _ in inspect.getmembers(DMAF, inspect.isfunction) if not name.startswith("_")]
@@ -79,17 +79,31 @@ def test_bad_command_lines_exit_2_with_one_line(argv, message, capsys):
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
 
 
-def test_flag_spellings_fire_accepts_are_accepted(monkeypatch):
+def test_flag_spellings_fire_accepts_are_accepted(monkeypatch, capsys):
     """--name value, --name=value, hyphens, boolean --flag / --noflag, -x shortcuts and negative numbers."""
     calls = []
-    monkeypatch.setattr(cli.fire, "Fire", lambda *args, **kwargs: calls.append(kwargs["command"]))
-    for argv in (
-        ["synthetic", "brats", "d", "--cases", "2", "--shape=8,8,8", "--seed", "-1", "--overwrite"],
-        ["datalist", "brats", "d", "--missing-rates", "t1=0.2", "--nooverwrite", "--no-check", "-e"],
-        ["datalist", "--data_dir", "d", "brats", "--", "--trace"],
-    ):
-        main(argv)
-    assert len(calls) == 3
+
+    def recorder(name):  # the real command's signature, so that _check_args and Fire parse as for the real one
+        real = getattr(DMAF, name)
+
+        @functools.wraps(real)
+        def record(self, *args, **kwargs):
+            calls.append(dict(inspect.signature(real).bind(self, *args, **kwargs).arguments))
+
+        return record
+
+    for name in ("synthetic", "datalist"):
+        monkeypatch.setattr(DMAF, name, recorder(name))
+    main(["synthetic", "brats", "d", "--cases", "2", "--shape=8,8,8", "--seed", "-1", "--overwrite"])
+    main(["datalist", "brats", "d", "--missing-rates", "t1=0.2", "--nooverwrite", "--no-check", "-e"])
+    code, out, err = _run(["datalist", "--data_dir", "d", "brats", "--", "--trace"], capsys)  # Fire's own flag
+    assert code == 0 and "Fire trace" in out + err, err
+    assert len(calls) == 3  # the values as the commands receive them (the rest at their defaults)
+    assert calls[0].items() >= {"dataset": "brats", "out_dir": "d", "cases": 2, "shape": (8, 8, 8), "seed": -1,
+                                "overwrite": True}.items()
+    assert calls[1].items() >= {"dataset": "brats", "data_dir": "d", "missing_rates": "t1=0.2", "overwrite": False,
+                                "no_check": True, "exact": True}.items()
+    assert calls[2].items() >= {"dataset": "brats", "data_dir": "d", "exact": False}.items()
 
 
 def test_kwargs_command_accepts_any_flag(monkeypatch, capsys):

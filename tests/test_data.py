@@ -91,11 +91,26 @@ def test_myops_layout_and_label_merge(tiny_myops):
     entries = dl["training"] + dl["validation"] + dl["testing"]
     assert len(entries) == 5 and all(e["label"].endswith("_gd.nii.gz") for e in entries)
     entry = load_datalist_entry(tiny_myops, dl, "testing")
-    merge = MapLabelValued("label", orig_labels=[0, 200, 500, 600, 1220, 2221], target_labels=[0, 3, 1, 2, 3, 3])
     from monai.transforms import LoadImaged
 
-    d = merge(LoadImaged("label", ensure_channel_first=True)({"label": entry["label"]}))
+    from dmaf_components.data.constants import MYOPS_LABELS
+
+    # the mapping training uses (train_myops.json) against the MyoPS 2020 release's label values: 200 normal
+    # myocardium, 500 LV blood pool, 600 RV blood pool, 1220 edema, 2221 scar; edema and scar train as myocardium
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs",
+                           "train_myops.json")) as f:
+        cfg = json.load(f)  # an override of train.json: read its two entries as they are written
+    values, targets = cfg["label_values"], cfg["label_targets"]
+    released = {0: "background", 200: "myocardium", 500: "LV blood pool", 600: "RV blood pool", 1220: "myocardium",
+                2221: "myocardium"}
+    trained = {name: k for k, name in MYOPS_LABELS.items()}
+    want = {raw: trained[name] for raw, name in released.items()}
+    assert dict(zip(values, targets)) == want
+    raw = LoadImaged("label", ensure_channel_first=True)({"label": entry["label"]})["label"]
+    d = MapLabelValued("label", orig_labels=values, target_labels=targets)({"label": raw.clone()})
     assert set(torch.unique(d["label"]).tolist()) == {0, 1, 2, 3}
+    for v in torch.unique(raw).tolist():  # every voxel of the loaded file lands in its documented class
+        assert (d["label"][raw == v] == want[int(v)]).all(), v
 
 
 def test_idt_missing_rates_over_1000_cases_and_determinism():

@@ -58,7 +58,10 @@ def test_eq18_gradient_scaling_and_conflict_factor():
     loss = DMAFLoss(3, 2, 4)
     dtm = DynamicTrainingMonitor(loss, net)
     dtm.update(torch.tensor([0.3, 0.1]), torch.tensor([0.3, 0.1]), torch.ones(2))
-    gamma = dtm.gammas()
+    # by hand: alpha2 = 0.2 / (0.2 + 0.2) = 0.5, g_total = (0.3, 0.1) (Eq. 14-15); 1 / g = (10/3, 10), so
+    # w = (0.25, 0.75) (Eq. 16) and gamma = 1 / w = (4, 4/3), inside the clip [0.1, 10] (Eq. 18)
+    gamma = torch.tensor([4.0, 4.0 / 3.0])
+    assert torch.allclose(dtm.gammas().float(), gamma)
     g0 = torch.tensor([[1.0, 2.0, 3.0]])
     net.encoders[0].weight.grad = g0.clone()
     net.encoders[1].weight.grad = g0.clone()
@@ -76,6 +79,13 @@ def test_eq18_gradient_scaling_and_conflict_factor():
     net.encoders[0].weight.grad = torch.tensor([[float("inf"), 1.0, 1.0]])
     dtm.scale_gradients(net.encoders)
     assert torch.equal(dtm.prev_grads[0], prev)
+    # Eq. 18's clip: g_total = (1, 0.01) gives w = (1/101, 100/101), 1 / w = (101, 1.01) -> gamma = (10, 1.01)
+    lagging = DynamicTrainingMonitor(loss, net)
+    lagging.update(torch.tensor([1.0, 0.01]), torch.tensor([1.0, 0.01]), torch.ones(2))
+    assert lagging.gammas().tolist() == pytest.approx([10.0, 1.01])
+    net.encoders[0].weight.grad = g0.clone()
+    lagging.scale_gradients(net.encoders)
+    assert torch.allclose(net.encoders[0].weight.grad, 10.0 * g0)
 
 
 def _toy_engine(net, loss, dtm, gaps):
@@ -148,10 +158,12 @@ def test_reweight_off_keeps_unit_weights_and_update_mode_scales_the_step():
     before = [enc.weight.detach().clone() for enc in net.encoders]
     engine.run(range(1), max_epochs=1)
     assert loss.modality_weights.tolist() == [1.0, 1.0]
-    # AdamW's first step is lr * sign(grad) whatever the gradient scale; "update" mode scales the step itself
-    for m, enc in enumerate(net.encoders):
+    # AdamW's first step is lr * sign(grad) whatever the gradient scale; "update" mode scales the step itself.
+    # gamma by hand: alpha2 = 0.5 / (0.5 + 0.35) = 10/17, g_total = (12.2/17, 2.7/17) (Eq. 14-15); with two
+    # modalities 1 / w(m) = 1 + g_total(m) / g_total(other) (Eq. 16), so gamma = (14.9/2.7, 14.9/12.2)
+    for m, (enc, gamma) in enumerate(zip(net.encoders, (14.9 / 2.7, 14.9 / 12.2))):
         step_size = (before[m] - enc.weight.detach()).abs().mean()
-        assert float(step_size) == pytest.approx(0.1 * float(dtm.gammas()[m]), rel=1e-4)
+        assert float(step_size) == pytest.approx(0.1 * gamma, rel=1e-4)
 
 
 def test_bad_arguments():

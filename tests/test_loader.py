@@ -17,15 +17,23 @@ def test_crop_then_pad_equals_pad_then_crop():
     """train.json pads the volume to the patch size in the cached prefix and crops the random patch from it (release
     0.1.6 padded every cropped patch, a 33 MB copy per BraTS sample): with the same random state the patch is
     identical, on axes shorter than the patch too."""
-    from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, Randomizable, RandSpatialCropd, SpatialPadd
 
     roi = (32, 32, 32)
+    parser = ConfigParser()
+    parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
+    parser.update({"roi_size": list(roi), "patch_sampling": "uniform"})
+    steps = parser.get_parsed_content("train#preprocessing").transforms
+    first_random = next(i for i, t in enumerate(steps) if isinstance(t, Randomizable))
+    # CacheDataset caches up to the first random transform: the pad is the last cached step, the crop the first random
+    pad, crop = steps[first_random - 1], steps[first_random]
+    assert isinstance(pad, SpatialPadd) and isinstance(crop, RandSpatialCropd)
     data = {"image": torch.randn(4, 40, 27, 50), "label": torch.randint(0, 4, (1, 40, 27, 50)).float()}
-    pad, crop = SpatialPadd(["image", "label"], roi), RandSpatialCropd(["image", "label"], roi, random_size=False)
     for seed in range(5):
-        a = Compose([SpatialPadd(["image", "label"], roi),
-                     RandSpatialCropd(["image", "label"], roi, random_size=False)])
-        b = Compose([crop, pad])
+        a = Compose([pad, crop])  # train.json's order
+        b = Compose([RandSpatialCropd(["image", "label"], roi, random_size=False),
+                     SpatialPadd(["image", "label"], roi)])
         a.set_random_state(seed)
         b.set_random_state(seed)
         out_a, out_b = a(dict(data)), b(dict(data))

@@ -35,6 +35,19 @@ def _rel_inputs():
     return e, f, mask
 
 
+def _mha_by_hand(mha, q, kv, heads):
+    """Eq. 6 written out: per head softmax(Q K^T / sqrt(d)) V, heads concatenated, then the output projection."""
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    d = q.shape[1] // heads
+    out = []
+    for h in range(heads):
+        s = slice(h * d, (h + 1) * d)
+        qh, kh, vh = q @ wq[s].T + bq[s], kv @ wk[s].T + bk[s], kv @ wv[s].T + bv[s]
+        out.append(torch.softmax(qh @ kh.T / math.sqrt(d), dim=1) @ vh)
+    return torch.cat(out, 1) @ mha.out_proj.weight.T + mha.out_proj.bias
+
+
 def test_eq5_to_8_relation_distillation_by_hand():
     e, f, mask = _rel_inputs()
     rel = RelationDistillationLoss(8, 3, num_heads=2, alpha1=0.6)
@@ -51,12 +64,12 @@ def test_eq5_to_8_relation_distillation_by_hand():
                 assert cov[n, m] == 0 and attn[n, m] == 0 and gap[n, m] == 0
                 continue
             w = rel.projection[m]
-            sig_e = channel_covariance(e[n, m][None])[0]
-            sig_f = channel_covariance(f[n][None])[0]
+            sig_e = torch.cov(e[n, m].reshape(8, -1), correction=0)  # Eq. 4, population covariance over voxels
+            sig_f = torch.cov(f[n].reshape(8, -1), correction=0)
             want_cov = ((w @ sig_e @ w.T - sig_f) ** 2).mean()  # Eq. 5 (mean squared error)
             q = e[n, m].reshape(8, -1).T[None]
             kv = f[n].reshape(8, -1).T[None]
-            a_m, _ = rel.attention(q, kv, kv)  # Eq. 6
+            a_m = _mha_by_hand(rel.attention, q[0], kv[0], heads=2)[None]  # Eq. 6
             want_attn = ((a_m - kv) ** 2).mean()  # Eq. 7
             assert torch.allclose(cov[n, m], want_cov, rtol=1e-4)
             assert torch.allclose(attn[n, m], want_attn, rtol=1e-4)
@@ -104,16 +117,24 @@ def test_eq10_prototype_loss_by_hand_with_tau_and_absent_class():
     e = torch.randn(1, 2, 4, 4, 4, 4)
     f = torch.randn(1, 4, 4, 4, 4)
     label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
-    label[..., :4, :, :] = 2  # classes 0 and 2 present, class 1 absent
+    label[..., :3, :, :] = 2  # fine rows 0-2: class 2; the boundary cuts coarse row 1 in half
+    label[0, 0, 7, 7, 7] = 1  # one voxel of class 1: nearest-neighbour downsampling (even indices) would erase it
     mask = torch.tensor([[True, True]])
     proto = PrototypeDistillationLoss(3, 2, tau=[1.0, 2.0])
     loss, gap = proto(e, f, label, mask)
-    memberships = F.adaptive_avg_pool3d(F.one_hot(label[:, 0], 3).movedim(-1, 1).float(), (4, 4, 4))
-    p_f = class_prototypes(f, memberships)[0]
+    # area-averaged memberships on the 4^3 grid, each coarse voxel = 2x2x2 fine voxels, by hand:
+    w = torch.zeros(3, 4, 4, 4)
+    w[2, 0], w[2, 1], w[0, 1], w[0, 2:] = 1.0, 0.5, 0.5, 1.0  # row 1: 4 of 8 fine voxels are class 2
+    w[0, 3, 3, 3], w[1, 3, 3, 3] = 7 / 8, 1 / 8  # the class-1 voxel is 1 of the 8 under coarse (3, 3, 3)
+
+    def protos(x):  # Eq. 9 with soft memberships: sum_x w_c(x) feat(x) / (sum_x w_c(x) + eps)
+        return torch.stack([(w[c] * x).flatten(1).sum(1) / (w[c].sum() + 1e-6) for c in range(3)])
+
+    p_f = protos(f[0])
     want = []
     for m, tau in enumerate([1.0, 2.0]):
-        p_m = class_prototypes(e[:, m], memberships)[0]
-        g = sum(1 - F.cosine_similarity(p_f[c], p_m[c], dim=0) / tau for c in (0, 2))
+        p_m = protos(e[0, m])
+        g = sum(1 - F.cosine_similarity(p_f[c], p_m[c], dim=0) / tau for c in (0, 1, 2))  # all three present
         assert torch.allclose(gap[0, m], g, atol=1e-5)
         want.append(g)
     assert torch.allclose(loss, (want[0] + want[1]) / 2, atol=1e-5)
@@ -158,13 +179,22 @@ def test_eq1_17_19_total_loss_by_hand():
 def test_distillation_off_still_monitors_gaps_without_gradient():
     out = _fake_output()
     feats = out.modality_features.requires_grad_(True)
+    out.modality_logits.requires_grad_(True)
     y = torch.randint(0, 3, (2, 1, 8, 8, 8))
-    loss_fn = DMAFLoss(3, 3, 4, distillation=False)
-    total = loss_fn(out, y)
+    for distillation in (True, False):
+        loss_fn = DMAFLoss(3, 3, 4, distillation=distillation)
+        tracked = []  # does L_rel / L_proto, as computed inside DMAFLoss, carry a graph?
+        for term in (loss_fn.relation, loss_fn.prototype):
+            term.register_forward_hook(lambda mod, args, result: tracked.append(result[0].requires_grad))
+        total = loss_fn(out, y)
+        assert tracked == [distillation, distillation]
     terms = loss_fn.last_terms
     assert torch.allclose(total, 2.0 * terms.fuse + terms.sep)
     assert terms.relation_gap_sum.sum() > 0 and terms.prototype_gap_sum.sum() > 0
-    assert not total.requires_grad or feats.grad is None
+    total.backward()
+    assert out.modality_logits.grad.abs().sum() > 0  # L_sep does train the modality heads
+    assert feats.grad is None  # no distillation gradient reaches the encoder features
+    assert all(p.grad is None for p in loss_fn.parameters())  # nor P_m, the MAA attention, alpha1
 
 
 def test_loss_rejects_eval_output():
