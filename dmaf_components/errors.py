@@ -71,18 +71,25 @@ def as_bool(value: Any, name: str = "overwrite") -> bool:
     raise DMAFDataError(f"{name}: expected true or false, got {value!r}")
 
 
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__``, else ``__context__``), each once."""
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 def describe_failure(exc: BaseException) -> str:
     """One line for an exception raised while preparing or segmenting a study.
 
     MONAI wraps transform errors (``RuntimeError: applying transform ...``); the chain is followed to the
     :class:`DMAFDataError` (whose message names the file) or else to the innermost exception.
     """
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = _cause_chain(exc)
     data_errors = [e for e in chain if isinstance(e, DMAFDataError)]
     if data_errors:
         return str(data_errors[0]).strip().splitlines()[0]
@@ -107,12 +114,7 @@ def one_line_message(exc: BaseException) -> str | None:
     whose ``DMAFDataError: ...`` line is then taken), a :class:`NonFiniteError` or a ``SystemExit`` carrying a message
     (:class:`~dmaf_components.errors.BundleExit`).
     """
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = _cause_chain(exc)
     for e in chain:
         if isinstance(e, SystemExit):
             return str(e.code) if isinstance(e.code, str) else None
