@@ -42,6 +42,7 @@ from monai.transforms import MapTransform
 from monai.utils import evenly_divisible_all_gather
 
 from .inferers import study_modality_mask
+from .transforms.label import class_map
 
 __all__ = [
     "REGIONS",
@@ -215,9 +216,7 @@ class SuppressSmallETd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            lab = d[key]
-            if lab.shape[0] > 1:
-                lab = lab.argmax(0, keepdim=True)
+            lab = class_map(d[key])
             d[f"{key}{self.output_postfix}"] = suppress_small_et(lab, self.et_class, self.min_voxels, self.replace_with)
         return d
 

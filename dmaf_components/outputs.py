@@ -30,8 +30,8 @@ from monai.transforms import SaveImaged
 
 from .data.constants import DMAFDataError
 from .data.names import is_nifti
+from .data.readers import first_line, itk_reason
 from .errors import as_bool, describe_failure
-from .transforms import _first_line, _itk_reason
 
 __all__ = ["OUTPUT_EXTENSIONS", "output_extension", "output_path", "atomic_write", "AtomicSaveImaged"]
 
@@ -175,7 +175,7 @@ def _read_back(path: str, numel: int | None) -> None:
             img = nib.load(path, mmap=False)  # read, not mapped: every byte is decoded, a truncated file raises
             data = np.asanyarray(img.dataobj)
         except Exception as exc:
-            raise DMAFDataError(f"the file written does not read back: {_first_line(exc)}") from None
+            raise DMAFDataError(f"the file written does not read back: {first_line(exc)}") from None
         shape = tuple(img.shape)
     else:
         import itk
@@ -183,7 +183,7 @@ def _read_back(path: str, numel: int | None) -> None:
         try:
             data = itk.array_view_from_image(itk.imread(path))
         except Exception as exc:
-            raise DMAFDataError(f"the file written does not read back: ITK: {_itk_reason(exc)}") from None
+            raise DMAFDataError(f"the file written does not read back: ITK: {itk_reason(exc)}") from None
         shape = tuple(data.shape)
     if numel is not None and data.size != numel:
         raise DMAFDataError(
@@ -243,7 +243,7 @@ class AtomicSaveImaged(SaveImaged):
         except Exception as exc:
             failure = self._writer.error or exc
         if "ITK ERROR" in str(failure):  # ITK's text starts with the C++ source location
-            raise DMAFDataError(f"ITK: {_itk_reason(failure)}")
+            raise DMAFDataError(f"ITK: {itk_reason(failure)}")
         raise failure
 
     def _target(self, data: Mapping[Hashable, Any], img: Any, meta: Mapping | None) -> str:

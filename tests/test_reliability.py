@@ -102,7 +102,7 @@ def test_anisotropic_spacing_is_a_warning_naming_the_file(tmp_path, caplog):
 
     path = tmp_path / "thick_t2.nii.gz"
     nib.save(nib.Nifti1Image(_volume()["t2"].astype(np.float32), np.diag([1.0, 1.0, 5.0, 1.0])), str(path))
-    with caplog.at_level(logging.WARNING, logger="dmaf_components.transforms"):
+    with caplog.at_level(logging.WARNING, logger="dmaf_components.data.image_checks"):
         img = LoadModalitiesd("image", BRATS_MODALITIES, anisotropy_ratio=3.0)({"image": {"t2": str(path)}})["image"]
     assert img.shape == (4,) + SHAPE  # the grid as given
     assert any(str(path) in r.getMessage() and "anisotropic" in r.getMessage() for r in caplog.records)

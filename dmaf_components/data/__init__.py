@@ -22,7 +22,6 @@ from .check import (
     check_case,
     check_datalist,
     check_entries,
-    label_values,
 )
 from .constants import __all__ as _constants_all
 from .datalist import (
@@ -36,6 +35,7 @@ from .datalist import (
     split_cases,
     write_datalist,
 )
+from .image_checks import label_values
 from .io import load_datalist
 from .loader import CheckedThreadBuffer, CheckedThreadDataLoader, available_cpus, train_loader_workers
 from .names import classify_files, is_label_file, is_nifti, modality_of, nifti_stem

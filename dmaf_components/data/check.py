@@ -11,11 +11,12 @@
 """``dmaf check``: read every case of a datalist once and report every problem at once, one line each.
 
 Each file is read once: its NIfTI header first with nibabel (cheap: dimensions, shape, affine), then its voxels with
-:meth:`dmaf_components.transforms.LoadModalitiesd.read` (the training pipeline's reader and its one-line errors:
-missing, unreadable, truncated or non-NIfTI files, NaN or inf voxels, values beyond float32, constant images, label
-maps given as a modality). On top of that: 2-D files, the modalities and the label
-of one case on one grid (shape and affine), label values outside the dataset's set, and two warnings: all-zero
-modalities (the loader treats them as missing) and BraTS modalities with a non-zero background.
+:class:`~dmaf_components.data.readers.ImageReader`, checked by :func:`~dmaf_components.data.image_checks.check_image`
+(the training pipeline's reader and checks, and their one-line errors: missing, unreadable, truncated or non-NIfTI
+files, NaN or inf voxels, values beyond float32, constant images, label maps given as a modality). On top of that:
+2-D files, the modalities and the label of one case on one grid (shape and affine), label values outside the
+dataset's set (:func:`~dmaf_components.data.image_checks.check_label_values`), and two warnings: all-zero modalities
+(the loader treats them as missing) and BraTS modalities with a non-zero background.
 
 The datalist itself is checked before any file is read (:mod:`dmaf_components.data.io`): entries and fields of the
 wrong type, a ``modality_mask`` of the wrong length or without any modality, a case listed twice (leakage between
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from .constants import BRATS_LABELS, BRATS_MODALITIES, MYOPS_MODALITIES, DMAFDataError
+from .image_checks import check_image, check_label_values
 from .io import (
     SECTIONS,
     datalist_modalities,
@@ -44,6 +46,7 @@ from .io import (
     read_datalist,
     resolve_entry,
 )
+from .readers import ImageReader
 
 __all__ = [
     "MYOPS_RAW_LABEL_VALUES",
@@ -51,7 +54,6 @@ __all__ = [
     "CheckProblem",
     "CheckReport",
     "DataCheckError",
-    "label_values",
     "check_case",
     "check_entries",
     "check_datalist",
@@ -115,38 +117,13 @@ class CheckReport:
         )
 
 
-def label_values(label: torch.Tensor) -> list[float]:
-    """Distinct values of a label map, sorted.
-
-    Integer-valued labels of a small range (all real ones) are counted with a bincount, 4-10x faster than
-    ``torch.unique`` on a BraTS-size float32 label (one core); anything else falls back to ``torch.unique``.
-    """
-    x = label.as_tensor() if hasattr(label, "as_tensor") else torch.as_tensor(label)  # a MetaTensor's ops are slower
-    x = x.flatten()
-    if x.numel() == 0:
-        return []
-    if x.dtype == torch.bool or (not x.is_floating_point() and x.dtype not in (torch.uint8, torch.int8, torch.int16)):
-        x = x.to(torch.int64)  # also the unsigned types that aminmax does not support
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if np.isfinite(lo) and np.isfinite(hi) and hi - lo <= 65535 and float(int(lo)) == lo:
-        shifted = x - int(lo) if lo else x
-        index = shifted.to(torch.uint8 if hi - lo <= 255 else torch.int32)
-        if not x.is_floating_point() or torch.equal(index.to(x.dtype), shifted):  # integer-valued
-            return [v + lo for v in torch.bincount(index).nonzero().flatten().tolist()]
-    return torch.unique(x).tolist()
-
-
-def _format_values(values: Sequence[float]) -> list:
-    return [int(v) if float(v).is_integer() else float(v) for v in values]
-
-
-def _header(reader, path: str):
+def _header(reader: ImageReader, path: str):
     """The nibabel image (header only, voxels not read); a one-line error for a missing or non-NIfTI file."""
     try:
         return nib.load(path)
     except Exception as exc:  # nibabel names the problem better than "no suitable reader"
         if not os.path.isfile(path):
-            reader.read(path)  # "file not found", as the training loader says it
+            reader(path)  # "file not found", as the training loader says it
         text = (str(exc).strip().splitlines() or [""])[0].replace(path, os.path.basename(path))
         raise DMAFDataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {text})") from None
 
@@ -200,12 +177,10 @@ def check_case(
         base_dir: folder that relative paths are relative to, and that the reported paths are shown relative to.
         affine_atol: tolerance when comparing the affines of the case's files (the loader's default).
     """
-    from ..transforms import LoadModalitiesd  # imports MONAI: only when checking
-
     myops = dataset == "myops"
     modalities = MYOPS_MODALITIES if myops else BRATS_MODALITIES
     allowed = tuple(labels) if labels is not None else (MYOPS_RAW_LABEL_VALUES if myops else tuple(BRATS_LABELS))
-    reader = LoadModalitiesd("image", modalities, dtype=None, affine_atol=affine_atol)  # keeps the stored dtype
+    reader = ImageReader(dtype=None)  # keeps the stored dtype
     case = _Case(entry, base_dir)
 
     files = _case_files(entry, modalities, case)
@@ -259,7 +234,7 @@ def _case_files(entry: Mapping, modalities: Sequence[str], case: _Case | None = 
     return files
 
 
-def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, myops: bool):
+def _check_file(reader: ImageReader, case: _Case, role: str, path: str, modalities, allowed, myops: bool):
     """Header checks, then the voxels; returns ``(spatial shape, affine)``, or None after a dimension problem."""
     header = _header(reader, path)
     shape = tuple(int(s) for s in header.shape)
@@ -278,11 +253,12 @@ def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, 
         if len(shape) > 3:
             case.add(path, f"has {len(shape)} dimensions (shape {shape}); expected 3")
             return None
-    img = reader.read(path, image=role != "label")  # truncated/corrupt data, NaN voxels: the pipeline's errors
+    img = check_image(path, reader(path), image=role != "label")  # corrupt data, NaN voxels: the pipeline's errors
     if role == "label":
-        bad = [v for v in label_values(img) if v not in allowed]
-        if bad:
-            case.add(path, f"label values {_format_values(bad[:5])} outside the expected set {_format_values(allowed)}")
+        try:
+            check_label_values(path, img, allowed)
+        except DMAFDataError as exc:  # reported; the label's grid is still compared
+            case.add(path, str(exc))
     else:
         names = modalities if role == "image" else (role,)
         for channel, name in zip(img, names):
@@ -292,7 +268,8 @@ def _check_file(reader, case: _Case, role: str, path: str, modalities, allowed, 
                 case.add(path, f"{what}: the modality is treated as missing", "warning")
             elif not myops and (zero := 1.0 - int(torch.count_nonzero(channel)) / channel.numel()) < MIN_BACKGROUND:
                 case.add(path, f"{which}only {zero:.1%} of the voxels are 0: the BraTS pipeline expects skull-stripped "
-                         f"images with a zero background (inference refuses fewer than {MIN_BACKGROUND:.0%})", "warning")
+                         f"images with a zero background (inference refuses fewer than {MIN_BACKGROUND:.0%})",
+                         "warning")
     return spatial, np.asarray(header.affine, dtype=np.float64)
 
 

@@ -95,7 +95,9 @@ class CheckedThreadDataLoader(ThreadDataLoader):
         self, dataset: Any, buffer_size: int = 1, buffer_timeout: float = 0.01, repeats: int = 1, **kwargs: Any
     ) -> None:
         if repeats != 1:
-            raise ValueError(f"CheckedThreadDataLoader: repeats must be 1, got {repeats!r} (len() would not count them).")
+            raise ValueError(
+                f"CheckedThreadDataLoader: repeats must be 1, got {repeats!r} (len() would not count them)."
+            )
         if kwargs.pop("use_thread_workers", False):
             raise ValueError(
                 "CheckedThreadDataLoader: use_thread_workers is not supported (PyTorch's worker loop sets the "
