@@ -48,6 +48,23 @@ def dice(record: dict) -> tuple[np.ndarray, list[str], list[str]]:
     return np.array([per_case[c]["dice"] for c in combos], np.float64), combos, record["evaluation"]["regions"]
 
 
+def case_average(v: np.ndarray) -> np.ndarray:
+    """``(seeds, combos, cases, regions)`` per-case Dice -> ``(seeds, cases)``: mean over regions and combinations."""
+    return np.nanmean(np.nanmean(v, axis=3), axis=1)
+
+
+def describe(runs: dict[str, dict[int, dict]], setting: str) -> None:
+    """One setting's average DSC: mean and sd over its seeds, and each seed's."""
+    seeds = sorted(runs.get(setting, {}))
+    if not seeds:
+        print(f"{setting}: no finished run")
+        return
+    per_seed = case_average(np.stack([dice(runs[setting][s])[0] for s in seeds])).mean(axis=1)
+    sd = f" ± {per_seed.std(ddof=1):.2f} (sd over seeds)" if len(seeds) > 1 else ""
+    print(f"{setting}, seeds {seeds}: average DSC {per_seed.mean():.2f}{sd}; per seed: "
+          + ", ".join(f"{s}: {v:.2f}" for s, v in zip(seeds, per_seed)))
+
+
 def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
     seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
     if not seeds:
@@ -56,7 +73,7 @@ def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
     va = np.stack([dice(runs[a][s])[0] for s in seeds])  # (seeds, combos, cases, regions)
     vb = np.stack([dice(runs[b][s])[0] for s in seeds])
     _, combos, regions = dice(runs[a][seeds[0]])
-    avg = lambda v: np.nanmean(np.nanmean(v, axis=3), axis=1)  # noqa: E731  (seeds, cases)
+    avg = case_average
     iv = seed_interval(avg(va) - avg(vb))
     print(f"{a} - {b}, seeds {seeds}: average DSC {iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (95 % over seeds), "
           f"sign-flip p {iv.p:.3g}, detectable {iv.detectable:.2f}, seeds for this effect {iv.seeds_needed:g}")
@@ -80,8 +97,10 @@ def main() -> None:
     args = parser.parse_args()
     runs = load(args.study)
     print(f"study {args.study}: " + ", ".join(f"{k} ({len(v)} seeds)" for k, v in sorted(runs.items())))
-    for pair in args.pairs:
-        a, _, b = pair.partition("-")
+    pairs = [pair.partition("-")[::2] for pair in args.pairs]
+    for setting in dict.fromkeys(name for pair in pairs for name in pair):
+        describe(runs, setting)
+    for a, b in pairs:
         compare(runs, a, b)
 
 
