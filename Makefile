@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dmaf-installed
 TORCH ?= torch==2.13.0
-DEMO_DIR ?= data/synthetic_brats
+DEMO_DIR ?= data/demo_brats
 
 MLVENV ?= .venv-monailabel
 ML_STAMP := $(MLVENV)/.dmaf-installed

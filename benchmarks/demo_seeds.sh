@@ -1,20 +1,20 @@
 #!/bin/bash
-# The README demo's training, once per seed, each model evaluated over the 15 modality combinations by this checkout's
-# evaluation: how much the demo's accuracy depends on the seed (docs/performance.md, "The README demo").
+# The README demo's training, once per seed, each model evaluated over the 15 modality combinations: how much the
+# demo's accuracy depends on the seed (docs/accuracy.md, "The README demo"). The data, the epochs and the overrides
+# are the demo's own (dmaf_components/demo.py: DEMO_DATA, DEMO_EPOCHS, DEMO_OVERRIDES).
 #
 #   bash benchmarks/demo_seeds.sh OUT_DIR SEED [SEED ...]
-#   CODE=/path/to/other/worktree bash benchmarks/demo_seeds.sh OUT_DIR 0 1 2   # train with another version's code
+#   CODE=/path/to/other/worktree bash benchmarks/demo_seeds.sh OUT_DIR 0 1 2   # another version's code (a clean
+#                                                    worktree of a commit) trains and evaluates, with its own configs
 #
-# Needs `make demo` (or `dmaf synthetic brats`) to have written data/synthetic_brats and its datalist. A finished
-# seed (its evaluation.json exists) is skipped; one line per seed is appended to OUT_DIR/results.txt.
+# The demo's data is generated in DATA (default data/demo_brats) when missing. A finished seed (its
+# evaluation.json exists) is skipped; one line per seed is appended to OUT_DIR/results.txt, with its time.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
 code=${CODE:-$here}
-data=${DATA:-$here/data/synthetic_brats}
+data=${DATA:-$here/data/demo_brats}
 py=${PYTHON:-$here/.venv/bin/python}
-overrides=(--roi_size "[48,48,48]" --num_workers 2 --sw_overlap 0.25 --learning_rate 0.001 --max_epochs 12
-           --val_interval 4 ${EXTRA:-})  # EXTRA: more overrides, e.g. EXTRA="--patch_sampling foreground"
 env_code=()
 if [ "$code" != "$here" ]; then
   # import the other tree's package instead of this checkout's editable install
@@ -22,20 +22,32 @@ if [ "$code" != "$here" ]; then
   printf 'import sys\nsys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable___")]\n' > "$site/sitecustomize.py"
   env_code=(env "PYTHONPATH=$site:$code")
 fi
+"${env_code[@]}" "$py" -c "import sys; from dmaf_components.demo import prepare_demo_data; prepare_demo_data(sys.argv[1])" "$data"
+mapfile -t overrides < <("${env_code[@]}" "$py" -c "from dmaf_components.demo import DEMO_EPOCHS as e, DEMO_OVERRIDES as o
+print('\n'.join(o + ['--max_epochs', str(e), '--val_interval', str(max(1, e // 5))]))")
+overrides+=(${EXTRA:-})  # EXTRA: more overrides, e.g. EXTRA="--patch_sampling uniform"
+{ echo "# $(date -u +%FT%TZ) $(git -C "$code" describe --always --dirty), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
+  echo "# overrides: ${overrides[*]}"; } >> "$out/results.txt"
 for seed in "$@"; do
   run="$out/seed$seed"
   [ -f "$run/eval/evaluation.json" ] && continue
   mkdir -p "$run"
+  start=$(date +%s)
   (cd "$code/bundle" && "${env_code[@]}" "$py" -m monai.bundle run training --config_file configs/train.json \
      --dataset_dir "$data" --bundle_root "$run" --seed "$seed" --overwrite True "${overrides[@]}" \
      > "$run/train.log" 2>&1)  # a seed without its evaluation is trained again from scratch
-  (cd "$here/bundle" && "$py" -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \
+  trained=$(date +%s)
+  (cd "$code/bundle" && "${env_code[@]}" "$py" -m monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']" \
      --dataset_dir "$data" --bundle_root "$run" "${overrides[@]}" > "$run/eval.log" 2>&1)
-  "$py" - "$run/eval/evaluation.json" "$seed" "$code" >> "$out/results.txt" <<'PY'
+  "$py" - "$run/eval/evaluation.json" "$seed" "$code" "$((trained - start))" "$(($(date +%s) - trained))" \
+    >> "$out/results.txt" <<'PY'
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1]))["tables"]["raw"] if r["combination"] != "Avg."]
 avg = {k: sum(r[k] for r in rows) / len(rows) for k in ("dice_WT", "dice_TC", "dice_ET")}
-print(f"seed {sys.argv[2]} ({sys.argv[3]}): " + " / ".join(f"{k[5:]} {v:.1f}" for k, v in avg.items()))
+full = next(r for r in rows if r["combination"].count("+") == 3)
+print(f"seed {sys.argv[2]} ({sys.argv[3]}): average over the 15 combinations " + " / ".join(
+    f"{k[5:]} {v:.1f}" for k, v in avg.items()) + f", mean {sum(avg.values()) / 3:.1f}; all four modalities WT "
+    f"{full['dice_WT']:.1f}; training {sys.argv[4]} s, evaluation {sys.argv[5]} s")
 PY
   tail -1 "$out/results.txt"
 done

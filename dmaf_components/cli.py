@@ -274,17 +274,17 @@ class DMAF:
         print(__version__)  # main() has fire print no return value
         return __version__
 
-    def demo(self, data_dir: str = "data/synthetic_brats", work_dir: str = "runs/demo", epochs: int = 12) -> None:
+    def demo(self, data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epochs: int | None = None) -> None:
         """Run the end-to-end demo on the embedded synthetic dataset (see README).
 
         Args:
             data_dir: where the synthetic dataset is (generated when missing).
             work_dir: where weights, logs, tables and the segmentation go.
-            epochs: training epochs.
+            epochs: training epochs (default the demo's budget, ``DEMO_EPOCHS``).
         """
-        from .demo import run_demo
+        from .demo import DEMO_EPOCHS, run_demo
 
-        run_demo(data_dir, work_dir, epochs=epochs)
+        run_demo(data_dir, work_dir, epochs=DEMO_EPOCHS if epochs is None else epochs)
 
 
 def _report(report, failure: str) -> None:

@@ -44,7 +44,7 @@ BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [
 #            background-brain tissues: WM, GM, CSF; tumour: edema, enhancing, necrotic
 _BRATS_CONTRAST = {
     "flair": {"wm": 0.45, "gm": 0.55, "csf": 0.10, "edema": 1.15, "et": 0.95, "ncr": 0.60},
-    "t1": {"wm": 0.80, "gm": 0.62, "csf": 0.25, "edema": 0.55, "et": 0.60, "ncr": 0.45},
+    "t1": {"wm": 0.80, "gm": 0.62, "csf": 0.25, "edema": 0.50, "et": 0.72, "ncr": 0.32},
     "t1ce": {"wm": 0.78, "gm": 0.60, "csf": 0.22, "edema": 0.58, "et": 1.45, "ncr": 0.28},
     "t2": {"wm": 0.40, "gm": 0.55, "csf": 1.00, "edema": 0.95, "et": 0.75, "ncr": 1.20},
 }
@@ -102,7 +102,8 @@ def brats_case(
     Args:
         shape: volume size.
         seed: case seed.
-        profile: ``demo`` (every tumour region visible in several modalities: the README demo and the tests) or
+        profile: ``demo`` (every tumour region differs from its surroundings in every modality, most clearly in one or
+            two: the README demo and the tests) or
             ``study`` (the 3-D ablation study's data, docs/accuracy.md: each modality leaves a tumour boundary
             invisible, partial volume, Rician noise, strong bias fields). The shapes are the same for both profiles.
 
