@@ -84,7 +84,7 @@ def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
 def test_time_left_counts_only_the_epochs_this_process_trained():
     """A run resumed after epoch 9 that finished epochs 10-12 in 60 s has 8 epochs left at 20 s each: 160 s. (Counting
     all 12 epochs against this process's time said 40 s: the estimate of every resumed run was too short.)"""
-    from dmaf_components.ablation import _time_left
+    from dmaf_components.ablation.runner import _time_left
 
     assert _time_left(60.0, first_epoch=10, epoch=12, max_epochs=20) == pytest.approx(160.0)
     assert _time_left(60.0, first_epoch=1, epoch=3, max_epochs=20) == pytest.approx(340.0)  # a fresh run
@@ -184,7 +184,8 @@ def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_my
 def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path):
     """--reference: a variant's runs are compared with the reference study's same setting and seeds (not with a
     baseline, which is then not run), and a reference made on another datalist is refused, naming its record."""
-    from dmaf_components.ablation import _sha256, write_summary
+    from dmaf_components.ablation import write_summary
+    from dmaf_components.ablation.records import file_sha256
     from dmaf_components.data import build_datalist, write_datalist
 
     dl = tmp_path / "dl.json"
@@ -193,7 +194,7 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     ref_dir, var_dir = tmp_path / "ref", tmp_path / "variant"
     for folder, value in ((ref_dir, {0: 60, 1: 70}), (var_dir, {0: 63, 1: 71})):
         for seed, dice in value.items():
-            rec = dict(_record("full", seed, dice * ones, 10 * ones), datalist_sha256=_sha256(str(dl)))
+            rec = dict(_record("full", seed, dice * ones, 10 * ones), datalist_sha256=file_sha256(str(dl)))
             os.makedirs(folder / "runs" / "full" / f"seed{seed}")
             with open(folder / "runs" / "full" / f"seed{seed}" / "record.json", "w") as f:
                 json.dump(rec, f)
@@ -215,7 +216,7 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
         json.dump(dict(rec, overrides=variant_overrides),
                   open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w"))
     os.makedirs(var_dir / "runs" / "full" / "seed2")
-    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=_sha256(str(dl)),
+    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=file_sha256(str(dl)),
                    overrides=variant_overrides),
               open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"))
     lines = []
@@ -301,7 +302,8 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     (reusing it otherwise puts another experiment's numbers in the table, silently); everything else a user can get
     wrong is refused in one line naming the flag or file, before any bundle process starts."""
     from dmaf_components import cli
-    from dmaf_components.ablation import _cause, _sha256
+    from dmaf_components.ablation.records import file_sha256
+    from dmaf_components.ablation.runner import _cause
     from dmaf_components.data import build_datalist, write_datalist
 
     dl = tmp_path / "dl.json"
@@ -311,7 +313,7 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     ones = np.ones((3, 2, 2))
     for setting in ("baseline", "full"):
         os.makedirs(out / "runs" / setting / "seed0")
-        json.dump(dict(_record(setting, 0, 60 * ones, 10 * ones), dataset="myops", datalist_sha256=_sha256(str(dl)),
+        json.dump(dict(_record(setting, 0, 60 * ones, 10 * ones), dataset="myops", datalist_sha256=file_sha256(str(dl)),
                        overrides={**setting_overrides(setting), **small}),
                   open(out / "runs" / setting / "seed0" / "record.json", "w"))
 
