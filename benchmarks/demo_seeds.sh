@@ -26,11 +26,12 @@ fi
 mapfile -t overrides < <("${env_code[@]}" "$py" -c "from dmaf_components.demo import DEMO_EPOCHS as e, DEMO_OVERRIDES as o
 print('\n'.join(o + ['--max_epochs', str(e), '--val_interval', str(max(1, e // 5))]))")
 overrides+=(${EXTRA:-})  # EXTRA: more overrides, e.g. EXTRA="--patch_sampling uniform"
-{ echo "# $(date -u +%FT%TZ) $(git -C "$code" describe --always --dirty), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
-  echo "# overrides: ${overrides[*]}"; } >> "$out/results.txt"
+header="# $(date -u +%FT%TZ) $(git -C "$code" describe --always --dirty), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores
+# overrides: ${overrides[*]}"
 for seed in "$@"; do
   run="$out/seed$seed"
   [ -f "$run/eval/evaluation.json" ] && continue
+  [ -n "$header" ] && echo "$header" >> "$out/results.txt" && header=""
   mkdir -p "$run"
   start=$(date +%s)
   (cd "$code/bundle" && "${env_code[@]}" "$py" -m monai.bundle run training --config_file configs/train.json \
@@ -51,3 +52,21 @@ print(f"seed {sys.argv[2]} ({sys.argv[3]}): average over the 15 combinations " +
 PY
   tail -1 "$out/results.txt"
 done
+# every seed's table in OUT_DIR, and their mean, per combination (rewritten each time)
+"$py" - "$out" "$@" > "$out/tables.txt" <<'PY'
+import json, os, sys
+out, seeds = sys.argv[1], sys.argv[2:]
+keys = ("dice_WT", "dice_TC", "dice_ET")
+tables = {s: [r for r in json.load(open(os.path.join(out, f"seed{s}", "eval", "evaluation.json")))["tables"]["raw"]
+              if r["combination"] != "Avg."] for s in seeds}
+print("Dice WT / TC / ET / their mean per modality combination, each seed, then the mean over seeds")
+print(f"{'combination':20s} " + " | ".join(f"seed {s:>2}" + " " * 16 for s in seeds) + " | mean over seeds")
+first = tables[seeds[0]]
+for i, row in enumerate(first):
+    cells = []
+    for s in seeds + ["mean"]:
+        vals = [sum(tables[t][i][k] for t in seeds) / len(seeds) for k in keys] if s == "mean" else \
+            [tables[s][i][k] for k in keys]
+        cells.append(" / ".join(f"{v:4.1f}" for v in vals) + f" / {sum(vals) / 3:4.1f}")
+    print(f"{row['combination']:20s} " + " | ".join(cells))
+PY
