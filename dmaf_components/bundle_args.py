@@ -40,6 +40,7 @@ __all__ = [
     "exit_on_data_errors",
     "choice",
     "fraction",
+    "switch",
 ]
 
 
@@ -222,3 +223,15 @@ def fraction(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise DMAFDataError(f"--{key}: expected a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def switch(key: str, value: Any) -> bool:
+    """A config value that must be true or false (``True``/``False``, or ``true``/``false``/``1``/``0``/``yes``/``no``
+    as a command line gives them); else a one-line error naming the key.
+
+    Raises:
+        DMAFDataError: ``--key: expected true or false, got ...``.
+    """
+    from .errors import as_bool
+
+    return as_bool(value, f"--{key}")

@@ -233,3 +233,83 @@ def test_mean_reweight_norm_keeps_lsep_scale_and_gamma():
     assert 0.5 < sep["mean"] / sep["off"] < 2.0 and sep["sum"] / sep["off"] < 2.0 / m
     with pytest.raises(ValueError, match="dtm_reweight_norm"):
         DynamicTrainingMonitor(DMAFLoss(2, m, 4), reweight_norm="none")
+
+
+def _reference_scale_gradients(dtm, encoders):
+    """Eq. 18 as release 0.1.10 wrote it: one encoder at a time, a host sync per test, ``mul_`` per gradient."""
+    gammas = dtm.gammas()
+    dtm.similarity.fill_(float("nan"))
+    dtm.applied_scale.fill_(1.0)
+    for m, encoder in enumerate(encoders):
+        params = [p for p in encoder.parameters() if p.grad is not None]
+        if not params:
+            continue
+        flat = torch.cat([p.grad.detach().flatten().float() for p in params])
+        if not bool(torch.isfinite(flat).all()):
+            continue
+        factor = float(gammas[m])
+        prev = dtm.prev_grads[m]
+        if prev is not None and prev.numel() == flat.numel():
+            sim = float(torch.nn.functional.cosine_similarity(flat, prev.to(flat.device), dim=0))
+            dtm.similarity[m] = sim
+            if sim < dtm.conflict_threshold:
+                factor *= dtm.conflict_factor
+        dtm.prev_grads[m] = flat.clone()
+        dtm.applied_scale[m] = factor
+        for p in params:
+            p.grad.mul_(factor)
+
+
+class _ThreeConvEncoders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoders = nn.ModuleList(
+            [nn.Sequential(nn.Conv3d(1, 4, 3), nn.Conv3d(4, 2, 1, bias=False)) for _ in range(3)]
+        )
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_batched_gradient_scaling_is_the_per_encoder_reference_bit_for_bit(device):
+    """Eq. 18 with one host sync and one ``_foreach_mul_`` gives the gradients, the logged scalars and the stored
+    previous gradients of the per-encoder loop, bit for bit: a finite step, a conflict (cosine < -0.5) with an absent
+    modality, and an AMP overflow in one encoder."""
+    gen = torch.Generator().manual_seed(3)
+    nets = [_ThreeConvEncoders().to(device) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    monitors = [DynamicTrainingMonitor(DMAFLoss(3, 3, 4), n) for n in nets]
+    for dtm in monitors:
+        dtm.update(torch.tensor([0.3, 0.1, 0.2]), torch.tensor([0.2, 0.1, 0.4]), torch.ones(3))
+    first = [[torch.randn(p.shape, generator=gen) for p in e.parameters()] for e in nets[0].encoders]
+    steps = [
+        ("finite", first),
+        # encoder 0 reverses (cosine -1: conflict), encoder 1 absent from the batch, encoder 2 keeps its direction
+        ("conflict", [[-g for g in first[0]], None, [2 * g + 0.1 * torch.randn(g.shape, generator=gen)
+                                                     for g in first[2]]]),
+        # encoder 1 overflows (left alone, not stored as previous), the others scale
+        ("overflow", [[0.5 * g for g in first[0]], [g.masked_fill(g > 1.0, float("inf")) for g in first[1]],
+                      [-g for g in first[2]]]),
+    ]
+    for name, grads in steps:
+        for net in nets:
+            for encoder, gs in zip(net.encoders, grads):
+                for i, p in enumerate(encoder.parameters()):
+                    g = None if gs is None else gs[i]
+                    p.grad = None if g is None else g.to(device).clone()
+        monitors[0].scale_gradients(nets[0].encoders)
+        _reference_scale_gradients(monitors[1], nets[1].encoders)
+        for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or torch.equal(p.grad, q.grad), name
+        assert torch.equal(monitors[0].applied_scale, monitors[1].applied_scale), name
+        assert torch.equal(monitors[0].similarity.isnan(), monitors[1].similarity.isnan()), name
+        assert torch.equal(monitors[0].similarity.nan_to_num(), monitors[1].similarity.nan_to_num()), name
+        for a, b in zip(monitors[0].prev_grads, monitors[1].prev_grads):
+            assert (a is None and b is None) or torch.equal(a, b), name
+        assert monitors[0].scalars() == monitors[1].scalars(), name
+        if name == "conflict":
+            assert monitors[0].similarity[0] < -0.5 and monitors[0].applied_scale[0] != monitors[0].gammas()[0]
+            assert monitors[0].applied_scale[1] == 1.0
+        if name == "overflow":
+            assert monitors[0].applied_scale[1] == 1.0 and monitors[0].applied_scale[0] != 1.0

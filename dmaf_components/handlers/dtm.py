@@ -178,32 +178,53 @@ class DynamicTrainingMonitor:
         return net.encoders
 
     def scale_gradients(self, encoders: Sequence[nn.Module]) -> None:
-        """Apply Eq. 18 to every encoder that received a gradient in this iteration."""
-        gammas = self.gammas()
+        """Apply Eq. 18 to every encoder that received a gradient in this iteration.
+
+        The finiteness test and the cosine of every encoder are read back in one host-device synchronisation, and
+        the gradients are multiplied by one ``torch._foreach_mul_`` (one multiplication per tensor, by the same
+        Python float as ``p.grad.mul_(factor)``: bit-identical results, ``tests/test_dtm.py``).
+        """
+        gammas = self.gammas().tolist()
         self.similarity.fill_(float("nan"))
         self.applied_scale.fill_(1.0)
         self._snapshots = {}
+        grads: dict[int, list[torch.Tensor]] = {}
+        flats: dict[int, torch.Tensor] = {}
         for m, encoder in enumerate(encoders):
             params = [p for p in encoder.parameters() if p.grad is not None]
-            if not params:  # modality absent from the whole batch: nothing to scale
-                continue
-            flat = torch.cat([p.grad.detach().flatten().float() for p in params])
-            if not bool(torch.isfinite(flat).all()):  # AMP overflow: the scaler skips this step
-                continue
-            factor = float(gammas[m])
+            if params:  # (a modality absent from the whole batch has nothing to scale)
+                grads[m] = [p.grad for p in params]
+                flats[m] = torch.cat([g.detach().flatten().float() for g in grads[m]])  # a new tensor, not a view
+        if not flats:
+            return
+        compared: dict[int, bool] = {}
+        stats = []
+        for m, flat in flats.items():
             prev = self.prev_grads[m]
-            if prev is not None and prev.numel() == flat.numel():
-                sim = float(torch.nn.functional.cosine_similarity(flat, prev.to(flat.device), dim=0))
-                self.similarity[m] = sim
-                if sim < self.conflict_threshold:
+            compared[m] = prev is not None and prev.numel() == flat.numel()
+            cosine = (torch.nn.functional.cosine_similarity(flat, prev.to(flat.device), dim=0) if compared[m]
+                      else flat.new_full((), float("nan")))
+            stats.append(torch.stack([torch.isfinite(flat).all().to(flat.dtype), cosine]))
+        host = torch.stack(stats).tolist()  # the one synchronisation: [finite, cosine] per encoder, float32 values
+        scaled: list[torch.Tensor] = []
+        factors: list[float] = []
+        for (m, flat), (finite, cosine) in zip(flats.items(), host):
+            if not finite:  # AMP overflow: the scaler skips this step
+                continue
+            factor = gammas[m]
+            if compared[m]:
+                self.similarity[m] = cosine
+                if cosine < self.conflict_threshold:
                     factor *= self.conflict_factor
-            self.prev_grads[m] = flat.clone()
+            self.prev_grads[m] = flat
             self.applied_scale[m] = factor
             if self.scaling_mode == "gradient":
-                for p in params:
-                    p.grad.mul_(factor)
+                scaled += grads[m]
+                factors += [factor] * len(grads[m])
             elif self.scaling_mode == "update":
-                self._snapshots[m] = ([p.detach().clone() for p in encoder.parameters()], factor)
+                self._snapshots[m] = ([p.detach().clone() for p in encoders[m].parameters()], factor)
+        if scaled:
+            torch._foreach_mul_(scaled, factors)
 
     def _rescale_updates(self, engine: Engine) -> None:
         for m, encoder in enumerate(self._encoders(engine)):

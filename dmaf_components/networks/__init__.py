@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from .blocks import ModalityEncoder, UNetDecoder
+from .compiled import compile_network, compiled_network, compiled_parts
 from .cpu_kernels import apply_cpu_kernels, cpu_kernels_applied
 from .dmafnet import FUSIONS, DMAFNet, DMAFNetOutput
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, masked_softmax, tokens_to_grid, grid_to_tokens
@@ -28,6 +29,9 @@ __all__ = [
     "UNetDecoder",
     "apply_cpu_kernels",
     "cpu_kernels_applied",
+    "compile_network",
+    "compiled_network",
+    "compiled_parts",
     "masked_softmax",
     "grid_to_tokens",
     "tokens_to_grid",

@@ -300,11 +300,16 @@ class DMAFFusion(nn.Module):
         Returns:
             fused features f_{n,l} of shape ``(B, C, *spatial)``.
         """
-        weights = self.spatial_weights(feats, mask, present)
-        # sum_m e^m * a_m one modality at a time: no (B, M, C, ...) product is built, and the result keeps the
-        # features' memory layout (channels-last on CPU)
-        # (unbind, not indexing: its backward stacks the gradients once instead of zero-filling the whole stack per
-        # modality)
+        return self._weighted_sum(feats, self.spatial_weights(feats, mask, present))
+
+    def _weighted_sum(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """f = sum_m e^m * a_m (Eq. 3) of features ``(B, M', C, *spatial)`` and weights ``(B, M', *spatial)``,
+        returning ``(B, C, *spatial)``.
+
+        One modality at a time: no ``(B, M', C, ...)`` product is built, and the result keeps the features' memory
+        layout (channels-last on CPU). ``unbind``, not indexing: its backward stacks the gradients once instead of
+        zero-filling the whole stack per modality.
+        """
         parts, w = feats.unbind(1), weights.unsqueeze(2).unbind(1)
         out = parts[0] * w[0]
         for part, a in zip(parts[1:], w[1:]):
