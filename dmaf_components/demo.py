@@ -13,7 +13,7 @@
 Steps (each printed as the command a user would type): generate the synthetic BraTS2020-layout set when it is not
 there yet, write its IDT datalist, train briefly (``run training``), evaluate all 15 modality combinations
 (``evaluate.json``), and segment a new study that has only FLAIR and T1ce (``inference.json``, with its snapshot
-PNG: slices through the predicted tumour with the labels overlaid).
+PNG: slices through the predicted tumour with the labels overlaid, and the uncertainty map and its row in the PNG).
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def run_demo(data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epo
     seg_dir = os.path.join(work_dir, "segmentations")
     _run([py, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", new_dir,
           "--bundle_root", root, "--output_dir", seg_dir, "--roi_size", _override("--roi_size"), "--num_workers", "0",
-          "--overwrite", "True", "--save_snapshot", "True"],  # a rerun replaces its own results (kept otherwise)
-         BUNDLE_DIR)
+          "--overwrite", "True", "--save_snapshot", "True", "--save_uncertainty", "True"],
+         BUNDLE_DIR)  # --overwrite: a rerun replaces its own results (kept otherwise)
 
     print("\n" + table.strip())
     iterations = epochs * len(json.load(open(datalist))["training"])
@@ -121,4 +121,6 @@ def run_demo(data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epo
     print(f"[demo] segmentation:   {os.path.join(seg_dir, 'new_study_seg.nii.gz')}")
     print(f"[demo] picture:        {os.path.join(seg_dir, 'new_study_snapshot.png')} (open this first)")
     print(f"[demo] report:         {os.path.join(seg_dir, 'new_study_report.json')} (expected Dice from "
-          f"{os.path.join(root, 'models', 'quality.json')}, advice on the missing modalities)")
+          f"{os.path.join(root, 'models', 'quality.json')}, advice on the missing modalities, uncertain volume)")
+    print(f"[demo] uncertainty:    {os.path.join(seg_dir, 'new_study_uncertainty.nii.gz')} (where the model is unsure; "
+          "its row in the picture)")

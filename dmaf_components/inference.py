@@ -373,27 +373,51 @@ class StudyEvaluator(SupervisedEvaluator):
             f"study {case}: {files}; used {', '.join(used) or 'none'}"
             f"{'; missing ' + ', '.join(missing) if missing else ''}{target}"
         )
+        uncertainty = _uncertainty_summary(output)
+        if uncertainty is not None:
+            from .uncertainty import uncertainty_line
+
+            folder = os.path.dirname(output_path(case, str(self.output_dir or "."), self.output_postfix,
+                                                 self.output_ext, self.separate_folder))
+            written = uncertainty.get("map")
+            target_map = os.path.join(folder, written) if written else "map not saved"
+            logger.info(uncertainty_line(case, uncertainty, target_map))
         if self.save_report and self.output_dir:
             found_names = list(names) if found == "4-D" else [m for m in found.split(",") if m]
             available = batchdata.get(f"image{AVAILABLE_POSTFIX}")
             zero = [] if available is None else [m for m in found_names if m not in self._names(available)]
             try:
-                self._write_report(case, found_names, used, {**{m: "all zero" for m in zero}, **never_used})
+                self._write_report(case, found_names, used, {**{m: "all zero" for m in zero}, **never_used},
+                                   uncertainty)
             except Exception as exc:
                 return self._fail(case, describe_failure(exc))
         self.segmented.append(case)
         return output
 
-    def _write_report(self, case: str, found: list[str], used: list[str], not_used: dict[str, str]) -> None:
+    def _write_report(
+        self, case: str, found: list[str], used: list[str], not_used: dict[str, str], uncertainty: dict | None = None
+    ) -> None:
         from .quality import REPORT_POSTFIX, report_line, study_report, write_json_atomic
 
         target = output_path(case, str(self.output_dir), REPORT_POSTFIX, ".json", self.separate_folder)
         segmentation = output_path(case, str(self.output_dir), self.output_postfix, self.output_ext,
                                    self.separate_folder)
         report = study_report(case, self.modalities or tuple(found), found, used, self.quality, not_used,
-                              self.untrained, os.path.basename(segmentation), self.quality_path)
+                              self.untrained, os.path.basename(segmentation), self.quality_path, uncertainty)
         write_json_atomic(report, target, self.overwrite)
         logger.info(report_line(report, target))
+
+
+def _uncertainty_summary(output: Any) -> dict | None:
+    """The :class:`~dmaf_components.uncertainty.SaveUncertaintyd` summary in a postprocessed engine output (a list
+    of one study's dicts), or None."""
+    from .uncertainty import UNCERTAINTY_SUMMARY_KEY
+
+    items = output if isinstance(output, list) else [output]
+    for item in items:
+        if isinstance(item, Mapping) and isinstance(item.get(UNCERTAINTY_SUMMARY_KEY), Mapping):
+            return dict(item[UNCERTAINTY_SUMMARY_KEY])
+    return None
 
 
 def run_inference(
@@ -412,15 +436,20 @@ def run_inference(
     save_snapshot: bool = False,
     quality_table: str | None = None,
     save_report: Any = "auto",
+    save_uncertainty: Any = False,
+    uncertainty: str = "margin",
+    uncertainty_threshold: Any = None,
 ) -> dict[str, Any]:
     """The bundle's inference run: checks, then every study, then a summary.
 
     Before any study is computed: the output names are planned (:func:`plan_outputs`: format, collisions, existing
     results, input folder; with ``save_weights`` the modality weight maps and their summary too, see
-    :mod:`dmaf_components.weight_maps`; with ``save_snapshot`` the picture, :mod:`dmaf_components.snapshots`), the
-    checkpoint is loaded into ``network``
-    (:func:`~dmaf_components.checkpoints.load_model_weights`, a state dict or a training checkpoint; a
-    :class:`~dmaf_components.weight_maps.ModalityWeightsNet` is looked through, the checkpoint is the plain
+    :mod:`dmaf_components.weight_maps`; with ``save_snapshot`` the picture, :mod:`dmaf_components.snapshots`; with
+    ``save_uncertainty`` the uncertainty map, :mod:`dmaf_components.uncertainty`, whose measure ``uncertainty`` and
+    ``uncertainty_threshold`` are checked first), the checkpoint is loaded into
+    ``network`` (:func:`~dmaf_components.checkpoints.load_model_weights`, a state dict or a training checkpoint;
+    inference wrappers, :class:`~dmaf_components.weight_maps.ModalityWeightsNet` and
+    :class:`~dmaf_components.uncertainty.UncertaintyNet`, are looked through: the checkpoint is the plain
     network's), and only then is ``output_dir`` created and test-written. A failure of
     any of these ends the run at once with :class:`BundleExit`. A training checkpoint's record of modalities never
     seen in training (:func:`untrained_modalities`) is passed to ``evaluator`` (:class:`StudyEvaluator`). Then
@@ -432,15 +461,17 @@ def run_inference(
     :mod:`dmaf_components.quality`) is read before the outputs are planned: a table of another model (its SHA-256
     differs from ``checkpoint``'s) ends the run before any study; no table is one note in the log.
     ``save_report``: ``auto`` (the bundle's default) writes ``<case>_report.json`` per study when a matching table
-    was found, ``True`` always (``"expected": null`` without a table), ``False`` never (the table is not read); the
-    reports are planned like the label maps.
+    was found or ``save_uncertainty`` is on (the report holds the uncertainty's summary), ``True`` always
+    (``"expected": null`` without a table), ``False`` never (the table is not read); the reports are planned like
+    the label maps.
 
     Returns:
         ``{"segmented": [case...], "failed": {case: line}, "outputs": {case: path}}`` when every study succeeded.
     """
     from .quality import load_quality_table, report_outputs
     from .snapshots import snapshot_outputs
-    from .weight_maps import ModalityWeightsNet, weight_map_outputs
+    from .uncertainty import base_network, check_measure, check_threshold, uncertainty_outputs
+    from .weight_maps import weight_map_outputs
 
     try:
         overwrite = as_bool(overwrite)
@@ -448,9 +479,17 @@ def run_inference(
         report = auto or as_bool(save_report, "save_report")
         modalities = evaluator.modalities if isinstance(evaluator, StudyEvaluator) else None
         table = load_quality_table(quality_table, checkpoint, modalities) if report else None
-        report = report and (table is not None or not auto)
+        uncertainty_on = as_bool(save_uncertainty, "save_uncertainty")
+        if uncertainty_on:
+            try:
+                check_measure(uncertainty)
+                check_threshold(uncertainty_threshold, uncertainty)
+            except ValueError as exc:
+                raise DMAFDataError(str(exc)) from None
+        report = report and (table is not None or uncertainty_on or not auto)
         extra = weight_map_outputs() if as_bool(save_weights, "save_weights") else ()
         extra += snapshot_outputs() if as_bool(save_snapshot, "save_snapshot") else ()
+        extra += uncertainty_outputs() if uncertainty_on else ()
         extra += report_outputs() if report else ()
         plan = plan_outputs(
             studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext,
@@ -459,9 +498,7 @@ def run_inference(
         if checkpoint is not None:
             if network is None:
                 raise DMAFDataError(f"{checkpoint}: no network given to load the checkpoint into")
-            load_model_weights(
-                network.network if isinstance(network, ModalityWeightsNet) else network, checkpoint, map_location
-            )
+            load_model_weights(base_network(network), checkpoint, map_location)
         prepare_output_dir(output_dir)
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None

@@ -33,7 +33,9 @@ from .data.names import is_nifti
 from .data.readers import first_line, itk_reason
 from .errors import as_bool, describe_failure
 
-__all__ = ["OUTPUT_EXTENSIONS", "output_extension", "output_path", "atomic_write", "AtomicSaveImaged"]
+__all__ = [
+    "OUTPUT_EXTENSIONS", "output_extension", "output_path", "atomic_write", "AtomicSaveImaged", "float_map_saver",
+]
 
 #: single-file formats a segmentation is written in: NIfTI (MONAI's ``NibabelWriter``), NRRD and MetaImage
 #: (``ITKWriter``, whose LPS direction, origin and spacing come from the image's affine)
@@ -281,3 +283,14 @@ class AtomicSaveImaged(SaveImaged):
                     raise
                 raise DMAFDataError(f"{target}: cannot write the result ({describe_failure(exc)})") from None
         return d
+
+
+def float_map_saver(
+    key: Any, output_dir: str, output_postfix: str, separate_folder: bool, name_key: str, overwrite: bool
+) -> AtomicSaveImaged:
+    """The saver of a per-voxel float map beside a study's label map (``<case>_<postfix>.nii.gz``, float32, on the
+    grid and affine the map carries: no resampling), as the weight and uncertainty maps are written."""
+    return AtomicSaveImaged(
+        key, output_dir=output_dir, output_postfix=output_postfix, output_ext=".nii.gz", output_dtype=np.float32,
+        resample=False, separate_folder=separate_folder, print_log=False, name_key=name_key, overwrite=overwrite,
+    )

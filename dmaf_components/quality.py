@@ -17,7 +17,10 @@
 - :func:`load_quality_table`: inference reads it and refuses, in one line, a table of another model (its SHA-256
   differs from the checkpoint's);
 - :func:`study_report`: ``<study>_report.json`` beside the label map: the modalities found and used, the accuracy
-  expected for the present combination, the expected Dice gain of acquiring each missing modality, and flags.
+  expected for the present combination, the expected Dice gain of acquiring each missing modality, flags, and the
+  uncertainty's summary;
+- :class:`StudyReportd`: the same report as a postprocessing step, put in the sample under ``result``: the JSON that
+  MONAI Label's infer response carries.
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
 
 from .data.constants import DMAFDataError
+from .errors import as_bool
 from .outputs import atomic_write
+from .transforms import AVAILABLE_POSTFIX
+from .uncertainty import UNCERTAINTY_SUMMARY_KEY
 
 __all__ = [
     "QUALITY_FORMAT_VERSION",
@@ -48,6 +57,7 @@ __all__ = [
     "report_outputs",
     "study_report",
     "report_line",
+    "StudyReportd",
 ]
 
 logger = logging.getLogger(__name__)
@@ -181,9 +191,10 @@ def write_quality_table(
 
 
 def load_quality_table(
-    path: str | None, checkpoint: str | None, modalities: Sequence[str] | None = None
+    path: str | None, checkpoint: str | None, modalities: Sequence[str] | None = None, note: bool = True
 ) -> dict | None:
-    """The quality table at ``path`` if it belongs to ``checkpoint``; None (and one note in the log) when absent.
+    """The quality table at ``path`` if it belongs to ``checkpoint``; None (and, with ``note``, one note in the log)
+    when absent.
 
     A ``checkpoint`` that is not a file gives None without a note: loading it reports its own error.
 
@@ -195,7 +206,8 @@ def load_quality_table(
         return None
     if path is None or not os.path.isfile(path) or checkpoint is None:
         why = "no checkpoint to match it to" if path is not None and os.path.isfile(path) else "no quality table"
-        logger.info(f"note: {path}: {why}; reports say expected null (evaluate.json writes the table)")
+        if note:
+            logger.info(f"note: {path}: {why}; reports say expected null (evaluate.json writes the table)")
         return None
     try:
         with open(path) as f:
@@ -244,6 +256,7 @@ def study_report(
     never_trained: Sequence[str] = (),
     segmentation: str | None = None,
     table_path: str | None = None,
+    uncertainty: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of one segmented study (``<study>_report.json``).
 
@@ -256,12 +269,16 @@ def study_report(
         never_trained: modalities the checkpoint never saw in training: acquiring them would not be used, so they
             get no advice.
         segmentation, table_path: recorded paths.
+        uncertainty: the study's uncertainty summary
+            (:func:`~dmaf_components.uncertainty.uncertainty_summary`, with the map's file name), or None when the
+            uncertainty was not computed.
 
     Returns:
         ``{"format_version", "case", "segmentation", "modalities_found", "modalities_used", "not_used",
         "quality_table", "expected": {"combination", "variant", "regions": {region: {"dice_mean", "dice_sd",
         "cases", "hd95_mean", "hd95_sd"}}} or None, "advice": [{"modality", "combination", "dice_gain":
-        {region: gain}, "mean_gain"}] (largest mean gain first) or None, "flags": [text], "uncertainty": None}``.
+        {region: gain}, "mean_gain"}] (largest mean gain first) or None, "flags": [text], "uncertainty": the summary
+        or None}``.
     """
     found = [m for m in modalities if m in found]
     used = [m for m in modalities if m in used]
@@ -276,7 +293,7 @@ def study_report(
         "expected": None,
         "advice": None,
         "flags": [],
-        "uncertainty": None,
+        "uncertainty": dict(uncertainty) if uncertainty is not None else None,
     }
     present = _name(used, modalities)
     if table is None or present not in table["combinations"]:
@@ -331,3 +348,94 @@ def report_line(report: Mapping[str, Any], target: str) -> str:
     if report["flags"]:
         text += f"; {len(report['flags'])} flag(s): {'; '.join(report['flags'])}"
     return f"{text} -> {target}"
+
+
+class StudyReportd(MapTransform):
+    """:func:`study_report` as the last postprocessing step: the report goes into the sample under ``report_key``.
+
+    MONAI Label answers an infer request with the label map and the JSON its writer finds under the sample's
+    ``result`` key, so with the default key the report reaches MONAI Label's clients. The bundle's own inference
+    writes ``<study>_report.json`` itself (:class:`~dmaf_components.inference.StudyEvaluator`, which also knows the
+    modalities it dropped as never seen in training); this step reads only the sample:
+
+    - found: the modalities of ``data["modalities_found"]`` (a study folder's files), or every channel of a 4-D
+      image; used: ``data[mask_key]``; found but not used: "all zero";
+    - the uncertainty summary of :class:`~dmaf_components.uncertainty.SaveUncertaintyd`, when it ran.
+
+    Args:
+        keys: the prediction key (a sample without it passes unchanged).
+        modalities: the model's modalities in channel order.
+        quality_table: path of ``quality.json`` (:func:`load_quality_table`: read once, at the first sample; a
+            table of another model raises one line).
+        checkpoint: the weights the table must belong to.
+        enabled: ``auto`` (a report when a matching table was found or the uncertainty ran), True (always), False.
+        report_key: where the report goes (MONAI Label: ``result``; an existing dict there is updated).
+        mask_key: the bool ``(M,)`` modality mask of the sample.
+        name_key: the study's name (default: the image file's name).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        modalities: Sequence[str] = (),
+        quality_table: str | None = None,
+        checkpoint: str | None = None,
+        enabled: Any = "auto",
+        report_key: str = "result",
+        mask_key: str = "modality_mask",
+        name_key: str = "case",
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modalities = [str(m) for m in modalities]
+        self.quality_table, self.checkpoint = quality_table, checkpoint
+        self.auto = isinstance(enabled, str) and enabled.strip().lower() == "auto"
+        self.enabled = True if self.auto else as_bool(enabled, "save_report")
+        self.report_key, self.mask_key, self.name_key = report_key, mask_key, name_key
+        self._table: dict | None = None
+        self._loaded = False
+
+    def _name(self, d: Mapping[str, Any], key: Any) -> str:
+        if self.name_key in d:
+            return str(d[self.name_key])
+        meta = getattr(d[key], "meta", None) or d.get(f"{key}_meta_dict") or {}
+        source = str(meta.get("filename_or_obj", "study"))
+        base = os.path.basename(source)
+        for ext in (".nii.gz", ".nii", ".nrrd", ".mha"):
+            if base.endswith(ext):
+                return base[: -len(ext)]
+        return base or "study"
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        if not self._loaded:
+            # no note: the bundle's inference run has logged it already (a server: see docs/monailabel.md)
+            self._table = load_quality_table(self.quality_table, self.checkpoint, self.modalities or None, note=False)
+            self._loaded = True
+        uncertainty = d.get(UNCERTAINTY_SUMMARY_KEY)
+        for key in self.key_iterator(d):
+            if self.auto and self._table is None and uncertainty is None:
+                continue
+            found_files = d.get("modalities_found")
+            if isinstance(found_files, str) and found_files != "4-D":
+                found = [m for m in found_files.split(",") if m]
+            else:
+                found = list(self.modalities)
+            used = found
+            if self.mask_key in d:
+                flags = torch.as_tensor(d[self.mask_key]).reshape(-1).bool().tolist()
+                used = [m for m, f in zip(self.modalities, flags) if f]
+            available = d.get(f"image{AVAILABLE_POSTFIX}")
+            zero = []
+            if available is not None:
+                avail = torch.as_tensor(available).reshape(-1).bool().tolist()
+                zero = [m for m, f in zip(self.modalities, avail) if m in found and not f]
+            not_used = {m: "all zero" if m in zero else "not used" for m in found if m not in used}
+            report = study_report(self._name(d, key), self.modalities, found, used, self._table, not_used,
+                                  table_path=self.quality_table,
+                                  uncertainty=uncertainty if isinstance(uncertainty, Mapping) else None)
+            existing = d.get(self.report_key)
+            d[self.report_key] = {**existing, **report} if isinstance(existing, Mapping) else report
+        return d

@@ -19,6 +19,9 @@
   labels overlaid in semi-transparent colours and a legend naming them (``BRATS_LABELS``/``MYOPS_LABELS``);
 - with ``--save_weights True`` one more row: DMAF's modality weights a_m as a colour mix (one colour per
   modality) with the predicted foreground's outline, and each modality's mean weight inside it in the legend;
+- with ``--save_uncertainty True`` one more row: the uncertainty map (:mod:`dmaf_components.uncertainty`, 0 black
+  to 1 bright) with the predicted foreground's outline in white and the uncertain voxels' (at or above the report's
+  threshold) in cyan, and their count in the legend;
 - the missing modalities in the title.
 
 Panels are slices of the input's voxel grid (no resampling of the picture), shown in the radiological convention
@@ -260,6 +263,9 @@ def snapshot_figure(
     present: Sequence[bool] | torch.Tensor | None = None,
     weights: Any = None,
     image_affine: Any = None,
+    uncertainty: Any = None,
+    uncertainty_threshold: float | None = None,
+    uncertainty_measure: str = "",
     label_values: Sequence[int] | None = None,
     names: Sequence[str] | None = None,
     dataset_name: str = "brats",
@@ -279,6 +285,9 @@ def snapshot_figure(
         affine: ``(4, 4)`` affine of the input grid.
         modalities: the M modality names; ``present`` ``(M,)`` which the study has (default all): one row each.
         weights: ``(M, *S)`` DMAF's a_m on the input grid, or None (no weight row).
+        uncertainty: ``(1, *S)`` or ``(*S)`` uncertainty map in [0, 1] on the input grid, or None (no uncertainty
+            row); ``uncertainty_threshold``: the uncertain voxels' outline (None: none drawn);
+            ``uncertainty_measure``: its name, in the row's label.
         names: name of each class index (default :func:`class_names`).
         dataset_name: ``brats`` or ``myops`` (names, colours and the empty-label text).
         spatial_dims: 3 (three orthogonal planes) or 2 (one slice, see :func:`snapshot_views`).
@@ -286,8 +295,8 @@ def snapshot_figure(
         panel_inches: size of one panel.
 
     Returns:
-        the figure; its axes are the panels row by row (``len(fig.axes) == views x (present [+ 1])``), each with
-        ``ax.get_label()`` ``"<row>/<view>"`` (row: a modality or ``weights``).
+        the figure; its axes are the panels row by row (``len(fig.axes) == views x (present [+ 1] [+ 1])``), each
+        with ``ax.get_label()`` ``"<row>/<view>"`` (row: a modality, ``weights`` or ``uncertainty``).
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -321,7 +330,10 @@ def snapshot_figure(
     if w_np is not None and fg.any():
         w_mean = {i: float(w_np[i][fg].mean()) for i in rows}
     has_weights = w_np is not None
-    nrows, ncols = len(rows) + int(has_weights), len(views)
+    u_np = None if uncertainty is None else _as_numpy(uncertainty).astype(np.float32).reshape(shape)
+    has_uncertainty = u_np is not None
+    u_row = len(rows) + int(has_weights)
+    nrows, ncols = u_row + int(has_uncertainty), len(views)
     width = max(panel_inches * ncols + 0.4, 6.0)  # room for the title and the legends
     fig = Figure(figsize=(width, panel_inches * nrows + 1.5), dpi=100, layout="constrained")
     axes = fig.subplots(max(nrows, 1), ncols, squeeze=False)
@@ -358,6 +370,17 @@ def snapshot_figure(
             if (cls > 0).any() and (cls == 0).any():
                 ax.contour((cls > 0).astype(np.float32), levels=[0.5], colors="white", linewidths=0.7)
             ax.set_label(f"weights/{view.name}")
+        if has_uncertainty:
+            ax = axes[u_row, c]
+            up = view.plane(u_np)[crop]
+            ax.imshow(np.clip(up, 0, 1), cmap="magma", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+            if (cls > 0).any() and (cls == 0).any():
+                ax.contour((cls > 0).astype(np.float32), levels=[0.5], colors="white", linewidths=0.7)
+            if uncertainty_threshold is not None:
+                flagged = (up >= uncertainty_threshold).astype(np.float32)
+                if flagged.any() and not flagged.all():
+                    ax.contour(flagged, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.set_label(f"uncertainty/{view.name}")
         for r in range(nrows):
             ax = axes[r, c]
             ax.set_xticks([])
@@ -365,7 +388,13 @@ def snapshot_figure(
             ax.text(0.02, 0.5, view.left, transform=ax.transAxes, color="white", fontsize=7, va="center")
             ax.text(0.5, 0.98, view.top, transform=ax.transAxes, color="white", fontsize=7, ha="center", va="top")
             if c == 0:
-                ax.set_ylabel("DMAF weights a_m" if r == len(rows) else modalities[rows[r]], fontsize=10)
+                if r < len(rows):
+                    ylabel = modalities[rows[r]]
+                elif has_uncertainty and r == u_row:
+                    ylabel = f"uncertainty ({uncertainty_measure})" if uncertainty_measure else "uncertainty"
+                else:
+                    ylabel = "DMAF weights a_m"
+                ax.set_ylabel(ylabel, fontsize=10)
         extra = " (most foreground)" if view.name == "slice" and centre is not None else ""
         axes[0, c].set_title(f"{view.name} {view.index}/{n_slices - 1}{extra}", fontsize=9)
     used = ", ".join(modalities[i] for i in rows) or "none"
@@ -389,6 +418,11 @@ def snapshot_figure(
                           + (f" {w_mean[i]:.2f}" if w_mean is not None else "")) for i in rows]
         fig.legend(handles=whandles, loc="outside lower right", fontsize=8, frameon=False, title="a_m (colour mix)"
                    + ("; mean in foreground" if w_mean is not None else ""), title_fontsize=8)
+    if has_uncertainty and uncertainty_threshold is not None:
+        n = int((u_np >= uncertainty_threshold).sum())
+        uhandles = [Patch(facecolor="none", edgecolor="cyan", label=f">= {uncertainty_threshold:g}: {n} voxels")]
+        fig.legend(handles=uhandles, loc="outside lower center", fontsize=8, frameon=False, title="uncertain",
+                   title_fontsize=8)
     return fig
 
 
@@ -406,15 +440,16 @@ class SaveSnapshotd(MapTransform):
     """Write a study's snapshot (:func:`snapshot_figure`) as ``<case>_snapshot.png`` next to its label map.
 
     Placed after ``Invertd`` (``data[key]``: the label map on the input grid, a ``MetaTensor`` whose affine is the
-    input's) and after :class:`~dmaf_components.weight_maps.SaveModalityWeightsd` (``data[weights_key]``, when
-    present, already 0 for missing modalities). ``data[image_key]`` is the network's input, a ``MetaTensor`` on the
-    preprocessed grid; ``data[mask_key]`` the ``(M,)`` modality mask. With ``enabled`` off (the bundle's default) it
-    passes every sample unchanged.
+    input's), after :class:`~dmaf_components.weight_maps.SaveModalityWeightsd` (``data[weights_key]``, when
+    present, already 0 for missing modalities) and after :class:`~dmaf_components.uncertainty.SaveUncertaintyd`
+    (``data[uncertainty_key]`` on the input grid and its summary, with the threshold, when present).
+    ``data[image_key]`` is the network's input, a ``MetaTensor`` on the preprocessed grid; ``data[mask_key]`` the
+    ``(M,)`` modality mask. With ``enabled`` off (the bundle's default) it passes every sample unchanged.
 
     Args:
         keys: the label map key.
         enabled: ``--save_snapshot`` (``True``/``False`` or their strings).
-        image_key, weights_key, mask_key, name_key: data keys.
+        image_key, weights_key, mask_key, name_key, uncertainty_key, summary_key: data keys.
         modalities, label_values, dataset_name, spatial_dims: as :func:`snapshot_figure`.
         output_dir, output_postfix, separate_folder, overwrite: where and how, as
             :class:`~dmaf_components.outputs.AtomicSaveImaged` (``output_postfix`` default ``snapshot``).
@@ -428,6 +463,8 @@ class SaveSnapshotd(MapTransform):
         weights_key: str = "weights",
         mask_key: str = "modality_mask",
         name_key: str = "case",
+        uncertainty_key: str = "uncertainty",
+        summary_key: str = "uncertainty_summary",
         modalities: Sequence[str] = (),
         label_values: Sequence[int] | None = None,
         dataset_name: str = "brats",
@@ -441,6 +478,7 @@ class SaveSnapshotd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.enabled = as_bool(enabled, "save_snapshot")
         self.image_key, self.weights_key, self.mask_key, self.name_key = image_key, weights_key, mask_key, name_key
+        self.uncertainty_key, self.summary_key = uncertainty_key, summary_key
         self.modalities = tuple(modalities)
         self.label_values = None if label_values is None else [int(v) for v in label_values]
         self.dataset_name = str(dataset_name)
@@ -460,12 +498,14 @@ class SaveSnapshotd(MapTransform):
             if not self.overwrite and os.path.lexists(target):
                 raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
             pred, image = d[key], d[self.image_key]
+            summary = d.get(self.summary_key) if isinstance(d.get(self.summary_key), Mapping) else {}
             try:
                 fig = snapshot_figure(
                     image, pred, pred.affine, self.modalities or [str(i) for i in range(image.shape[0])],
                     present=d.get(self.mask_key), weights=d.get(self.weights_key), image_affine=image.affine,
                     label_values=self.label_values, dataset_name=self.dataset_name, spatial_dims=self.spatial_dims,
-                    case=case,
+                    case=case, uncertainty=d.get(self.uncertainty_key),
+                    uncertainty_threshold=summary.get("threshold"), uncertainty_measure=summary.get("measure", ""),
                 )
             except Exception as exc:
                 raise DMAFDataError(f"{target}: cannot draw the snapshot ({describe_failure(exc)})") from None

@@ -34,7 +34,6 @@ import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
@@ -44,7 +43,7 @@ from torch import nn
 
 from .data.constants import DMAFDataError
 from .errors import BundleExit, as_bool, describe_failure
-from .outputs import AtomicSaveImaged, _dotted, output_path
+from .outputs import AtomicSaveImaged, _dotted, float_map_saver, output_path
 
 __all__ = [
     "WEIGHTS_POSTFIX",
@@ -72,7 +71,9 @@ class ModalityWeightsNet(nn.Module):
     """A DMAF network that also returns its per-voxel modality weights a_m as extra output channels.
 
     Args:
-        network: a ``DMAFNet`` with ``fusion="dmaf"`` (its ``fusions`` are ``DMAFFusion`` modules).
+        network: a ``DMAFNet`` with ``fusion="dmaf"`` (its ``fusions`` are ``DMAFFusion`` modules), or an
+            :class:`~dmaf_components.uncertainty.UncertaintyNet` around one (its extra channels then come before the
+            weights).
         level: the fusion level whose weights are returned (0, the default: full resolution), or ``"mean"``: the
             mean over all levels, each upsampled to the input's size.
 
@@ -80,18 +81,25 @@ class ModalityWeightsNet(nn.Module):
     network's logits, then one weight channel per modality (0 for missing modalities, summing to 1 over the present
     ones).
     The weights are read by a forward hook on the fusion module: ``DMAFFusion.spatial_weights`` is evaluated again
-    on the same inputs (one extra DMAF weight computation per hooked level; the network's own forward is untouched).
+    on the same inputs (one extra DMAF weight computation per hooked level; the network's own forward is untouched);
+    when the wrapped module runs the network more than once (test-time flips), the first run's weights are kept.
     Eval mode only. ``state_dict``/``load_state_dict`` are the wrapped network's.
     """
 
+    #: :func:`~dmaf_components.uncertainty.base_network` looks through it
+    wraps_network = True
+
     def __init__(self, network: nn.Module, level: int | str = 0) -> None:
         super().__init__()
-        if getattr(network, "fusion", None) != "dmaf":
+        from .uncertainty import base_network
+
+        base = base_network(network)
+        if getattr(base, "fusion", None) != "dmaf":
             raise ValueError(
                 f"save_weights: modality weights exist only with fusion 'dmaf' (the network uses "
-                f"{getattr(network, 'fusion', type(network).__name__)!r})"
+                f"{getattr(base, 'fusion', type(base).__name__)!r})"
             )
-        levels = len(network.fusions)
+        levels = len(base.fusions)
         if level == "mean":
             self.levels = tuple(range(levels))
         elif isinstance(level, int) and not isinstance(level, bool) and 0 <= level < levels:
@@ -110,6 +118,8 @@ class ModalityWeightsNet(nn.Module):
     @staticmethod
     def _hook(level: int, store: dict[int, torch.Tensor]):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if level in store:  # the first forward's (an UncertaintyNet computes the unflipped input first)
+                return
             feats, mask = args[0], args[1]
             present = args[2] if len(args) > 2 else None
             weights = module.spatial_weights(feats, mask, present)
@@ -123,8 +133,11 @@ class ModalityWeightsNet(nn.Module):
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.network.training:
             raise RuntimeError("ModalityWeightsNet is for inference: call .eval() first")
+        from .uncertainty import base_network
+
         store: dict[int, torch.Tensor] = {}
-        handles = [self.network.fusions[lv].register_forward_hook(self._hook(lv, store)) for lv in self.levels]
+        fusions = base_network(self.network).fusions
+        handles = [fusions[lv].register_forward_hook(self._hook(lv, store)) for lv in self.levels]
         try:
             logits = self.network(x, modality_mask)
         finally:
@@ -300,11 +313,8 @@ class SaveModalityWeightsd(MapTransform):
 
     def _image_saver(self, key: Hashable) -> AtomicSaveImaged:
         if self._saver is None:
-            self._saver = AtomicSaveImaged(
-                key, output_dir=self.output_dir, output_postfix=self.output_postfix, output_ext=".nii.gz",
-                output_dtype=np.float32, resample=False, separate_folder=self.separate_folder, print_log=False,
-                name_key=self.name_key, overwrite=self.overwrite,
-            )
+            self._saver = float_map_saver(key, self.output_dir, self.output_postfix, self.separate_folder,
+                                          self.name_key, self.overwrite)
         return self._saver
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

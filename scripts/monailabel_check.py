@@ -17,7 +17,9 @@
 4. ``GET /info/``: the model and its labels (value -> name from ``metadata.json``);
 5. ``POST /infer/dmaf_brats?image=<id>``: the label map has values in {0, 1, 2, 4}, the study's shape and affine,
    and equals what the bundle's own ``inference.json`` writes with the same weights (a silently unloaded
-   ``model.pt`` would differ);
+   ``model.pt`` would differ); with ``output=json`` the response carries the study's report: the modalities used
+   (the all-zero T1 left out), the expected Dice of that combination from the ``quality.json`` that the bundle's
+   ``evaluate.json`` wrote beside ``model.pt``, the gain of acquiring T1, and the uncertainty's summary per region;
 6. ``POST /train/dmaf_brats`` for one epoch, polled until it finishes;
 7. stops the server by its PID. Every wait is bounded.
 
@@ -51,6 +53,8 @@ BUNDLE = os.path.join(ROOT, "bundle")
 MODEL = "dmaf_brats"
 #: the check runs on 2 CPU cores: smaller patches than the paper's 128^3 (the network itself is the default one)
 SMALL = {"roi_size": [64, 64, 64]}
+#: inference as a server runs it: the uncertainty's summary in the response, no map written per request
+SERVER = {"save_uncertainty": True, "save_uncertainty_map": False}
 
 
 #: file that marks a --work folder as made by this check, so that a later run may empty it
@@ -133,24 +137,34 @@ def make_studies(work: str) -> tuple[str, list[str]]:
 
 
 def patch_configs(bundle_dir: str) -> None:
-    """Smaller sliding-window patches for a 2-core check; everything else is the shipped bundle."""
+    """Smaller sliding-window patches for a 2-core check, the uncertainty on for inference (its summary, no map);
+    everything else is the shipped bundle."""
     for cfg in ("train.json", "inference.json"):
         path = os.path.join(bundle_dir, "configs", cfg)
         config = json.load(open(path))
         config.update(SMALL)
+        if cfg == "inference.json":
+            config.update(SERVER)
         json.dump(config, open(path, "w"), indent=4)
 
 
 def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
-    """One short training run of the bundle (main environment) so that model.pt holds trained weights."""
+    """One short training run of the bundle (main environment) so that model.pt holds trained weights, then its
+    evaluation (``evaluate.json``, every modality combination of one study) so that ``quality.json`` lies beside it,
+    as it does beside released weights."""
     data = [{"image": os.path.join(studies, f"{n}.nii.gz"), "label": os.path.join(studies, "labels", "final",
                                                                                    f"{n}.nii.gz")} for n in names]
     datalist = os.path.join(bundle_dir, "check_datalist.json")
-    json.dump({"training": data[:3], "validation": data[3:], "testing": []}, open(datalist, "w"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--max_epochs", "2",
-           "--val_interval", "1", "--num_workers", "0", "--learning_rate", "0.001"]
+    json.dump({"training": data[:3], "validation": data[3:], "testing": data[3:]}, open(datalist, "w"))
+    common = ["--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--num_workers", "0"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common,
+           "--max_epochs", "2", "--val_interval", "1", "--learning_rate", "0.001"]
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    configs = "['configs/train.json','configs/evaluate.json']"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *common]
+    subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    if not os.path.isfile(os.path.join(bundle_dir, "models", "quality.json")):
+        raise RuntimeError("evaluate.json wrote no models/quality.json")
     for f in os.listdir(os.path.join(bundle_dir, "models")):
         if f.startswith("checkpoint"):
             os.remove(os.path.join(bundle_dir, "models", f))  # keep model.pt only, as a released bundle
@@ -168,6 +182,26 @@ def bundle_inference(bundle_dir: str, study: str, out_dir: str) -> str:
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=600)
     name = os.path.basename(study).replace(".nii.gz", "_seg.nii.gz")
     return os.path.join(out_dir, "seg", name)
+
+
+def check_report(response: dict) -> None:
+    """The report in MONAI Label's infer response (``StudyReportd``) for the study whose T1 is all zero."""
+    report = {k: response.get(k) for k in ("modalities_used", "expected", "advice", "uncertainty", "not_used")}
+    log(f"/infer/ report: used {report['modalities_used']}, not used {report['not_used']}")
+    assert report["modalities_used"] == ["flair", "t1ce", "t2"], report["modalities_used"]
+    assert report["not_used"] == {"t1": "all zero"}, report["not_used"]
+    expected = report["expected"]
+    assert expected and expected["combination"] == "flair+t1ce+t2", expected
+    assert set(expected["regions"]) == {"WT", "TC", "ET"}, expected
+    log("/infer/ report: expected Dice " + ", ".join(f"{r} {v['dice_mean']:.1f}" for r, v in
+                                                     expected["regions"].items()))
+    advice = report["advice"]
+    assert [a["modality"] for a in advice] == ["t1"] and advice[0]["combination"] == "flair+t1+t1ce+t2", advice
+    log(f"/infer/ report: acquiring t1 would change mean Dice by {advice[0]['mean_gain']:+.1f}")
+    uncertainty = report["uncertainty"]
+    assert uncertainty and set(uncertainty["regions"]) == {"WT", "TC", "ET"} and uncertainty["map"] is None, uncertainty
+    log(f"/infer/ report: {uncertainty['uncertain']['voxels']} uncertain voxels ({uncertainty['measure']} >= "
+        f"{uncertainty['threshold']:g})")
 
 
 def main() -> int:
@@ -248,6 +282,10 @@ def main() -> int:
         log(f"/infer/ agrees with the bundle's own inference on {agree * 100:.2f} % of voxels")
         assert agree > 0.999, "MONAI Label's output differs from the bundle's: were the weights loaded?"
         assert len(set(np.unique(mine).tolist())) > 1, "the trained model segments nothing: the check would be void"
+
+        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=json", body=b"",
+                                     timeout=600)
+        check_report(json.loads(body))
 
         request = {"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
         http("POST", f"{url}/train/{MODEL}?run_sync=false", body=json.dumps(request).encode(),

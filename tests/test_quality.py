@@ -272,3 +272,43 @@ def test_a_never_trained_modality_is_found_not_used_and_never_advised(studies):
     assert report["modalities_found"] == ["flair", "t2"] and report["modalities_used"] == ["flair"]
     assert report["not_used"] == {"t2": "never seen in training"} and report["expected"]["combination"] == "flair"
     assert [a["modality"] for a in report["advice"]] == ["t1ce", "t1"]  # mean gains 26.7 and 5.3; t2 not advised
+
+
+def test_study_reportd_puts_the_report_where_monai_label_answers_with_it(tmp_path):
+    """The postprocessing step (MONAI Label's infer response carries ``data["result"]``): a 4-D study whose T1 is
+    all zero reports T1 found but not used, the table's flair+t1ce+t2 row and T1's gain, and the uncertainty's
+    summary when it ran; ``auto`` without a table adds nothing; a table of another model is one line."""
+    from monai.data import MetaTensor
+
+    from dmaf_components.data.constants import DMAFDataError
+    from dmaf_components.quality import StudyReportd
+    from dmaf_components.uncertainty import UNCERTAINTY_SUMMARY_KEY
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "model.pt")
+    table = _table(tmp_path / "model.pt")
+    json.dump(table, open(tmp_path / "quality.json", "w"))
+    pred = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "/data/study_07.nii.gz"})
+    sample = {"pred": pred, "modality_mask": torch.tensor([True, False, True, True]),
+              "image_available": torch.tensor([True, False, True, True]), UNCERTAINTY_SUMMARY_KEY: {"measure": "m"}}
+    step = StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"),
+                        checkpoint=str(tmp_path / "model.pt"))
+    report = step(sample)["result"]
+    assert report["case"] == "study_07" and report["modalities_found"] == MODALITIES
+    assert report["modalities_used"] == ["flair", "t1ce", "t2"] and report["not_used"] == {"t1": "all zero"}
+    row = table["combinations"]["flair+t1ce+t2"]
+    assert {r: v["dice_mean"] for r, v in report["expected"]["regions"].items()} == {
+        r: row[r]["dice"]["mean"] for r in REGIONS}
+    assert [(a["modality"], a["dice_gain"]) for a in report["advice"]] == [
+        ("t1", {r: table["combinations"]["flair+t1+t1ce+t2"][r]["dice"]["mean"] - row[r]["dice"]["mean"]
+                for r in REGIONS})]
+    assert report["uncertainty"] == {"measure": "m"}
+    # the writer's other keys in "result" are kept
+    assert step({**sample, "result": {"other": 1}})["result"]["other"] == 1
+    # auto without a table and without the uncertainty: no report
+    bare = StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "absent.json"),
+                        checkpoint=str(tmp_path / "model.pt"))
+    assert "result" not in bare({k: v for k, v in sample.items() if k != UNCERTAINTY_SUMMARY_KEY})
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(DMAFDataError, match="quality table of another model"):
+        StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"),
+                     checkpoint=str(tmp_path / "other.pt"))(sample)

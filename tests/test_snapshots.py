@@ -1,7 +1,7 @@
 """The picture a person opens first (issue "3-D that learns", item 3): ``--save_snapshot True`` writes
 ``<study>_snapshot.png`` next to the label map: three orthogonal slices through the predicted tumour's centre, one
-row per present modality with the labels overlaid, a row of DMAF's weights when they are saved, the missing
-modalities in the title."""
+row per present modality with the labels overlaid, a row of DMAF's weights when they are saved, a row of the
+uncertainty map when it is computed (issue 26), the missing modalities in the title."""
 
 from __future__ import annotations
 
@@ -91,6 +91,21 @@ def test_panel_layout_title_legend_and_display_orientation():
     shown = fig.axes[0].images[0].get_array()
     assert shown[2:4, 2:4].min() == 1.0 and shown[-4:-2, -4:-2].max() < 1.0  # window clips the marker at white
     assert [t.get_text() for t in fig.legends[1].get_texts()] == ["flair 0.25", "t1ce 0.75"]
+    # the uncertainty row (after the weights), its outline of the uncertain voxels and their count in the legend
+    uncertainty = np.zeros((1,) + SHAPE, np.float32)
+    uncertainty[0, 10:14, 10:14, :] = 0.8  # 4 x 4 x 24 = 384 voxels at or above 0.5
+    uncertainty[0, 20, 20, 3] = 0.3
+    fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, weights=weights, label_values=[0, 1, 2, 4],
+                          uncertainty=uncertainty, uncertainty_threshold=0.5, uncertainty_measure="entropy")
+    assert len(fig.axes) == 3 * 4 and [a.get_label() for a in fig.axes[9:]] == [
+        "uncertainty/axial", "uncertainty/coronal", "uncertainty/sagittal"]
+    assert fig.axes[9].get_ylabel() == "uncertainty (entropy)" and fig.axes[6].get_ylabel() == "DMAF weights a_m"
+    shown = fig.axes[9].images[0].get_array()
+    assert shown.max() == pytest.approx(0.8) and shown.min() == 0.0
+    assert [t.get_text() for t in fig.legends[2].get_texts()] == [">= 0.5: 384 voxels"]
+    fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, uncertainty=uncertainty[0])  # no weights
+    assert [a.get_label() for a in fig.axes[6:]] == ["uncertainty/axial", "uncertainty/coronal",
+                                                     "uncertainty/sagittal"]
     fig = snapshot_figure(img, np.zeros(SHAPE, np.uint8), AFFINE, MODALITIES, present, label_values=[0, 1, 2, 4])
     assert "no tumour predicted" in fig._suptitle.get_text()
     assert [a.get_title() for a in fig.axes[:3]] == ["axial 12/23", "coronal 16/31", "sagittal 16/31"]
@@ -160,12 +175,12 @@ def test_bundle_inference_writes_the_snapshot_beside_the_label_map(tmp_path):
 
     run()  # off by default
     assert sorted(os.listdir(out)) == ["s1_seg.nii.gz"]
-    run(save_snapshot="true", save_weights=True, overwrite=True)
-    assert sorted(os.listdir(out)) == ["s1_modality_weights.json", "s1_modality_weights.nii.gz", "s1_seg.nii.gz",
-                                       "s1_snapshot.png"]
+    run(save_snapshot="true", save_weights=True, save_uncertainty=True, overwrite=True)
+    assert sorted(os.listdir(out)) == ["s1_modality_weights.json", "s1_modality_weights.nii.gz", "s1_report.json",
+                                       "s1_seg.nii.gz", "s1_snapshot.png", "s1_uncertainty.nii.gz"]
     png = mpimg.imread(str(out / "s1_snapshot.png"))
     assert png.ndim == 3 and png.shape[2] in (3, 4)
-    assert 500 <= png.shape[0] <= 2000 and 500 <= png.shape[1] <= 1500  # three rows of three panels, a title, legends
+    assert 1000 <= png.shape[0] <= 2000 and 500 <= png.shape[1] <= 1500  # 4 rows of 3 panels, a title, legends
     assert float(png[..., :3].std()) > 0.05  # not a blank page
     with pytest.raises(SystemExit, match=r"result\(s\) exist already \(s1_seg.nii.gz, s1_snapshot.png\)"):
         run(save_snapshot=True)

@@ -15,12 +15,13 @@ from __future__ import annotations
 from .blocks import ModalityEncoder, UNetDecoder
 from .compiled import compile_network, compiled_network, compiled_parts
 from .cpu_kernels import apply_cpu_kernels, cpu_kernels_applied
-from .dmafnet import FUSIONS, DMAFNet, DMAFNetOutput
+from .dmafnet import FUSIONS, DMAFNet, DMAFNetOutput, DMAFNetPrediction
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, masked_softmax, tokens_to_grid, grid_to_tokens
 
 __all__ = [
     "DMAFNet",
     "DMAFNetOutput",
+    "DMAFNetPrediction",
     "FUSIONS",
     "DMAFFusion",
     "MeanFusion",

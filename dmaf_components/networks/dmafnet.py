@@ -23,7 +23,7 @@ from .blocks import ModalityEncoder, UNetDecoder
 from .cpu_kernels import apply_cpu_kernels
 from .fusion import ConcatFusion, DMAFFusion, MeanFusion, shared_present
 
-__all__ = ["DMAFNet", "DMAFNetExport", "DMAFNetOutput", "FUSIONS"]
+__all__ = ["DMAFNet", "DMAFNetExport", "DMAFNetOutput", "DMAFNetPrediction", "FUSIONS"]
 
 FUSIONS = ("dmaf", "mean", "concat")
 
@@ -46,6 +46,21 @@ class DMAFNetOutput(NamedTuple):
     modality_logits: torch.Tensor
     modality_features: torch.Tensor
     fused_features: torch.Tensor
+    modality_mask: torch.Tensor
+
+
+class DMAFNetPrediction(NamedTuple):
+    """What :meth:`DMAFNet.forward_with_modality_logits` returns (inference with the uni-modal decoder's outputs).
+
+    Attributes:
+        logits: fused logits z_1, ``(B, K, *spatial)``: the eval-mode output of :meth:`DMAFNet.forward`.
+        modality_logits: uni-modal logits z^m of the shared decoder, ``(B, M, K, *spatial)``; zero for a missing
+            modality (never computed).
+        modality_mask: bool ``(B, M)``, True = present.
+    """
+
+    logits: torch.Tensor
+    modality_logits: torch.Tensor
     modality_mask: torch.Tensor
 
 
@@ -96,6 +111,8 @@ class DMAFNet(nn.Module):
 
     Returns:
         eval mode: fused logits ``(B, K, *spatial)``; training mode: :class:`DMAFNetOutput`.
+        :meth:`forward_with_modality_logits` adds the shared decoder's uni-modal logits at inference
+        (:class:`DMAFNetPrediction`).
 
     TorchScript: ``torch.jit.script(net)`` compiles the inference graph, :class:`DMAFNetExport` (same submodules and
     parameter names), which takes ``(x, modality_mask=None)`` at any size the network accepts.
@@ -261,7 +278,16 @@ class DMAFNet(nn.Module):
         z = self.shared_decoder([f[b_idx, m_idx] for f in feats], all_levels=False)[0]
         return z.new_zeros(out_shape).index_put((b_idx, m_idx), z)
 
-    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor | DMAFNetOutput:
+    def _encode_and_fuse(
+        self, x: torch.Tensor, modality_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor], list[torch.Tensor]]:
+        """Encoders and per-level fusion, shared by :meth:`forward` and :meth:`forward_with_modality_logits`.
+
+        Returns:
+            ``(mask, present, packed, feats, fused)``: the bool ``(B, M)`` mask; the present indices ``(P,)`` when
+            every sample has the same modalities (else None); the encoders' packed ``(P * B, C_l, ...)`` outputs on
+            that path (else None); the per-level ``(B, P or M, C_l, ...)`` features; the fused ``(B, C_l, ...)``.
+        """
         if hasattr(x, "as_tensor"):  # MONAI MetaTensor: plain tensor math is faster and metadata is not needed
             x = x.as_tensor()
         if modality_mask is not None and hasattr(modality_mask, "as_tensor"):
@@ -269,6 +295,7 @@ class DMAFNet(nn.Module):
         mask = self.resolve_mask(x, modality_mask)
         x = x * mask.to(x.dtype).reshape(mask.shape + (1,) * (x.ndim - 2))
         present = shared_present(mask)
+        packed: list[torch.Tensor] | None = None
         if present is not None:  # every sample has the same modalities (batch 1): only theirs are computed
             packed = self.encode_present(x, present)
             feats = [self.unpack(f, present.numel()) for f in packed]
@@ -276,6 +303,10 @@ class DMAFNet(nn.Module):
         else:
             feats = self.encode(x, mask)
             fused = [fuse(f, mask) for fuse, f in zip(self.fusions, feats)]
+        return mask, present, packed, feats, fused
+
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None) -> torch.Tensor | DMAFNetOutput:
+        mask, present, packed, feats, fused = self._encode_and_fuse(x, modality_mask)
         z = self.fusion_decoder(fused, all_levels=self.training)
         if not self.training:
             return z[0]
@@ -292,6 +323,33 @@ class DMAFNet(nn.Module):
             fused_features=fused[-1],
             modality_mask=mask,
         )
+
+    def forward_with_modality_logits(
+        self, x: torch.Tensor, modality_mask: torch.Tensor | None = None
+    ) -> DMAFNetPrediction:
+        """The inference path that also returns the shared decoder's uni-modal logits z^m.
+
+        :meth:`forward` in eval mode returns the fused logits only (the shared decoder D_s serves the training
+        objective, Eq. 1 L_sep); this runs D_s on every present modality as well, at the cost of one more decoder
+        pass per present modality. The fused logits are :meth:`forward`'s eval-mode output, computed the same way,
+        whatever the module's mode (no deep supervision). The TorchScript export (:class:`DMAFNetExport`) does not
+        include it. Used by :mod:`dmaf_components.uncertainty` (modality disagreement).
+
+        Args:
+            x: ``(B, M, *spatial)``.
+            modality_mask: optional bool ``(B, M)``, as :meth:`forward`.
+
+        Returns:
+            :class:`DMAFNetPrediction`: fused logits ``(B, K, *spatial)``, uni-modal logits ``(B, M, K, *spatial)``
+            (zero for a missing modality) and the bool ``(B, M)`` mask used.
+        """
+        mask, present, packed, feats, fused = self._encode_and_fuse(x, modality_mask)
+        logits = self.fusion_decoder(fused, all_levels=False)[0]
+        if present is not None and packed is not None:
+            modality_logits = self.decode_present(packed, present)
+        else:
+            modality_logits = self.decode_modalities(feats, mask)
+        return DMAFNetPrediction(logits=logits, modality_logits=modality_logits, modality_mask=mask)
 
 
 class DMAFNetExport(nn.Module):
