@@ -1,4 +1,4 @@
-# Two entry points (see README.md): `make demo` and `make test`.
+# Two entry points (see README.md): `make demo` and `make test` (`make test-fast`: without the slow tests).
 # Both create or reuse the virtual environment $(VENV). torch 2.13.0 (CPU wheel on CPU-only hosts) is installed
 # first and pinned with a constraints file, so no dependency can swap it for a CUDA build; a torch already present
 # in the environment is kept as it is.
@@ -13,7 +13,7 @@ DEMO_DIR ?= data/demo_brats
 MLVENV ?= .venv-monailabel
 ML_STAMP := $(MLVENV)/.dmaf-installed
 
-.PHONY: env demo test lint wheel clean-env monailabel-env monailabel-check
+.PHONY: env demo test test-fast lint wheel clean-env monailabel-env monailabel-check
 
 env: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The tests not marked slow (setup.cfg's markers): no subprocess, torchrun or bundle run, none over 20 s.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Static checks (pycodestyle errors/warnings and pyflakes; settings in pyproject.toml's [tool.ruff]).
 lint: $(STAMP)

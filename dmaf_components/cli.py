@@ -8,25 +8,29 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""The ``dmaf`` command line (python-fire).
+"""The ``dmaf`` command line (argparse).
 
-The command line is checked against the signature of the chosen :class:`DMAF` method before fire runs anything:
-an unknown command or flag, a missing or extra argument is one line on stderr and exit status 2, so a typo never
-runs a command with defaults. A method with ``**kwargs`` accepts any flag (e.g. bundle overrides).
+Each command is a public method of :class:`DMAF`; its parser is built from the method's signature and docstring
+(:func:`_parser`), and the whole command line is parsed before the method runs: an unknown command or flag (with the
+nearest known one), a flag given twice, a missing or extra argument is one line on stderr and exit status 2, so a
+typo never runs a command with defaults. Values are Python literals where they are one (:func:`_value`); a method
+with ``**kwargs`` accepts any flag (e.g. bundle overrides).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import difflib
 import inspect
 import math
 import re
 import sys
-from collections.abc import Sequence
-
-import fire
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from .data.constants import DMAFDataError
+from .errors import as_bool
 
 __all__ = ["main", "DMAF", "UsageError"]
 
@@ -79,7 +83,7 @@ def _sizes(value, name: str) -> list[float] | None:
 
 
 def _count(value, name: str) -> int:
-    """A whole number >= 1 given on the command line (fire passes 2 as int, "x" or 2.5 as they are)."""
+    """A whole number >= 1 given on the command line (the command line passes 2 as int, "x" or 2.5 as they are)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DMAFDataError(f"--{name}: need a whole number of at least 1, got {value!r}")
     return value
@@ -271,7 +275,7 @@ class DMAF:
         """Print the package version."""
         from . import __version__
 
-        print(__version__)  # main() has fire print no return value
+        print(__version__)  # main() prints no return value
         return __version__
 
     def demo(self, data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epochs: int | None = None) -> None:
@@ -316,19 +320,143 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _command_help(name: str) -> str:
-    """fire's help page of one command, printed on stdout without a pager."""
-    from fire import helptext, trace
+def _value(text: str) -> Any:
+    """A command-line value: a Python literal when it is one (``2``, ``-1``, ``0.5``, ``8,8,8``, ``[0,2]``,
+    ``False``, ``None``), bare words inside one read as text (``[a,b]`` is ``['a', 'b']``, as python-fire reads
+    it, so that bundle overrides keep their types), anything else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return text
 
-    tool = DMAF()
-    component = trace.FireTrace(tool, name="dmaf")
-    component.AddAccessedProperty(getattr(tool, name), name, [name], None, None)
-    return helptext.HelpText(getattr(tool, name), trace=component)
+    class Words(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            return ast.copy_location(ast.Constant(node.id), node)
+
+    try:
+        return ast.literal_eval(Words().visit(tree))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
-def _is_flag(arg: str) -> bool:
-    """fire's rule: a flag starts with ``--``, or with ``-`` and a letter (``-1`` is a value)."""
-    return arg.startswith("--") or re.match("^-[a-zA-Z]", arg) is not None
+class _Once(argparse.Action):
+    """Store a flag's value read by ``parse`` (the text, or True for a flag standing alone), refusing a flag given
+    twice (``--seed 1 --seed=2``); ``parse`` is called with the flag's name."""
+
+    def __init__(self, *args: Any, parse: Callable[[Any, str], Any] = lambda v, name: v, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parse = parse
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.dest in namespace._given:
+            raise argparse.ArgumentError(None, f"--{self.dest} given twice")
+        try:
+            value = self.parse(values, self.dest)
+        except DMAFDataError as exc:
+            raise argparse.ArgumentError(None, str(exc)) from None
+        namespace._given.append(self.dest)
+        setattr(namespace, self.dest, value)
+
+
+def _text(value: Any, name: str) -> Any:
+    return _value(value) if isinstance(value, str) else value
+
+
+def _switch(value: Any, name: str) -> bool:
+    """A boolean flag's value (``--overwrite``, ``--overwrite false``): the one policy of
+    :func:`~dmaf_components.errors.as_bool`."""
+    return as_bool(_text(value, name), f"--{name}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are raised as :class:`UsageError` (one line, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _arg_help(doc: str) -> dict[str, str]:
+    """The ``Args:`` section of a Google-style docstring: parameter name -> its text (continuation lines joined)."""
+    helps: dict[str, str] = {}
+    lines = doc.splitlines()
+    if "Args:" not in [line.strip() for line in lines]:
+        return helps
+    start = [line.strip() for line in lines].index("Args:") + 1
+    name, indent = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        match = re.match(r"(\w+): ?(.*)", line.strip())
+        if depth < indent:
+            break
+        if depth == indent and match:
+            name = match.group(1)
+            helps[name] = match.group(2)
+        elif name is not None:
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def _is_switch(param: inspect.Parameter) -> bool:
+    return param.annotation in (bool, "bool") or isinstance(param.default, bool)
+
+
+def _parser(command: str, args: Sequence[str]) -> tuple[_Parser, list[inspect.Parameter]]:
+    """The parser of one command, built from the :class:`DMAF` method's signature and docstring.
+
+    Every parameter is a flag ``--name VALUE`` or ``--name=VALUE`` (also with hyphens, ``--no-check``), ``-x`` where
+    ``x`` starts no other parameter's name; a boolean one (``--overwrite``) also stands alone for true and as
+    ``--nooverwrite`` for false. Arguments that are not flags fill, in order, the parameters not given as flags. A
+    method with ``**kwargs`` (bundle overrides) takes any other flag in ``args`` as well.
+    """
+    method = getattr(DMAF, command)
+    doc = inspect.getdoc(method) or ""
+    params = list(inspect.signature(method).parameters.values())[1:]  # without self
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = " ".join(p.name.upper() for p in named if p.default is p.empty)
+    parser = _Parser(
+        prog=f"dmaf {command}",
+        usage=f"dmaf {command} {required} [--FLAG VALUE ...]".replace("  ", " "),
+        description=doc.split("\n\nArgs:")[0],
+        allow_abbrev=False,  # --out is not --output: an unknown flag, never a guess
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("_values", nargs="*", type=_value, help=argparse.SUPPRESS)
+    helps = _arg_help(doc)
+    initials = [p.name[0] for p in named]
+    known = {"-h", "--help"}
+    for p in named:
+        flags = [f"--{p.name}"] + ([f"--{p.name.replace('_', '-')}"] if "_" in p.name else [])
+        if initials.count(p.name[0]) == 1 and p.name[0] != "h":  # -h is --help
+            flags.append(f"-{p.name[0]}")
+        text = helps.get(p.name, "")
+        if p.default not in (p.empty, None) and "default" not in text:
+            text += f" (default: {p.default!r})"
+        if _is_switch(p):
+            parser.add_argument(*flags, dest=p.name, nargs="?", const=True, parse=_switch, action=_Once,
+                                metavar="true|false", help=text)
+            if not p.name.startswith("no"):  # --nooverwrite; --no_check is a switch of its own
+                parser.add_argument(f"--no{p.name}", dest=p.name, nargs=0, parse=lambda v, name: False,
+                                    action=_Once, help=argparse.SUPPRESS)
+                known.add(f"--no{p.name}")
+        else:
+            parser.add_argument(*flags, dest=p.name, parse=_text, action=_Once, metavar=p.name.upper(), help=text)
+        known.update(flags)
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        for arg in args:
+            flag = arg.partition("=")[0]
+            if re.match(r"^--[A-Za-z_]", arg) and flag not in known:
+                known.add(flag)
+                parser.add_argument(flag, dest=flag[2:].replace("-", "_"), nargs="?", const=True, parse=_text,
+                                    action=_Once, help=argparse.SUPPRESS)
+    return parser, params
 
 
 def _suggest(word: str, choices, prefix: str = "") -> str:
@@ -336,59 +464,44 @@ def _suggest(word: str, choices, prefix: str = "") -> str:
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
-def _check_args(command: str, args: Sequence[str]) -> None:
-    """Raise :class:`UsageError` unless fire would bind ``args`` to the command's parameters exactly.
-
-    Mirrors fire's parsing: ``--name value``, ``--name=value``, a flag followed by a flag or nothing is boolean
-    ``True``, ``--noname`` is ``False``, ``-x`` is the one parameter starting with ``x``, hyphens read as underscores,
-    and arguments that are not flags fill the parameters not given as flags, in order. Anything after ``--`` is
-    fire's own (``-- --trace``).
-    """
-    params = list(inspect.signature(getattr(DMAF, command)).parameters.values())[1:]  # without self
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    any_flag = any(p.kind == p.VAR_KEYWORD for p in params)
-    any_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
-    args = list(args[: args.index("--")] if "--" in args else args)
-    given, positional, i = set(), [], 0
-    while i < len(args):
-        arg = args[i]
-        i += 1
-        if not _is_flag(arg):
-            positional.append(arg)
-            continue
-        key, equals, _ = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        boolean = not equals and (i == len(args) or _is_flag(args[i]))
-        if key in names or any_flag:
-            keyword = key
-        elif boolean and key.startswith("no") and key[2:] in names:
-            keyword = key[2:]
-        elif len(key) == 1 and [n[0] for n in names].count(key) == 1:
-            keyword = next(n for n in names if n[0] == key)
-        elif len(key) == 1 and key in [n[0] for n in names]:
-            choices = " or ".join(f"--{n}" for n in names if n[0] == key)
-            raise UsageError(f"{command}: flag {arg.partition('=')[0]} is ambiguous: {choices}")
-        else:
-            flag = arg.partition("=")[0]
-            raise UsageError(f"{command}: unknown flag {flag}{_suggest(key, names, '--')} (see dmaf {command} --help)")
-        if keyword in given:
-            raise UsageError(f"{command}: --{keyword} given twice")
-        given.add(keyword)
-        i += 0 if equals or boolean else 1
-    free = [n for n in names if n not in given]
-    if len(positional) > len(free) and not any_positional:
+def _bind(command: str, args: Sequence[str]) -> dict[str, Any]:
+    """The keyword arguments of ``DMAF.<command>`` for a command line (those given; the rest keep the method's
+    defaults), or :class:`UsageError` naming the unknown flag (with the nearest known one), the flag given twice, the
+    missing or extra argument."""
+    if "--" in args:  # it would make the next flag a value: `-- --trace` an output file named --trace
+        raise UsageError(f"{command}: unexpected argument '--' (see dmaf {command} --help)")
+    parser, params = _parser(command, args)
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    try:
+        space, unknown = parser.parse_known_intermixed_args(args, argparse.Namespace(_given=[]))
+    except UsageError as exc:
+        raise UsageError(f"{command}: {exc} (see dmaf {command} --help)") from None
+    for arg in unknown:
+        flag = arg.partition("=")[0]
+        key = flag.lstrip("-").replace("-", "_")
+        if len(key) == 1 and [n[0] for n in named].count(key) > 1:
+            choices = " or ".join(f"--{n}" for n in named if n[0] == key)
+            raise UsageError(f"{command}: flag {flag} is ambiguous: {choices}")
+        raise UsageError(f"{command}: unknown flag {flag}{_suggest(key, named, '--')} (see dmaf {command} --help)")
+    values = {name: getattr(space, name) for name in space._given}
+    free = [n for n in named if n not in values]
+    positional = list(space._values)
+    if len(positional) > len(free):
         raise UsageError(f"{command}: unexpected argument {positional[len(free)]!r} (see dmaf {command} --help)")
-    required = [p.name for p in params if p.name in free[len(positional):] and p.default is p.empty]
-    if required:
-        raise UsageError(f"{command}: missing argument {required[0].upper()} (see dmaf {command} --help)")
+    values.update(zip(free, positional))
+    missing = [p.name for p in params if p.name in named and p.name not in values and p.default is p.empty]
+    if missing:
+        raise UsageError(f"{command}: missing argument {missing[0].upper()} (see dmaf {command} --help)")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``dmaf`` console script.
 
     ``dmaf``, ``dmaf -h`` and ``dmaf --help`` list the commands; ``dmaf COMMAND --help`` shows a command's arguments.
-    A command line that does not fit the command exits with status 2 before anything is read or written, as do data
-    errors (one line on stderr); a data check that finds errors exits with status 1.
+    A command line that does not fit the command (an unknown flag, with the nearest known one; a flag given twice; a
+    missing or extra argument) exits with status 2 before anything is read or written, as do data errors (one line
+    on stderr); a data check that finds errors exits with status 1.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -400,12 +513,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if command not in commands:
             hint = _suggest(command.lstrip("-"), commands)
             raise UsageError(f"unknown command {command!r}{hint} (dmaf --help lists the commands)")
-        options = rest[: rest.index("--")] if "--" in rest else rest
-        if "-h" in options or "--help" in options:
-            print(_command_help(command))
+        if "-h" in rest or "--help" in rest:
+            print(_parser(command, rest)[0].format_help())
             return
-        _check_args(command, rest)
-        fire.Fire(DMAF, command=args, name="dmaf", serialize=lambda _: None)
+        getattr(DMAF(), command)(**_bind(command, rest))
     except DMAFDataError as exc:
         print(f"dmaf: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))

@@ -13,7 +13,9 @@
 - :func:`output_path` / :func:`output_extension`: a study's result name and format;
 - :func:`atomic_write`: a hidden temporary file in the target's folder, flushed to disk, then ``os.replace``; on any
   failure (a full disk, Ctrl-C) the temporary file is removed and the target is untouched (the quality table,
-  reports, snapshots);
+  reports, snapshots, weight summaries, the final model); one-line errors. It is built on :func:`atomic_replace`
+  (``data/atomic.py``, re-exported here), the one implementation, which the data tools below this module use
+  directly;
 - :class:`AtomicSaveImaged`: the same for images through MONAI's ``SaveImaged``, with one writer whose error is
   raised and the file read back before it replaces anything (label maps, weight maps).
 """
@@ -21,20 +23,26 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Hashable, Mapping
 from typing import IO, Any
 
 import numpy as np
 from monai.transforms import SaveImaged
 
+from .data.atomic import atomic_replace
 from .data.constants import DMAFDataError
 from .data.names import is_nifti
 from .data.readers import first_line, itk_reason
 from .errors import as_bool, describe_failure
 
 __all__ = [
-    "OUTPUT_EXTENSIONS", "output_extension", "output_path", "atomic_write", "AtomicSaveImaged", "float_map_saver",
+    "OUTPUT_EXTENSIONS",
+    "output_extension",
+    "output_path",
+    "atomic_replace",
+    "atomic_write",
+    "AtomicSaveImaged",
+    "float_map_saver",
 ]
 
 #: single-file formats a segmentation is written in: NIfTI (MONAI's ``NibabelWriter``), NRRD and MetaImage
@@ -86,7 +94,8 @@ def atomic_write(
     overwrite: bool = True,
     what: str = "",
 ) -> str:
-    """Write ``target`` through ``write(file)`` atomically.
+    """Write ``target`` through ``write(file)`` atomically (:func:`~dmaf_components.data.atomic.atomic_replace`),
+    refusing to replace an existing file unless ``overwrite`` and failing in one line that names it.
 
     Args:
         target: the file to write.
@@ -103,24 +112,11 @@ def atomic_write(
     """
     if not overwrite and os.path.lexists(target):
         raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
-    folder = os.path.dirname(target) or "."
-    suffix = os.path.splitext(target)[1]
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp", suffix=suffix, dir=folder)
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
-        if tmp is not None and os.path.lexists(tmp):
-            os.remove(tmp)
-        if not isinstance(exc, Exception):
-            raise
-        if isinstance(exc, DMAFDataError):
-            raise
+        atomic_replace(target, write, binary=binary)
+    except DMAFDataError:
+        raise
+    except Exception as exc:
         raise DMAFDataError(f"{target}: cannot write {what or 'the file'} ({_reason(exc)})") from None
     return target
 
@@ -201,12 +197,13 @@ class AtomicSaveImaged(SaveImaged):
     name planned by :func:`plan_outputs`; without ``name_key`` in the data, ``SaveImaged``'s own naming). The format
     follows ``output_ext`` as in ``SaveImaged``: NIfTI by default, NRRD (``.nrrd``) or MetaImage (``.mha``) through
     MONAI's ``ITKWriter``, on the grid and affine of the image's metadata. It is written as
-    ``.<name>.tmp<pid><output_ext>``, flushed to disk, read back in full (header and every voxel), then moved with
-    ``os.replace``: a killed run or a full disk leaves no truncated file under the final name, and an earlier result
-    stays as it was. Only the writer MONAI tries first for the extension is used (``writer`` overrides it), and its
-    error is raised: ``SaveImage`` would log it at INFO and fall back to another writer (ITK for ``.nii.gz``, which
-    truncates a file on a full disk without raising). Without ``overwrite``, an existing result is never replaced
-    (one-line error). MONAI Label drops it with every ``SaveImaged`` from the bundle's postprocessing.
+    ``.<name>.tmp<random><output_ext>``, read back in full (header and every voxel), flushed to disk, then moved with
+    ``os.replace`` (:func:`atomic_replace`): a killed run or a full disk leaves no truncated file under the final
+    name, and an earlier result stays as it was. Only the writer MONAI tries first for the extension is used
+    (``writer`` overrides it), and its error is raised: ``SaveImage`` would log it at INFO and fall back to another
+    writer (ITK for ``.nii.gz``, which truncates a file on a full disk without raising). Without ``overwrite``, an
+    existing result is never replaced (one-line error). MONAI Label drops it with every ``SaveImaged`` from the
+    bundle's postprocessing.
 
     Args:
         name_key: data key holding the study name.
@@ -264,23 +261,17 @@ class AtomicSaveImaged(SaveImaged):
             target = self._target(d, d[key], meta)
             if not self.overwrite and os.path.lexists(target):
                 raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
-            folder, base = os.path.split(target)
             ext = self.saver.output_ext
-            stem = os.path.join(folder, f".{base[: len(base) - len(ext)]}.tmp{os.getpid()}")
-            tmp = stem + ext
+            resampled = bool(self.saver.meta_kwargs.get("resample"))
+            numel = None if resampled else int(np.prod(d[key].shape))
+
+            def write(tmp: str) -> None:
+                self._write(d[key], meta, tmp[: len(tmp) - len(ext)])  # the writer appends output_ext
+                _read_back(tmp, numel)
+
             try:
-                os.makedirs(folder, exist_ok=True)
-                self._write(d[key], meta, stem)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                resampled = bool(self.saver.meta_kwargs.get("resample"))
-                _read_back(tmp, None if resampled else int(np.prod(d[key].shape)))
-                os.replace(tmp, target)
-            except BaseException as exc:  # Ctrl-C included: never leave the temporary file behind
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
-                if not isinstance(exc, Exception):
-                    raise
+                atomic_replace(target, write, by_path=True, suffix=ext)
+            except Exception as exc:
                 raise DMAFDataError(f"{target}: cannot write the result ({describe_failure(exc)})") from None
         return d
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -42,8 +41,8 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from .data.constants import DMAFDataError
-from .errors import BundleExit, as_bool, describe_failure
-from .outputs import AtomicSaveImaged, _dotted, float_map_saver, output_path
+from .errors import BundleExit, as_bool
+from .outputs import AtomicSaveImaged, _dotted, atomic_write, float_map_saver, output_path
 
 __all__ = [
     "WEIGHTS_POSTFIX",
@@ -235,21 +234,6 @@ def region_weight_summary(
     return out
 
 
-def _write_json_atomic(target: str, content: Mapping[str, Any]) -> None:
-    folder = os.path.dirname(target) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class SaveModalityWeightsd(MapTransform):
     """Write a study's modality weights and their per-region summary next to its segmentation.
 
@@ -361,8 +345,5 @@ class SaveModalityWeightsd(MapTransform):
                 ) if self.pred_key in d else {},
             }
             self._image_saver(key)({key: weights, self.name_key: case})
-            try:
-                _write_json_atomic(json_path, summary)
-            except Exception as exc:
-                raise DMAFDataError(f"{json_path}: cannot write the summary ({describe_failure(exc)})") from None
+            atomic_write(json_path, lambda f: json.dump(summary, f, indent=2), what="the summary")
         return d

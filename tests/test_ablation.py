@@ -98,6 +98,7 @@ def test_settings_names():
         resolve_settings("baseline,fusion")
 
 
+@pytest.mark.slow
 def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tmp_path):
     from dmaf_components.data import build_datalist, write_datalist
 
@@ -142,6 +143,7 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
     assert resumed["train_resumed"] and resumed["train_seconds"] > first
 
 
+@pytest.mark.slow
 def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_myops, tmp_path, monkeypatch):
     """--jobs N: at most N runs at a time, every run is done once, a failure is reported after the rest ran."""
     import threading
@@ -277,6 +279,7 @@ def test_component_effects_in_the_factorial_design_by_hand(tmp_path):
     assert component_effects({"baseline": {0: records[0]}, "full": {0: records[-1]}}) == []
 
 
+@pytest.mark.slow
 def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_path, monkeypatch):
     """Records name the runner's code, so the bundle's processes must import the same dmaf_components: a runner
     that imports another copy (here: the bundle's processes given a different package first on PYTHONPATH) is
@@ -296,6 +299,7 @@ def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_pa
     assert not (tmp_path / "study" / "runs").exists()  # nothing started
 
 
+@pytest.mark.slow
 def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(tiny_myops, tmp_path, monkeypatch,
                                                                                  capsys):
     """A finished or started run is reused only when it was made with this study's dataset, datalist and overrides

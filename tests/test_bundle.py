@@ -51,6 +51,7 @@ def trained(data_dir, tmp_path_factory):
     return root, log
 
 
+@pytest.mark.slow
 def test_one_epoch_training_writes_weights_checkpoint_and_logs(trained):
     from dmaf_components.networks import DMAFNet
 
@@ -72,6 +73,7 @@ def test_one_epoch_training_writes_weights_checkpoint_and_logs(trained):
     assert {"dtm/w/flair", "dtm/gamma/t2", "loss/rel", "loss/proto", "loss/sep", "val_mean_dice"} <= tags
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(trained, data_dir, tmp_path):
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
@@ -106,6 +108,7 @@ def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(traine
     assert trainer.state.iteration == 8
 
 
+@pytest.mark.slow
 def test_evaluation_table_over_all_combinations(trained, data_dir):
     root, _ = trained
     log = _bundle(["run", "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir",
@@ -123,6 +126,7 @@ def _digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_inference_on_partial_study_and_4d_nifti(trained, tiny_brats, tmp_path):
     root, _ = trained
     studies = tmp_path / "studies"
@@ -149,6 +153,7 @@ def test_inference_on_partial_study_and_4d_nifti(trained, tiny_brats, tmp_path):
     assert proc.returncode != 0 and "holds input" in proc.stderr
 
 
+@pytest.mark.slow
 def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_dir, tmp_path):
     root, _ = trained
     _bundle(["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA])
@@ -181,12 +186,14 @@ def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_di
         assert wf.check_properties() == [], (cfg, wf.check_properties())
 
 
+@pytest.mark.slow
 def test_components_resolve_from_any_working_directory(tmp_path):
     out = _bundle(["run", "--config_file", os.path.join(BUNDLE, "configs", "inference.json"), "--run_id",
                    "network_def"], cwd=str(tmp_path))
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -258,6 +265,7 @@ def test_weak_spot_options_reach_the_loss_and_the_optimizer():
         parsed(learn_alpha1="false")
 
 
+@pytest.mark.slow
 def test_myops_2d_trains_and_evaluates_its_7_combinations(tiny_myops, tmp_path):
     from dmaf_components.data import build_datalist, write_datalist
 

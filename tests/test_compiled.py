@@ -134,17 +134,20 @@ def _steps_match_eager(backend: _CountingBackend, patterns: tuple[list[list[int]
     assert backend.graphs <= 10 * len(patterns)  # a handful per region, not one per presence pattern
 
 
+@pytest.mark.slow
 def test_inductor_training_step_matches_eager():
     """Inductor's C++ kernels, forward and backward, on the full model with all four modalities (batch 1)."""
     _steps_match_eager(_CountingBackend(inductor=True), ([[1, 1, 1, 1]],))
 
 
+@pytest.mark.slow
 def test_compiled_training_steps_match_eager_on_mixed_masks():
     """All modalities, mixed masks in a batch of 2 (one scoring graph per number of present modalities) and a partial
     batch-1 pattern, one after the other on the same compiled network."""
     _steps_match_eager(_CountingBackend(inductor=False), ([[1, 1, 1, 1]], [[1, 1, 1, 1], [0, 1, 0, 1]], [[1, 0, 1, 0]]))
 
 
+@pytest.mark.slow
 def test_compiled_inference_matches_eager_and_copies_are_eager():
     """Eval mode (no grad, a sliding-window batch and mixed masks) through the compiled regions gives eager's logits;
     the state dict keys are unchanged and a deep copy is the eager network, as with ``nn.Module.compile``."""

@@ -299,6 +299,7 @@ def test_nan_voxels_and_truncated_file(tiny_brats, tmp_path):
         loader({"image": {"t1": str(folder / "nope.nii.gz")}})
 
 
+@pytest.mark.slow
 def test_unknown_layout_and_cli_one_line_error(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(DMAFDataError, match="unknown dataset layout"):
@@ -311,6 +312,7 @@ def test_unknown_layout_and_cli_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "unknown dataset layout" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_writes_datalist_and_never_overwrites(tiny_brats, tmp_path):
     out = tmp_path / "dl.json"
     cmd = [sys.executable, "-m", "dmaf_components.cli", "datalist", "brats", str(tiny_brats), "--output", str(out),

@@ -89,6 +89,7 @@ def test_non_finite_or_out_of_range_rates_are_one_line(tiny, tmp_path, rates, ca
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_library_refuses_nan_rates_instead_of_looping():
     code = ("from dmaf_components.data.datalist import idt_masks\n"
             "for exact in (False, True):\n"

@@ -194,6 +194,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_compute_identical_weights(tmp_path):
     import torch.multiprocessing as mp
 

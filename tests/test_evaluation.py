@@ -177,6 +177,7 @@ def single_process(data_dir, bundle_root):
     return bundle_root / "eval", proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_progress_tables_and_files(single_process):
     out, log = single_process
     assert "combination x case: [30/30] 100%" in log  # 2 cases x 15 combinations
@@ -222,6 +223,7 @@ def test_multi_gpu_evaluate_config_resolves(data_dir, tmp_path):
     assert parser["handlers"][-1]["_target_"] == "MLFlowHandler"
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_table(single_process, data_dir, bundle_root, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # both runs on CPU

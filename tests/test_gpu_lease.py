@@ -22,6 +22,8 @@ import pytest
 
 from dmaf_components.data.anatomy import TEMPLATE_FILES
 
+pytestmark = pytest.mark.slow  # the lease script in bash subprocesses, ~150 s
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_lease.sh")
 OUT_FILES = {"machine.txt", "lease.log", "step.log", "step.json", "loader.log", "epoch.json", "study.log", "study.tgz"}

@@ -92,6 +92,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_stops_the_page_faults_of_large_arrays(tmp_path):
     """Arrays above glibc's mmap threshold are unmapped at free, so each new one page-faults all its pages again
     (the cost behind the loader's and the CPU inference's time, docs/performance.md); after keep_freed_memory() a

@@ -92,6 +92,7 @@ def test_card_lists_the_bundle_commands():
     assert all(c.startswith(("python -m monai.bundle ", "torchrun ")) for c in commands), commands
 
 
+@pytest.mark.slow
 def test_every_card_command_runs(card_bundle):
     bundle, paths = card_bundle
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -26,6 +26,7 @@ def _tree(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
 
 
+@pytest.mark.slow
 def test_a_folder_the_check_did_not_make_is_refused_and_kept(check, tmp_path):
     work = tmp_path / "data"
     (work / "studies").mkdir(parents=True)

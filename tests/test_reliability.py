@@ -215,6 +215,7 @@ def test_evaluate_config_loads_a_training_checkpoint(weights, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 2. the batch
+@pytest.mark.slow
 def test_one_bad_study_does_not_abort_the_batch_and_the_cause_is_the_last_line(weights, tmp_path):
     studies = tmp_path / "studies"
     _study(studies / "a_good", {"flair": "a_good_flair.nii.gz", "t1ce": "a_good_t1ce.nii.gz"})
@@ -616,6 +617,7 @@ def test_a_writer_that_truncates_without_raising_is_caught_by_reading_the_file_b
     assert final.stat().st_size > 100
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_real_full_tmpfs_fails_the_study_and_keeps_the_earlier_result(tmp_path):
     """The same on a real full file system: a 32 KiB tmpfs, a result that does not fit."""

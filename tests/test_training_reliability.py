@@ -90,6 +90,7 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_inf_in_a_training_image_stops_training_with_one_line_and_saves_nothing_non_finite(data3, tmp_path):
     # the 4th training sample (2nd iteration of epoch 2) gets inf voxels, after the loader's checks
     inject = ("$@load_transforms + @train#augmentation + [monai.transforms.Lambdad('image', "
@@ -156,6 +157,7 @@ def test_amp_tolerates_a_few_non_finite_losses_then_stops():
         handler(engine)  # without AMP the first one stops training
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_is_bitwise_equal_per_epoch_with_0_and_mid_epoch_with_1_worker(data3, tmp_path):
     common = {"max_epochs": 2, "val_interval": 1, "save_every_iterations": 1}
     _train(data3, tmp_path / "full", **common)
@@ -339,6 +341,7 @@ def test_a_data_error_in_training_ends_with_its_one_line_other_errors_keep_their
     assert one_line_message(ValueError("x")) is None
 
 
+@pytest.mark.slow
 def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
     """Through ``python -m monai.bundle run training``: exit status 1 and the cause as the last line, before any
     data is read where the cause is a setting."""

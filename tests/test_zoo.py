@@ -134,6 +134,7 @@ def test_zoo_key_names_and_aliases():
     assert "checkpointloader" in train and train["checkpoint_loader"] == "@checkpointloader"
 
 
+@pytest.mark.slow
 def test_unknown_override_keys_warn(tmp_path):
     from dmaf_components.bundle_args import unknown_overrides, warn_unknown_overrides
 
@@ -163,6 +164,7 @@ def test_unknown_override_keys_warn(tmp_path):
     assert "--max_epochs:" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_make_wheel_serves_the_required_package_version(tmp_path):
     """`make wheel` builds the wheel that metadata.json's required_packages_version names, and pip resolves that
     requirement from it without an index (as the zoo's install step does with PIP_FIND_LINKS)."""

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..data.atomic import atomic_replace
 from ..data.constants import DMAFDataError
 from .settings import COMPONENT_KEYS, SETTINGS, setting_overrides
 
@@ -77,10 +78,9 @@ def read_record(path: str) -> dict:
 
 
 def write_json(path: str, content: Any) -> None:
-    """Write ``content`` as JSON, replacing ``path`` whole: a kill mid-write leaves the previous file or none."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(path + ".tmp", path)
+    """Write ``content`` as JSON, replacing ``path`` whole (:func:`~dmaf_components.data.atomic.atomic_replace`): a
+    kill mid-write leaves the previous file or none."""
+    atomic_replace(path, lambda f: json.dump(content, f, indent=1))
 
 
 def run_identity(setting: str, seed: int, dataset: str, datalist_sha256: str, overrides: Mapping) -> dict:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..data.atomic import atomic_replace
 from ..data.constants import DMAFDataError
 from ..data.loader import available_cpus
 from .records import read_json
@@ -161,9 +162,8 @@ class BundleRunner:
                     left = _time_left(time.time() - started, first_epoch, epoch, max_epochs)
                     self.log(f"{label}: epoch {epoch}/{max_epochs}, run time left ~{_hms(left)}")
                     if seconds_path:  # replaced whole: a kill mid-write leaves the previous value, not a torn one
-                        with open(seconds_path + ".tmp", "w") as f:
-                            f.write(f"{seconds_before + time.time() - started:.1f}\n")
-                        os.replace(seconds_path + ".tmp", seconds_path)
+                        seconds = f"{seconds_before + time.time() - started:.1f}\n"
+                        atomic_replace(seconds_path, lambda f: f.write(seconds))
             code = proc.wait()
         if code != 0:
             raise RuntimeError(f"bundle command failed (exit {code}): {_cause(log_path)} — full log: {log_path}")

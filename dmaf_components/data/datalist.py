@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +30,7 @@ from .constants import (
     MYOPS_MODALITIES,
     DMAFDataError,
 )
+from .atomic import atomic_replace
 from .names import classify_files, modality_of
 
 __all__ = [
@@ -552,32 +552,16 @@ def write_datalist(datalist: dict, path: str, overwrite: bool = False) -> str:
     """Write the datalist JSON atomically; an existing file is never replaced unless ``overwrite``.
 
     The JSON goes to a hidden temporary file in the same folder, is flushed to disk, and replaces ``path`` with
-    ``os.replace``: when anything fails (a full disk, a read-only folder), the temporary file is removed, an earlier
-    datalist stays byte for byte as it was, and the error is one line naming the file and the cause.
+    ``os.replace`` (:func:`~dmaf_components.data.atomic.atomic_replace`; a new datalist gets the mode of any new
+    file, a replaced one keeps its mode): when anything fails (a full disk, a read-only folder), the temporary file
+    is removed, an earlier datalist stays byte for byte as it was, and the error is one line naming the file and the
+    cause.
     """
     if os.path.exists(path) and not overwrite:
         raise DMAFDataError(f"{path}: exists already; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            json.dump(datalist, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(path):
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)  # a replaced datalist keeps its permissions
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a new datalist private
-        os.replace(tmp, path)
-        tmp = None
+        atomic_replace(path, lambda f: json.dump(datalist, f, indent=2))
     except OSError as exc:
         raise DMAFDataError(f"{path}: cannot write the datalist ({type(exc).__name__}: {exc.strerror or exc}); "
                             "an earlier datalist there is unchanged") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
     return path

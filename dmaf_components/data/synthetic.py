@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_replace
 from .constants import BRATS_FILE_SUFFIX, BRATS_MODALITIES, MYOPS_FILE_SUFFIX, MYOPS_MODALITIES, DMAFDataError
 
 __all__ = ["synthesize_brats", "synthesize_myops", "brats_case", "myops_case", "BRATS_AFFINE", "SYNTHETIC_RECORD"]
@@ -303,15 +304,12 @@ def myops_case(
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Write a NIfTI file atomically: a hidden partial file (ignored by the dataset tools), then a rename, so that a
-    killed synthesis never leaves a truncated file under the real name."""
+    """Write a NIfTI file atomically (:func:`~dmaf_components.data.atomic.atomic_replace`: a hidden temporary file,
+    ignored by the dataset tools, then a rename), so that a killed synthesis never leaves a truncated file under the
+    real name."""
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
-    folder, name = os.path.split(path)
-    ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    tmp = os.path.join(folder, f".{name[: -len(ext)]}.partial{ext}")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    atomic_replace(path, lambda tmp: nib.save(img, tmp), by_path=True)
 
 
 def _check_out(out_dir: str, cases: int, shape: Sequence[int], dims: int) -> tuple[int, ...]:
@@ -343,11 +341,8 @@ def _recorded(out_dir: str) -> set[str] | None:
 def _record(out_dir: str, recorded: set[str] | None, names: Iterable[str]) -> None:
     """Add ``names`` to the record before they are written (a killed run leaves them recorded and rewritable)."""
     files = sorted((recorded or set()) | {os.path.normpath(n) for n in names})
-    path = os.path.join(out_dir, SYNTHETIC_RECORD)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump({"written_by": "dmaf synthetic", "files": files}, f, indent=1)
-    os.replace(tmp, path)
+    record = {"written_by": "dmaf synthetic", "files": files}
+    atomic_replace(os.path.join(out_dir, SYNTHETIC_RECORD), lambda f: json.dump(record, f, indent=1))
 
 
 def _visible(folder: str) -> list[str]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data.constants import DMAFDataError
 from ..errors import BundleExit, NonFiniteError, as_bool, one_line_message
+from ..outputs import atomic_write
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -247,7 +248,7 @@ class FinalModelFallback:
 
     A short training (``max_epochs`` < ``val_interval``) would otherwise end without a model to evaluate or infer
     with. The log says which model the file holds. The weights are checked to be finite and written atomically
-    (temporary file + rename); only rank 0 writes under DDP.
+    (:func:`~dmaf_components.outputs.atomic_write`); only rank 0 writes under DDP.
 
     Args:
         model_saver: the validation's :class:`FiniteCheckpointSaver` (``save_key_metric=True``).
@@ -285,10 +286,8 @@ class FinalModelFallback:
             msg = f"Refusing to save the final weights as {self.filepath}: non-finite values in {_describe(bad)}."
             self.logger.error(msg)
             raise NonFiniteError(msg)
-        os.makedirs(os.path.dirname(os.path.abspath(self.filepath)), exist_ok=True)
-        tmp = f"{self.filepath}.tmp{os.getpid()}"
-        torch.save(_state_of(self.network), tmp)
-        os.replace(tmp, self.filepath)
+        state = _state_of(self.network)
+        atomic_write(self.filepath, lambda f: torch.save(state, f), binary=True, what="the final weights")
         self.logger.info(
             f"No validation ran in this training: {self.filepath} holds the final weights "
             f"(epoch {engine.state.epoch}, iteration {engine.state.iteration})."
