@@ -50,6 +50,7 @@ import sys
 import time
 
 import torch
+from machine import machine_line
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
@@ -210,6 +211,7 @@ def main() -> None:
         write_datalist(build_datalist(args.data, "brats", split=(args.cases, 0, 0), seed=0), datalist)
     default = json.load(open(os.path.join(BUNDLE, "configs", "train.json")))["cache_rate"]
     rates = args.cache_rates or [default, 0.0]
+    print(machine_line())
     print(f"full-size BraTS loader: {args.cases} cases 240x240x155, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs; bundle default cache_rate {default}")
     if args.step_s > 0:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 
 import torch
+from machine import machine_line
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
@@ -63,13 +63,8 @@ def main() -> None:
         case = os.path.join(work, "src", "MICCAI_BraTS2020_TrainingData", "BraTS20_Training_001")
         os.makedirs(os.path.join(work, "root", "models"))
         torch.save(DMAFNet().state_dict(), os.path.join(work, "root", "models", "model.pt"))
-        cpu = platform.processor() or platform.machine()
-        try:
-            cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory {args.keep_freed_memory}")
+        print(f"{machine_line()}; cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory "
+              f"{args.keep_freed_memory}")
         chosen = {"all": ("all 4 modalities", ("flair", "t1", "t1ce", "t2")),
                   "pair": ("FLAIR + T1ce", ("flair", "t1ce"))}
         for key in args.studies:

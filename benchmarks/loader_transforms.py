@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from machine import machine_line
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--data", default="data/loader_bench", help="a set made by benchmarks/dataloader.py")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rotations", type=int, default=12, help="patches with the rotation forced")
+    parser.add_argument("--random-part-only", action="store_true",
+                        help="only the per-transform cost of the random part (no side-by-side comparisons)")
     args = parser.parse_args()
     from monai.bundle import ConfigParser
     from monai.transforms import Randomizable
@@ -41,6 +44,7 @@ def main() -> None:
 
     keep_freed_memory()  # as every bundle workflow does first
     torch.set_num_threads(1)
+    print(machine_line())
     config = ConfigParser()
     config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
     config.update({"dataset_dir": os.path.abspath(args.data), "num_workers": 0, "cache_rate": 1.0})
@@ -61,8 +65,9 @@ def main() -> None:
         print(f"  {name:<24} {1000 * total / args.samples:7.1f}")
     print(f"  {'total':<24} {1000 * sum(cost.values()) / args.samples:7.1f}")
 
-    spatial(config, cache, args.samples, args.rotations)
-    whole_sample(args.data, args.samples * 3)
+    if not args.random_part_only:
+        spatial(config, cache, args.samples, args.rotations)
+        whole_sample(args.data, args.samples * 3)
 
 
 def spatial(config, cache, samples: int, rotations: int) -> None:

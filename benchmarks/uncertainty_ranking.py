@@ -49,7 +49,6 @@ import glob
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -61,28 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from machine import cpu_model, load_average  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "bundle")
 SCORES = ("entropy", "margin", "modalities", "flips", "flips_entropy")
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 class ModalityScore(nn.Module):
