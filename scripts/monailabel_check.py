@@ -155,11 +155,13 @@ def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
     data = [{"image": os.path.join(studies, f"{n}.nii.gz"), "label": os.path.join(studies, "labels", "final",
                                                                                    f"{n}.nii.gz")} for n in names]
     datalist = os.path.join(bundle_dir, "check_datalist.json")
-    json.dump({"training": data[:3], "validation": data[3:], "testing": data[3:]}, open(datalist, "w"))
     common = ["--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--num_workers", "0"]
+    json.dump({"training": data[:3], "validation": data[3:], "testing": []}, open(datalist, "w"))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common,
            "--max_epochs", "2", "--val_interval", "1", "--learning_rate", "0.001"]
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
+    # the evaluation's test case: the validation case of the training above (a case is in one section of a datalist)
+    json.dump({"training": data[:3], "validation": [], "testing": data[3:]}, open(datalist, "w"))
     configs = "['configs/train.json','configs/evaluate.json']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *common]
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
