@@ -285,3 +285,27 @@ def test_command_line_false_is_an_error_not_true():
     for flag in ("channels_last", "gradient_checkpointing"):
         with pytest.raises(TypeError, match=flag):
             DMAFNet(3, 4, 4, channels=(4, 8), num_layers=1, **{flag: "false"})
+
+
+def test_every_weight_path_gives_the_reference(monkeypatch):
+    """docs/method.md's reference for Eq. 2-3 is ``DMAFFusion.reference_weights`` (one masked sequence of all
+    modalities' tokens); each faster path of ``spatial_weights`` must give it: one shared mask (tokens left out),
+    packed present features (``present``), mixed masks grouped by present count, and a traced graph."""
+    fusion = DMAFFusion(3, channels=8, num_modalities=4, token_grid=(4, 4, 4), num_layers=2, num_heads=2).eval()
+    mixed = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    shared = torch.tensor([[1, 0, 1, 1]] * 2, dtype=torch.bool)
+    with torch.no_grad():
+        for mask in (mixed, shared):
+            feats = torch.randn(mask.shape[0], 4, 8, 8, 8, 8) * mask.reshape(*mask.shape, 1, 1, 1, 1)
+            reference = fusion.reference_weights(feats, mask)
+            assert torch.allclose(reference.sum(1)[mask.any(1)], torch.ones(1), atol=1e-5)
+            assert not reference[~mask].any()  # missing modalities and the empty sample weigh 0
+            torch.testing.assert_close(fusion.spatial_weights(feats, mask), reference, atol=1e-5, rtol=1e-4)
+            fusion.group_by_mask = False
+            torch.testing.assert_close(fusion.spatial_weights(feats, mask), reference, atol=0, rtol=0)
+            fusion.group_by_mask = True
+        present = torch.tensor([0, 2, 3])
+        packed = fusion.spatial_weights(feats.index_select(1, present), shared, present)
+        torch.testing.assert_close(packed, reference.index_select(1, present), atol=1e-5, rtol=1e-4)
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        torch.testing.assert_close(fusion.spatial_weights(feats, shared), reference, atol=0, rtol=0)

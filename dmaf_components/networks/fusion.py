@@ -193,11 +193,19 @@ class DMAFFusion(nn.Module):
     def spatial_weights(
         self, feats: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-modality spatial weight maps a_m.
+        """Per-modality spatial weight maps a_m (Eq. 2-3): :meth:`reference_weights`, or one of its optimisations.
 
-        When every sample of the batch has the same modalities (always at batch 1), only the present modalities'
-        tokens enter the sequence instead of masking the missing ones: the result is identical (masked keys get zero
-        attention, and missing queries are discarded by the zero weights) at (present / M)^2 of the attention cost.
+        :meth:`reference_weights` is the reference: every modality's tokens in one sequence, M_mask removing the
+        missing ones as keys, a softmax over the present modalities. The other paths give its result (to float
+        rounding; ``tests/test_networks.py::test_every_weight_path_gives_the_reference``) at less cost:
+
+        - ``present`` given (the network packed the present modalities): only their tokens, no mask;
+        - every sample of the batch has the same modalities (always at batch 1): the same, selected here (masked keys
+          get zero attention, and missing queries are discarded by the zero weights), at (present / M)^2 of the
+          attention cost;
+        - mixed masks with ``group_by_mask`` (the default): :meth:`_grouped_weights`, the samples with P present
+          modalities together, at sum_b P_b^2 instead of B * M^2;
+        - a scripted or traced graph: the reference itself (one graph for any mask).
 
         Args:
             feats: ``(B, M, C, *spatial)`` features, missing modalities zero; or, when ``present`` is given,
@@ -213,7 +221,7 @@ class DMAFFusion(nn.Module):
             # an exported graph: one masked token sequence for any mask (the same weights, docs/method.md "Export")
             if present is not None:
                 raise ValueError("an exported DMAFFusion takes (B, M, ...) features and the mask, not present.")
-            return masked_softmax(self._scores(feats, self.modality_embed, mask), mask, dim=1)
+            return self.reference_weights(feats, mask)
         if present is not None:
             return self._present_weights(feats, self.modality_embed.index_select(1, present))
         keep = shared_present(mask)
@@ -222,6 +230,20 @@ class DMAFFusion(nn.Module):
             return weights.new_zeros(feats.shape[:2] + weights.shape[2:]).index_copy(1, keep, weights)
         if self.group_by_mask:
             return self._grouped_weights(feats, mask)
+        return self.reference_weights(feats, mask)
+
+    def reference_weights(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 2-3 as written, the reference of every path of :meth:`spatial_weights`: all M modalities' tokens in
+        one sequence, M_mask (:meth:`attention_mask`) removing the missing ones as keys, then a softmax over the
+        present modalities (:func:`masked_softmax`; all zero for a sample with none present).
+
+        Args:
+            feats: ``(B, M, C, *spatial)`` features, missing modalities zero.
+            mask: bool ``(B, M)``.
+
+        Returns:
+            ``(B, M, *spatial)`` weights, 0 for missing modalities, summing to 1 over present ones.
+        """
         return masked_softmax(self._scores(feats, self.modality_embed, mask), mask, dim=1)
 
     def _grouped_weights(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
