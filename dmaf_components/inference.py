@@ -286,6 +286,9 @@ class StudyEvaluator(SupervisedEvaluator):
         modalities: canonical channel order, for the log lines.
         output_dir, output_postfix, output_ext, separate_folder: where results go (:func:`output_path`), for the log
             lines.
+        run_options: the other arguments of :func:`run_inference` (``studies``, ``checkpoint``, ...; the bundle's
+            ``inference_run``). With them, :meth:`run` is the whole inference run, checks and summary included, so
+            that the bundle's ``run`` is ``$@evaluator.run()`` as in the model zoo's bundles; without, it is Ignite's.
         args, kwargs: ``SupervisedEvaluator``'s.
     """
 
@@ -297,9 +300,12 @@ class StudyEvaluator(SupervisedEvaluator):
         output_postfix: str = "seg",
         output_ext: str = ".nii.gz",
         separate_folder: bool = False,
+        run_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.run_options = dict(run_options) if run_options is not None else None
+        self._in_run = False
         self.modalities = tuple(modalities) if modalities is not None else None
         self.output_dir = output_dir
         self.output_postfix = output_postfix
@@ -313,6 +319,20 @@ class StudyEvaluator(SupervisedEvaluator):
         self.quality: dict | None = None
         self.quality_path: str | None = None
         self.overwrite = False
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """With ``run_options``: :func:`run_inference` on this evaluator (its return value); else Ignite's ``run``."""
+        if self.run_options is None or self._in_run:
+            return super().run(*args, **kwargs)
+        self._in_run = True
+        try:
+            options = {"network": self.network, **self.run_options}
+            return run_inference(
+                self, options.pop("studies"), str(self.output_dir), output_postfix=self.output_postfix,
+                output_ext=self.output_ext, separate_folder=self.separate_folder, **options,
+            )
+        finally:
+            self._in_run = False
 
     def _fail(self, case: str, message: str) -> dict:
         self.failed[case] = message
