@@ -163,7 +163,7 @@ fi
 if ! "$py" - >> "$out/machine.txt" 2>> "$log" <<'EOF'
 import importlib
 import importlib.metadata as metadata
-modules = {"torch": "torch", "monai": "monai", "ignite": "pytorch-ignite", "nibabel": "nibabel",
+modules = {"torch": "torch", "monai": "monai", "ignite": "pytorch-ignite", "nibabel": "nibabel", "fire": "fire",
            "jsonschema": "jsonschema", "scipy": "scipy", "numpy": "numpy", "tensorboard": "tensorboard",
            "matplotlib": "matplotlib", "einops": "einops", "dmaf_components.cli": None}
 for module in modules:

@@ -5,8 +5,8 @@
 # The lent machines' image (/work/.library/device/KINDS.md lists it: Python 3.12, torch, numpy, scipy, tensorboard,
 # matplotlib, einops, attrs, packaging, typing-extensions, nvidia-ml-py, ...) lacks MONAI and the bundle's other
 # packages, and the machine reaches no index. So lease_wheels/ holds:
-#   - the wheels of monai, pytorch-ignite, nibabel and jsonschema and of their dependencies the image lacks
-#     (jsonschema-specifications, referencing, rpds-py), each at the version installed in this checkout's
+#   - the wheels of monai, pytorch-ignite, nibabel, fire and jsonschema and of their dependencies the image lacks
+#     (termcolor; jsonschema-specifications, referencing, rpds-py), each at the version installed in this checkout's
 #     environment (the one the tests ran with), for CPython 3.12 on x86-64 linux; not itk (1.5 GB installed here, far
 #     over what a call carries: only NRRD outputs and DICOM inputs need it, and the lease uses neither);
 #   - requirements.txt, their pinned names, which gpu_lease.sh installs with pip --no-index --no-deps;
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 dest=lease_wheels
 pyver=${PY_VERSION:-3.12}
-packages=(monai pytorch-ignite nibabel jsonschema jsonschema-specifications referencing rpds-py)
+packages=(monai pytorch-ignite nibabel fire termcolor jsonschema jsonschema-specifications referencing rpds-py)
 
 # the versions this checkout's environment has
 reqs=()
