@@ -40,7 +40,7 @@ from torch import nn
 
 from .data.constants import DMAFDataError
 from .errors import BundleExit, as_bool
-from .outputs import AtomicSaveImaged, float_map_saver, output_path
+from .outputs import float_map_saver, output_path
 
 __all__ = [
     "UNCERTAINTY_POSTFIX",
@@ -466,13 +466,8 @@ class SaveUncertaintyd(MapTransform):
         self.name_key = name_key
         self.overwrite = as_bool(overwrite)
         self.summary_key = summary_key
-        self._saver: AtomicSaveImaged | None = None
-
-    def _image_saver(self, key: Hashable) -> AtomicSaveImaged:
-        if self._saver is None:
-            self._saver = float_map_saver(key, self.output_dir, self.output_postfix, self.separate_folder,
-                                          self.name_key, self.overwrite)
-        return self._saver
+        self._saver = float_map_saver(self.keys[0], self.output_dir, self.output_postfix, self.separate_folder,
+                                      self.name_key, self.overwrite)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -484,7 +479,7 @@ class SaveUncertaintyd(MapTransform):
                 u = MetaTensor(u, meta=d[key].meta)
             d[key] = u
             if self.save_map:
-                self._image_saver(key)({key: u, self.name_key: case})
+                self._saver({key: u, self.name_key: case})
             pred = d[self.pred_key]
             affine = pred.affine if isinstance(pred, MetaTensor) else getattr(u, "affine", np.eye(4))
             measure = check_measure(self.measure)

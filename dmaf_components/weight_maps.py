@@ -42,7 +42,7 @@ from torch import nn
 
 from .data.constants import DMAFDataError
 from .errors import BundleExit, as_bool
-from .outputs import AtomicSaveImaged, _dotted, atomic_write, float_map_saver, output_path
+from .outputs import _dotted, atomic_write, float_map_saver, output_path
 
 __all__ = [
     "WEIGHTS_POSTFIX",
@@ -293,13 +293,8 @@ class SaveModalityWeightsd(MapTransform):
         self.segmentation_postfix = segmentation_postfix
         self.segmentation_ext = _dotted(segmentation_ext)
         self.level = level
-        self._saver: AtomicSaveImaged | None = None
-
-    def _image_saver(self, key: Hashable) -> AtomicSaveImaged:
-        if self._saver is None:
-            self._saver = float_map_saver(key, self.output_dir, self.output_postfix, self.separate_folder,
-                                          self.name_key, self.overwrite)
-        return self._saver
+        self._saver = float_map_saver(self.keys[0], self.output_dir, self.output_postfix, self.separate_folder,
+                                      self.name_key, self.overwrite)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -344,6 +339,6 @@ class SaveModalityWeightsd(MapTransform):
                     weights, d[self.pred_key], self.regions, names, present, self.label_values
                 ) if self.pred_key in d else {},
             }
-            self._image_saver(key)({key: weights, self.name_key: case})
+            self._saver({key: weights, self.name_key: case})
             atomic_write(json_path, lambda f: json.dump(summary, f, indent=2), what="the summary")
         return d
