@@ -13,7 +13,7 @@ DEMO_DIR ?= data/demo_brats
 MLVENV ?= .venv-monailabel
 ML_STAMP := $(MLVENV)/.dmaf-installed
 
-.PHONY: env demo test test-fast lint wheel clean-env monailabel-env monailabel-check
+.PHONY: env demo test test-fast lint format wheel clean-env monailabel-env monailabel-check
 
 env: $(STAMP)
 
@@ -36,9 +36,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
-# Static checks (pycodestyle errors/warnings and pyflakes; settings in pyproject.toml's [tool.ruff]).
+# Static checks (pycodestyle errors/warnings and pyflakes) and the code format; settings in pyproject.toml's
+# [tool.ruff]. `make format` rewrites the files that the format check rejects.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
 
 # The bundle's package as a wheel in bundle/wheels/: metadata.json's required_packages_version names
 # dmaf-components==<version>, which no public index serves; `pip install --find-links bundle/wheels ...` (or

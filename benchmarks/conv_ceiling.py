@@ -43,8 +43,14 @@ def record_convolutions(size: int, channels: list[int]) -> Counter:
     orig = _CPUConv.conv_cpu
 
     def spy(module, x, weight, bias):  # every convolution, partial ones (decoder merges) included
-        key = (tuple(x.shape), tuple(weight.shape), tuple(module.stride), tuple(module.padding), bias is not None,
-               x.requires_grad)
+        key = (
+            tuple(x.shape),
+            tuple(weight.shape),
+            tuple(module.stride),
+            tuple(module.padding),
+            bias is not None,
+            x.requires_grad,
+        )
         seen[key] += 1
         return orig(module, x, weight, bias)
 
@@ -69,8 +75,9 @@ def time_one(conf, reps: int) -> tuple[float, float]:
         torch.autograd.grad(y, inputs, _cl(torch.ones_like(y)))
 
     run()
-    out_shape = _OneDNNConvFunction.apply(x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1,
-                                          True).shape
+    out_shape = _OneDNNConvFunction.apply(
+        x.detach(), w.detach(), None, stride, padding, (1,) * len(stride), 1, True
+    ).shape
     # forward, weight gradient and (if needed) input gradient each cost the forward's FLOPs (torch.utils.flop_counter's
     # rule); counted from the shapes, not by FlopCounterMode, which would also count the zero sample that the
     # backward pads batch-1 coarse-level convolutions with
@@ -90,8 +97,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     peak = matmul_peak("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s; "
-          f"DMAFNet widths {args.channels}, {args.size}^3, all modalities, training step's convolutions")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; fp32 matmul peak {peak:.1f} GFLOP/s; "
+        f"DMAFNet widths {args.channels}, {args.size}^3, all modalities, training step's convolutions"
+    )
     total_t = total_f = 0.0
     rows = []
     for conf, count in record_convolutions(args.size, args.channels).items():
@@ -101,12 +110,15 @@ def main() -> None:
         rows.append((count * sec, conf, count, sec, flops))
     print(f"{'input':>22} {'weight':>18} {'stride':>6} {'n':>3} {'ms each':>8} {'GFLOP/s':>8} {'% peak':>6}")
     for _, (xs, ws, stride, _p, _b, needs), count, sec, flops in sorted(rows, reverse=True):
-        print(f"{str(list(xs)):>22} {str(list(ws)):>18} {stride[0]:>6} {count:>3} {1e3 * sec:8.1f} "
-              f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:6.1f}"
-              + ("" if needs else "  (no input grad)"))
+        print(
+            f"{str(list(xs)):>22} {str(list(ws)):>18} {stride[0]:>6} {count:>3} {1e3 * sec:8.1f} "
+            f"{flops / sec / 1e9:8.1f} {100 * flops / sec / 1e9 / peak:6.1f}" + ("" if needs else "  (no input grad)")
+        )
     rate = total_f / total_t / 1e9
-    print(f"\nconvolutions of one step: {total_f / 1e9:.1f} GFLOP in {total_t:.2f} s = {rate:.1f} GFLOP/s = "
-          f"{100 * rate / peak:.1f} % of the matmul peak (the ceiling: every other operation taking no time)")
+    print(
+        f"\nconvolutions of one step: {total_f / 1e9:.1f} GFLOP in {total_t:.2f} s = {rate:.1f} GFLOP/s = "
+        f"{100 * rate / peak:.1f} % of the matmul peak (the ceiling: every other operation taking no time)"
+    )
 
 
 if __name__ == "__main__":

@@ -115,15 +115,33 @@ def main() -> None:
 
     from dmaf_components.networks.cpu_kernels import private_ops_supported
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, private ops "
-          f"{'on' if private_ops_supported() else 'off (untested PyTorch)'}; {args.mode}, {args.dims}-D "
-          f"{args.size}^{args.dims}, batch {args.batch}, masks {args.masks}; {args.rounds} rounds x {args.steps} steps",
-          flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, private ops "
+        f"{'on' if private_ops_supported() else 'off (untested PyTorch)'}; {args.mode}, {args.dims}-D "
+        f"{args.size}^{args.dims}, batch {args.batch}, masks {args.masks}; {args.rounds} rounds x {args.steps} steps",
+        flush=True,
+    )
     results: dict[str, list[dict]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
         for variant in args.variants:
-            cmd = [sys.executable, __file__, "--child", variant, "--dims", str(args.dims), "--size", str(args.size),
-                   "--batch", str(args.batch), "--masks", args.masks, "--mode", args.mode, "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--dims",
+                str(args.dims),
+                "--size",
+                str(args.size),
+                "--batch",
+                str(args.batch),
+                "--masks",
+                args.masks,
+                "--mode",
+                args.mode,
+                "--steps",
+                str(args.steps),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[variant].append(json.loads(out))
             print(f"  round {r + 1}: {variant:<20} {results[variant][-1]['seconds']:.3f} s", flush=True)

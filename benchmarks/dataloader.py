@@ -84,8 +84,10 @@ def monai_flips_and_rotation(augmentation: list[dict], spatial_dims: int = 3) ->
             out.append(t)
             continue
         keys = t["keys"]
-        out += [{"_target_": "RandFlipd", "keys": keys, "prob": t["flip_prob"], "spatial_axis": a}
-                for a in range(spatial_dims)]
+        out += [
+            {"_target_": "RandFlipd", "keys": keys, "prob": t["flip_prob"], "spatial_axis": a}
+            for a in range(spatial_dims)
+        ]
         rotate = {k: v for k, v in t.items() if k not in ("_target_", "flip_prob")}
         out.append({"_target_": "RandRotated", **rotate, "dtype": "$torch.float32"})
     return out
@@ -101,15 +103,24 @@ def previous_pipeline(parser, release: str = "0.1.6") -> None:
         pad = next(t for t in augmentation if t["_target_"] == "SpatialPadd")
         augmentation = [t for t in augmentation if t["_target_"] != "SpatialPadd"]
         crop = next(i for i, t in enumerate(augmentation) if t["_target_"] == "RandSpatialCropd")
-        augmentation = augmentation[: crop + 1] + [pad] + augmentation[crop + 1:]
+        augmentation = augmentation[: crop + 1] + [pad] + augmentation[crop + 1 :]
         parser["train#dataset#copy_cache"] = True
         parser["train#dataloader#_target_"] = "DataLoader"
         parser["train#dataloader"].pop("buffer_size")
     parser["train#augmentation"] = augmentation
 
 
-def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, augmentation: str = "bundle",
-            heap: str = "main", pipeline: str = "bundle", step_s: float = 0.0, buffer_size: int | None = None) -> dict:
+def measure(
+    data_dir: str,
+    cache_rate: float | None,
+    workers: int,
+    epochs: int,
+    augmentation: str = "bundle",
+    heap: str = "main",
+    pipeline: str = "bundle",
+    step_s: float = 0.0,
+    buffer_size: int | None = None,
+) -> dict:
     from monai.bundle import ConfigParser
     from monai.data.utils import worker_init_fn as monai_worker_init_fn
 
@@ -165,10 +176,17 @@ def measure(data_dir: str, cache_rate: float | None, workers: int, epochs: int, 
         counts.append(n)
         rates.append(n / (elapsed + (build if epoch == 0 else 0.0)))
     rss = worker_peak_rss_gb() if workers > 0 else float("nan")
-    return {"cache_rate": parser.get_parsed_content("cache_rate"), "workers": workers, "rates": rates, "waits": waits,
-            "times": times, "counts": counts,
-            "cache_gb": cache_bytes(dataset) / 1024**3, "build_s": build,
-            "worker_rss_gb": rss}
+    return {
+        "cache_rate": parser.get_parsed_content("cache_rate"),
+        "workers": workers,
+        "rates": rates,
+        "waits": waits,
+        "times": times,
+        "counts": counts,
+        "cache_gb": cache_bytes(dataset) / 1024**3,
+        "build_s": build,
+        "worker_rss_gb": rss,
+    }
 
 
 def main() -> None:
@@ -178,27 +196,56 @@ def main() -> None:
     parser.add_argument("--gen-workers", type=int, default=1, help="processes writing the synthetic set")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--augmentation", nargs="+", default=["bundle"], choices=["bundle", "crop"],
-                        help="the bundle's random augmentation, or the patch crop alone")
-    parser.add_argument("--heap", nargs="+", default=["main"], choices=["main", "workers", "off"],
-                        help="where glibc keeps freed memory (dmaf_components.data.keep_freed_memory): main = in the "
-                             "main process before the cache is built, inherited by the workers it forks (the bundle's "
-                             "default, `keep_freed_memory` in initialize); workers = in the workers only; "
-                             "off = nowhere")
-    parser.add_argument("--pipeline", nargs="+", default=["bundle"], choices=["bundle", "0.1.7", "0.1.6"],
-                        help="the bundle's training pipeline, or release 0.1.7's (MONAI's flips and rotation "
-                             "resampled separately), or 0.1.6's (also: cache deep-copied per sample, pad after crop, "
-                             "plain DataLoader)")
-    parser.add_argument("--step-s", type=float, default=0.0,
-                        help="sleep this long after each batch, standing in for a GPU step (0: the loader alone); "
-                             "prints the share of the epoch spent waiting for batches")
-    parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[None],
-                        help="batches the loader thread makes ahead (train#dataloader#buffer_size; default: the "
-                             "pipeline's own: 4 for the bundle, 1 for 0.1.7); compared side by side")
+    parser.add_argument(
+        "--augmentation",
+        nargs="+",
+        default=["bundle"],
+        choices=["bundle", "crop"],
+        help="the bundle's random augmentation, or the patch crop alone",
+    )
+    parser.add_argument(
+        "--heap",
+        nargs="+",
+        default=["main"],
+        choices=["main", "workers", "off"],
+        help="where glibc keeps freed memory (dmaf_components.data.keep_freed_memory): main = in the "
+        "main process before the cache is built, inherited by the workers it forks (the bundle's "
+        "default, `keep_freed_memory` in initialize); workers = in the workers only; "
+        "off = nowhere",
+    )
+    parser.add_argument(
+        "--pipeline",
+        nargs="+",
+        default=["bundle"],
+        choices=["bundle", "0.1.7", "0.1.6"],
+        help="the bundle's training pipeline, or release 0.1.7's (MONAI's flips and rotation "
+        "resampled separately), or 0.1.6's (also: cache deep-copied per sample, pad after crop, "
+        "plain DataLoader)",
+    )
+    parser.add_argument(
+        "--step-s",
+        type=float,
+        default=0.0,
+        help="sleep this long after each batch, standing in for a GPU step (0: the loader alone); "
+        "prints the share of the epoch spent waiting for batches",
+    )
+    parser.add_argument(
+        "--buffer-sizes",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="batches the loader thread makes ahead (train#dataloader#buffer_size; default: the "
+        "pipeline's own: 4 for the bundle, 1 for 0.1.7); compared side by side",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one configuration, print JSON
     parser.add_argument("--rounds", type=int, default=1, help="repeat each comparison, alternating its settings")
-    parser.add_argument("--cache-rates", type=float, nargs="+", default=None,
-                        help="cache rates to compare (default: the bundle's default, then 0)")
+    parser.add_argument(
+        "--cache-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="cache rates to compare (default: the bundle's default, then 0)",
+    )
     args = parser.parse_args()
     if args.one:  # a fresh process per configuration: allocator state and caches cannot carry over
         print("RESULT " + json.dumps(measure(**json.loads(args.one))))
@@ -212,33 +259,51 @@ def main() -> None:
     default = json.load(open(os.path.join(BUNDLE, "configs", "train.json")))["cache_rate"]
     rates = args.cache_rates or [default, 0.0]
     print(machine_line())
-    print(f"full-size BraTS loader: {args.cases} cases 240x240x155, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs; bundle default cache_rate {default}")
+    print(
+        f"full-size BraTS loader: {args.cases} cases 240x240x155, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs; bundle default cache_rate {default}"
+    )
     if args.step_s > 0:
-        print(f"each batch is followed by a {args.step_s} s sleep standing in for a GPU step "
-              f"(at most {1 / args.step_s:.2f} samples/s at batch 1); wait = share of the steady epochs spent "
-              f"waiting for the loader")
-    print(f"{'pipeline':>8} {'buffer':>6} {'heap':>6} {'augmentation':>12} {'cache_rate':>10} {'workers':>7} "
-          f"{'first epoch':>12} "
-          f"{'steady':>9} {'wait':>6} {'cache':>9} {'worker RSS':>10}")
+        print(
+            f"each batch is followed by a {args.step_s} s sleep standing in for a GPU step "
+            f"(at most {1 / args.step_s:.2f} samples/s at batch 1); wait = share of the steady epochs spent "
+            f"waiting for the loader"
+        )
+    print(
+        f"{'pipeline':>8} {'buffer':>6} {'heap':>6} {'augmentation':>12} {'cache_rate':>10} {'workers':>7} "
+        f"{'first epoch':>12} "
+        f"{'steady':>9} {'wait':>6} {'cache':>9} {'worker RSS':>10}"
+    )
     settings = [(p, h, b) for p in args.pipeline for h in args.heap for b in args.buffer_sizes]
     for augmentation in args.augmentation:
         for rate in rates:
             for workers in args.workers:
                 for pipeline, heap, buffer in [s for _ in range(args.rounds) for s in settings]:  # alternating
-                    one = {"data_dir": args.data, "cache_rate": rate, "workers": workers, "epochs": args.epochs,
-                           "augmentation": augmentation, "heap": heap, "pipeline": pipeline, "step_s": args.step_s,
-                           "buffer_size": buffer}
-                    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True,
-                                          text=True, check=True)
+                    one = {
+                        "data_dir": args.data,
+                        "cache_rate": rate,
+                        "workers": workers,
+                        "epochs": args.epochs,
+                        "augmentation": augmentation,
+                        "heap": heap,
+                        "pipeline": pipeline,
+                        "step_s": args.step_s,
+                        "buffer_size": buffer,
+                    }
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True, check=True
+                    )
                     r = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
                     steady = sum(r["counts"][1:]) / sum(r["times"][1:])  # all steady samples / all their time
                     wait = sum(r["waits"][1:]) / sum(r["times"][1:])
-                    print(f"{pipeline:>8} {str(buffer or '-'):>6} {heap:>6} {augmentation:>12} {r['cache_rate']:>10} "
-                          f"{workers:>7} "
-                          f"{r['rates'][0]:>8.2f} s/s {steady:>5.2f} s/s {100 * wait:>5.1f}% {r['cache_gb']:>6.2f} GB "
-                          f"{r['worker_rss_gb']:>7.2f} GB   (samples/s; first epoch includes the cache fill, "
-                          f"{r['build_s']:.0f} s)", flush=True)
+                    print(
+                        f"{pipeline:>8} {str(buffer or '-'):>6} {heap:>6} {augmentation:>12} {r['cache_rate']:>10} "
+                        f"{workers:>7} "
+                        f"{r['rates'][0]:>8.2f} s/s {steady:>5.2f} s/s {100 * wait:>5.1f}% {r['cache_gb']:>6.2f} GB "
+                        f"{r['worker_rss_gb']:>7.2f} GB   (samples/s; first epoch includes the cache fill, "
+                        f"{r['build_s']:.0f} s)",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default: config's)")
     parser.add_argument("--roi", type=int, default=128)
-    parser.add_argument("--keep-freed-memory", default="true", choices=["true", "false"],
-                        help="the bundle key keep_freed_memory (glibc keeps freed memory; a fresh process per value)")
-    parser.add_argument("--uncertainty", nargs="+", default=["off"],
-                        help="off and/or measures (margin entropy flips modalities), alternated")
+    parser.add_argument(
+        "--keep-freed-memory",
+        default="true",
+        choices=["true", "false"],
+        help="the bundle key keep_freed_memory (glibc keeps freed memory; a fresh process per value)",
+    )
+    parser.add_argument(
+        "--uncertainty",
+        nargs="+",
+        default=["off"],
+        help="off and/or measures (margin entropy flips modalities), alternated",
+    )
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--studies", nargs="+", default=["all", "pair"], choices=["all", "pair"],
-                        help="all 4 modalities and/or FLAIR + T1ce")
+    parser.add_argument(
+        "--studies",
+        nargs="+",
+        default=["all", "pair"],
+        choices=["all", "pair"],
+        help="all 4 modalities and/or FLAIR + T1ce",
+    )
     args = parser.parse_args()
 
     from monai.bundle import ConfigWorkflow
@@ -63,10 +76,14 @@ def main() -> None:
         case = os.path.join(work, "src", "MICCAI_BraTS2020_TrainingData", "BraTS20_Training_001")
         os.makedirs(os.path.join(work, "root", "models"))
         torch.save(DMAFNet().state_dict(), os.path.join(work, "root", "models", "model.pt"))
-        print(f"{machine_line()}; cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory "
-              f"{args.keep_freed_memory}")
-        chosen = {"all": ("all 4 modalities", ("flair", "t1", "t1ce", "t2")),
-                  "pair": ("FLAIR + T1ce", ("flair", "t1ce"))}
+        print(
+            f"{machine_line()}; cuda {torch.cuda.is_available()}; roi {args.roi}^3; keep_freed_memory "
+            f"{args.keep_freed_memory}"
+        )
+        chosen = {
+            "all": ("all 4 modalities", ("flair", "t1", "t1ce", "t2")),
+            "pair": ("FLAIR + T1ce", ("flair", "t1ce")),
+        }
         for key in args.studies:
             label, modalities = chosen[key]
             studies = os.path.join(work, f"studies_{len(modalities)}", "study")
@@ -78,29 +95,42 @@ def main() -> None:
                 for u in args.uncertainty:
                     out = os.path.join(work, f"out_{len(modalities)}_{u}")
                     shutil.rmtree(out, ignore_errors=True)
-                    overrides = {"dataset_dir": os.path.dirname(studies), "bundle_root": os.path.join(work, "root"),
-                                 "output_dir": out, "num_workers": 0, "roi_size": [args.roi] * 3,
-                                 "keep_freed_memory": args.keep_freed_memory == "true"}
+                    overrides = {
+                        "dataset_dir": os.path.dirname(studies),
+                        "bundle_root": os.path.join(work, "root"),
+                        "output_dir": out,
+                        "num_workers": 0,
+                        "roi_size": [args.roi] * 3,
+                        "keep_freed_memory": args.keep_freed_memory == "true",
+                    }
                     if u != "off":
                         overrides.update(save_uncertainty=True, uncertainty=u)
                     if args.overlap is not None:
                         overrides["sw_overlap"] = args.overlap
                     start = time.perf_counter()
-                    wf = ConfigWorkflow(config_file=os.path.join(BUNDLE, "configs", "inference.json"),
-                                        workflow_type="infer", **overrides)
+                    wf = ConfigWorkflow(
+                        config_file=os.path.join(BUNDLE, "configs", "inference.json"),
+                        workflow_type="infer",
+                        **overrides,
+                    )
                     wf.initialize()
                     wf.run()
                     wf.finalize()
                     elapsed = time.perf_counter() - start
                     times[u].append(elapsed)
                     saved = sorted(os.listdir(out))
-                    print(f"{label:<18} uncertainty {u:<10} {elapsed:6.1f} s from config to saved files "
-                          f"({', '.join(saved)}); target <= 60 s on 2 cores", flush=True)
+                    print(
+                        f"{label:<18} uncertainty {u:<10} {elapsed:6.1f} s from config to saved files "
+                        f"({', '.join(saved)}); target <= 60 s on 2 cores",
+                        flush=True,
+                    )
             if len(args.uncertainty) > 1:
                 base = statistics.median(times[args.uncertainty[0]])
                 for u, t in times.items():
-                    print(f"{label:<18} uncertainty {u:<10} median {statistics.median(t):6.1f} s, "
-                          f"x{statistics.median(t) / base:.3f} of {args.uncertainty[0]}")
+                    print(
+                        f"{label:<18} uncertainty {u:<10} median {statistics.median(t):6.1f} s, "
+                        f"x{statistics.median(t) / base:.3f} of {args.uncertainty[0]}"
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

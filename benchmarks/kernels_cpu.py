@@ -38,8 +38,14 @@ def _best(fn, reps: int = 3) -> float:
 
 def attention() -> None:
     print("attention fwd+bwd, ms (best of 3): flash | padded to 16 | matmul+softmax")
-    for b, h, n, d in [(3, 8, 512, 8), (5, 8, 256, 8), (2, 8, 768, 8), (1, 8, 1536, 8), (1, 4, 1536, 8),
-                       (1, 8, 2048, 8)]:
+    for b, h, n, d in [
+        (3, 8, 512, 8),
+        (5, 8, 256, 8),
+        (2, 8, 768, 8),
+        (1, 8, 1536, 8),
+        (1, 4, 1536, 8),
+        (1, 8, 2048, 8),
+    ]:
         q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
         s = d**-0.5
 

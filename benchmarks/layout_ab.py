@@ -75,8 +75,10 @@ def main() -> None:
         opt.step()
         return time.perf_counter() - start
 
-    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size}^3, masks {args.masks}, "
-          f"compare {args.compare}")
+    print(
+        f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads; {args.size}^3, masks {args.masks}, "
+        f"compare {args.compare}"
+    )
     times: dict[str, list[float]] = {n: [] for n in configs}
     for i in range(args.pairs + 1):
         order = list(configs) if i % 2 == 0 else list(configs)[::-1]  # alternate who goes first

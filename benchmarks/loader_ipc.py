@@ -100,8 +100,9 @@ def main() -> None:
     print("2. moving a 4x128^3 image + label (42 MB) from the dataset to the consumer, no transform:")
     torch.set_num_threads(2)
     for workers in (0, 1, 2):
-        loader = torch.utils.data.DataLoader(_Clones(48), batch_size=1, num_workers=workers,
-                                             persistent_workers=workers > 0)
+        loader = torch.utils.data.DataLoader(
+            _Clones(48), batch_size=1, num_workers=workers, persistent_workers=workers > 0
+        )
         for epoch in range(2):
             start, n = time.perf_counter(), 0
             for batch in loader:

@@ -34,8 +34,11 @@ def main() -> None:
     parser.add_argument("--data", default="data/loader_bench", help="a set made by benchmarks/dataloader.py")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--rotations", type=int, default=12, help="patches with the rotation forced")
-    parser.add_argument("--random-part-only", action="store_true",
-                        help="only the per-transform cost of the random part (no side-by-side comparisons)")
+    parser.add_argument(
+        "--random-part-only",
+        action="store_true",
+        help="only the per-transform cost of the random part (no side-by-side comparisons)",
+    )
     args = parser.parse_args()
     from monai.bundle import ConfigParser
     from monai.transforms import Randomizable
@@ -106,7 +109,7 @@ def spatial(config, cache, samples: int, rotations: int) -> None:
         for j in range(n):
             crop.set_random_state(j)
             patch = crop({k: cache[j % len(cache)][k] for k in ("image", "label")})
-            for name in (names if j % 2 else names[::-1]):
+            for name in names if j % 2 else names[::-1]:
                 transform = variants[(name, rotation_prob)]
                 transform.set_random_state(j)
                 start = time.perf_counter()
@@ -116,12 +119,16 @@ def spatial(config, cache, samples: int, rotations: int) -> None:
             cost[(name, rotation_prob)] = total[name] / n
         old, lazy, new = (1000 * total[k] / n for k in names)
         what = "flips only (rotation off)" if rotation_prob == 0 else "flips + rotation (rotation forced)"
-        print(f"{'x'.join(map(str, roi))} patch, {what}, {n} patches: MONAI's RandFlipd x3 + RandRotated (0.1.7) "
-              f"{old:.1f} ms, the same lazily (MONAI's fused resampling, float32) {lazy:.1f} ms, "
-              f"RandFlipRotated {new:.1f} ms ({old / new:.2f}x)")
+        print(
+            f"{'x'.join(map(str, roi))} patch, {what}, {n} patches: MONAI's RandFlipd x3 + RandRotated (0.1.7) "
+            f"{old:.1f} ms, the same lazily (MONAI's fused resampling, float32) {lazy:.1f} ms, "
+            f"RandFlipRotated {new:.1f} ms ({old / new:.2f}x)"
+        )
     old, lazy, new = (1000 * ((1 - prob) * cost[(k, 0.0)] + prob * cost[(k, 1.0)]) for k in names)
-    print(f"  mixed at the configured rotation probability {prob}: 0.1.7 {old:.1f} ms, lazy {lazy:.1f} ms, "
-          f"RandFlipRotated {new:.1f} ms per sample ({old / new:.2f}x)")
+    print(
+        f"  mixed at the configured rotation probability {prob}: 0.1.7 {old:.1f} ms, lazy {lazy:.1f} ms, "
+        f"RandFlipRotated {new:.1f} ms per sample ({old / new:.2f}x)"
+    )
 
 
 def whole_sample(data: str, samples: int) -> None:
@@ -145,13 +152,14 @@ def whole_sample(data: str, samples: int) -> None:
         datasets[name] = config.get_parsed_content("train#dataloader").dataset  # SeededDataset(CacheDataset)
     rotations = {}  # the pipeline's rotating transform: was this sample rotated?
     for name, dataset in datasets.items():
-        (rotations[name],) = [t for t in dataset.dataset.transform.transforms
-                              if type(t).__name__ in ("RandRotated", "RandFlipRotated")]
+        (rotations[name],) = [
+            t for t in dataset.dataset.transform.transforms if type(t).__name__ in ("RandRotated", "RandFlipRotated")
+        ]
     prob = rotations["bundle"].prob
     times: dict[tuple[str, bool], list[float]] = {}
     n = len(datasets["bundle"])
     for i in range(samples):
-        for name in (list(datasets) if i % 2 else list(datasets)[::-1]):
+        for name in list(datasets) if i % 2 else list(datasets)[::-1]:
             start = time.perf_counter()
             datasets[name][(i % n, 1000 + i)]
             elapsed = time.perf_counter() - start
@@ -162,11 +170,15 @@ def whole_sample(data: str, samples: int) -> None:
     for name in datasets:
         plain, rotated = (np.mean(times.get((name, r), [np.nan])) for r in (False, True))
         cost[name] = (1 - prob) * plain + prob * rotated
-        print(f"  {name:>6}: {len(times.get((name, False), []))} samples not rotated {1000 * plain:.1f} ms, "
-              f"{len(times.get((name, True), []))} rotated {1000 * rotated:.1f} ms")
+        print(
+            f"  {name:>6}: {len(times.get((name, False), []))} samples not rotated {1000 * plain:.1f} ms, "
+            f"{len(times.get((name, True), []))} rotated {1000 * rotated:.1f} ms"
+        )
     old, new = (1000 * cost[k] for k in ("0.1.7", "bundle"))
-    print(f"one training sample (cache read + random part), 1 thread, {samples} samples, the same seeds, weighted by "
-          f"the rotation probability {prob}: 0.1.7 pipeline {old:.1f} ms, bundle {new:.1f} ms ({old / new:.2f}x)")
+    print(
+        f"one training sample (cache read + random part), 1 thread, {samples} samples, the same seeds, weighted by "
+        f"the rotation probability {prob}: 0.1.7 pipeline {old:.1f} ms, bundle {new:.1f} ms ({old / new:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -56,5 +56,7 @@ def machine_line() -> str:
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
-    return (f"machine: {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads, kernels {capability}), load average {load_average()}")
+    return (
+        f"machine: {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, kernels {capability}), load average {load_average()}"
+    )

@@ -51,8 +51,9 @@ def build(
 
     torch.manual_seed(0)
     fusion, distill, dtm_on = VARIANTS[variant]
-    net = apply_cpu_kernels(DMAFNet(2, 3, 4, fusion=fusion, token_grid=token_grid, channels_last=False),
-                            padded_heads=pad_heads).train()
+    net = apply_cpu_kernels(
+        DMAFNet(2, 3, 4, fusion=fusion, token_grid=token_grid, channels_last=False), padded_heads=pad_heads
+    ).train()
     if fusion == "dmaf":
         for f in net.fusions:
             f.group_by_mask = grouping
@@ -83,13 +84,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=5, help="timed pairs (after one untimed pair)")
     parser.add_argument("--masks", choices=["idt", "all"], default="idt")
-    parser.add_argument("--grouping", choices=["on", "off"], default="on",
-                        help="DMAF: samples grouped by mask pattern (on) or one masked token sequence (off)")
+    parser.add_argument(
+        "--grouping",
+        choices=["on", "off"],
+        default="on",
+        help="DMAF: samples grouped by mask pattern (on) or one masked token sequence (off)",
+    )
     parser.add_argument("--token-grid", type=int, default=None, help="S_d per axis (default: DMAFNet's 2-D default)")
-    parser.add_argument("--variants", nargs="+", default=["full", "baseline"],
-                        help=f"interleaved round-robin; the first is compared with each other ({', '.join(VARIANTS)}, "
-                        "full-ungrouped: the full model with --grouping off, and full-0.1.2: the full model as release "
-                        "0.1.2 computed it (one masked sequence, unpadded heads, S_d 16^2)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["full", "baseline"],
+        help=f"interleaved round-robin; the first is compared with each other ({', '.join(VARIANTS)}, "
+        "full-ungrouped: the full model with --grouping off, and full-0.1.2: the full model as release "
+        "0.1.2 computed it (one masked sequence, unpadded heads, S_d 16^2)",
+    )
     args = parser.parse_args()
     from dmaf_components.data import idt_masks
 
@@ -111,16 +120,20 @@ def main() -> None:
             if i:
                 times[name].append(t)
     patterns = len({tuple(r.tolist()) for m in masks[1:] for r in m})
-    print(f"2-D step, {args.size}^2, batch {args.batch}, masks {args.masks} ({patterns} patterns), DMAF grouping "
-          f"{args.grouping}, token grid {args.token_grid or 'default'}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"2-D step, {args.size}^2, batch {args.batch}, masks {args.masks} ({patterns} patterns), DMAF grouping "
+        f"{args.grouping}, token grid {args.token_grid or 'default'}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     first = args.variants[0]
     for name, ts in times.items():
         line = f"  {name:<20s} {statistics.median(ts):7.3f} s/step (min {min(ts):.3f})"
         if name != first:
             ratios = [a / b for a, b in zip(times[first], ts)]
-            line += (f"   {first}/{name} {statistics.median(ratios):.2f} "
-                     f"(median of {len(ratios)} interleaved rounds, range {min(ratios):.2f}-{max(ratios):.2f})")
+            line += (
+                f"   {first}/{name} {statistics.median(ratios):.2f} "
+                f"(median of {len(ratios)} interleaved rounds, range {min(ratios):.2f}-{max(ratios):.2f})"
+            )
         print(line)
 
 

@@ -34,8 +34,12 @@ from dmaf_components.data.synthetic import brats_case, myops_case
 #: per dataset: case generator, modalities, the classifier's classes (label values each) and the scored regions
 #: (classes each); BraTS is scored inside the brain (skull-stripped: zero outside), MyoPS over the whole slice
 DATASETS = {
-    "myops": (myops_case, MYOPS_MODALITIES, ((0,), (500,), (600,), (200, 1220, 2221)),
-              {"LVB": (1,), "RVB": (2,), "MYO": (3,)}),
+    "myops": (
+        myops_case,
+        MYOPS_MODALITIES,
+        ((0,), (500,), (600,), (200, 1220, 2221)),
+        {"LVB": (1,), "RVB": (2,), "MYO": (3,)},
+    ),
     "brats": (brats_case, BRATS_MODALITIES, ((0,), (1,), (2,), (4,)), {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}),
 }
 
@@ -60,8 +64,9 @@ def difficulty(dataset: str, profile: str, cases: int, shape, seed: int = 2026) 
     make, modalities, classes, regions = DATASETS[dataset]
     data = [make(shape, seed * 100003 + i + (dataset == "brats"), profile) for i in range(cases)]  # the sets' seeds
     half = cases // 2
-    brain = [np.any([im[m] > 0 for m in modalities], 0).ravel() if dataset == "brats" else slice(None)
-             for im, _ in data]
+    brain = [
+        np.any([im[m] > 0 for m in modalities], 0).ravel() if dataset == "brats" else slice(None) for im, _ in data
+    ]
     out = {}
     for r in range(1, len(modalities) + 1):
         for combo in itertools.combinations(modalities, r):
@@ -75,8 +80,13 @@ def difficulty(dataset: str, profile: str, cases: int, shape, seed: int = 2026) 
             dice = {name: [] for name in regions}
             for (images, lab), b in zip(data[half:], brain[half:]):
                 x, y = _features(images, combo)[b], _target(lab, classes)[b]
-                scores = np.stack([prior - 0.5 * logdet - 0.5 * np.einsum("ij,jk,ik->i", x - mu, inv, x - mu)
-                                   for mu, inv, logdet, prior in params], 1)
+                scores = np.stack(
+                    [
+                        prior - 0.5 * logdet - 0.5 * np.einsum("ij,jk,ik->i", x - mu, inv, x - mu)
+                        for mu, inv, logdet, prior in params
+                    ],
+                    1,
+                )
                 pred = scores.argmax(1)
                 for name, values in regions.items():
                     p, t = np.isin(pred, values), np.isin(y, values)

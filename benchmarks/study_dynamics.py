@@ -131,8 +131,10 @@ def main() -> None:
     with open(any_record["datalist"]) as f:
         modalities = json.load(f)["modalities"]
     p = presence_rates(any_record["datalist"], modalities)
-    print(f"study {args.study}: {sum(len(s) for s in runs.values())} runs with events; modalities {modalities}, "
-          f"presence in the training split {[round(x, 3) for x in p]}")
+    print(
+        f"study {args.study}: {sum(len(s) for s in runs.values())} runs with events; modalities {modalities}, "
+        f"presence in the training split {[round(x, 3) for x in p]}"
+    )
 
     print("\n## Training curves: validation mean Dice at each validation (epoch: value), and the fused segmentation")
     print("  loss (loss/fuse) averaged over the first and last 10 % of the iterations, per run")
@@ -141,15 +143,24 @@ def main() -> None:
             val = validation_dice(os.path.dirname(record_paths[(setting, seed)]))
             fuse = sc["loss/fuse"]
             tenth = max(len(fuse) // 10, 1)
-            print(f"  {setting:>12} seed {seed}: val " + ", ".join(f"{e}: {v:.3f}" for e, v in val.items())
-                  + f"; loss/fuse first 10 % {statistics.mean(fuse[:tenth]):.3f}, last 10 % "
-                  f"{statistics.mean(fuse[-tenth:]):.3f}")
+            print(
+                f"  {setting:>12} seed {seed}: val "
+                + ", ".join(f"{e}: {v:.3f}" for e, v in val.items())
+                + f"; loss/fuse first 10 % {statistics.mean(fuse[:tenth]):.3f}, last 10 % "
+                f"{statistics.mean(fuse[-tenth:]):.3f}"
+            )
 
     print("\n## L_sep under Eq. 16: logged L_sep at iteration 1, setting + DTM over setting (same seed)")
-    for base, with_dtm in (("baseline", "dtm"), ("distill", "distill+dtm"), ("dmaf", "dmaf+dtm"),
-                           ("dmaf+distill", "full")):
-        ratios = [runs[with_dtm][s][1]["loss/sep"][0] / runs[base][s][1]["loss/sep"][0]
-                  for s in sorted(set(runs.get(base, {})) & set(runs.get(with_dtm, {})))]
+    for base, with_dtm in (
+        ("baseline", "dtm"),
+        ("distill", "distill+dtm"),
+        ("dmaf", "dmaf+dtm"),
+        ("dmaf+distill", "full"),
+    ):
+        ratios = [
+            runs[with_dtm][s][1]["loss/sep"][0] / runs[base][s][1]["loss/sep"][0]
+            for s in sorted(set(runs.get(base, {})) & set(runs.get(with_dtm, {})))
+        ]
         if ratios:
             print(f"  {with_dtm:>12} / {base:<12} {fmt(ratios)}  (seeds: {len(ratios)}; 1/M = {1 / len(p):.3f})")
 
@@ -166,22 +177,25 @@ def main() -> None:
             n = len(sc["loss/total"])
             w = [sc[f"dtm/w/{m}"] for m in modalities]  # Eq. 16's w, as logged
             scale = len(p) if record["overrides"].get("dtm_reweight_norm") == "mean" else 1.0  # what L_sep got
-            factors.append(scale * statistics.mean(sum(p[m] * w[m][i] for m in range(len(p))) / sum(p)
-                                                   for i in range(n)))
+            factors.append(
+                scale * statistics.mean(sum(p[m] * w[m][i] for m in range(len(p))) / sum(p) for i in range(n))
+            )
             for m, name in enumerate(modalities):
                 g, a = sc[f"dtm/gamma/{name}"], sc[f"dtm/applied_scale/{name}"]
                 present = [i for i in range(n) if not math.isclose(a[i], 1.0) or math.isclose(g[i], 1.0)]
                 fired = [i for i in present if math.isclose(a[i], 0.7 * g[i], rel_tol=1e-3)]
                 per_mod[name]["w"].append(statistics.mean(w[m]))
-                per_mod[name]["w_last"].append(statistics.mean(w[m][-n // 10:]))
+                per_mod[name]["w_last"].append(statistics.mean(w[m][-n // 10 :]))
                 per_mod[name]["gamma"].append(statistics.mean(g))
                 per_mod[name]["clip"].append(sum(x <= 0.1 + 1e-6 or x >= 10 - 1e-6 for x in g) / n)
                 per_mod[name]["conflict"].append(len(fired) / max(len(present), 1))
         print(f"    L_sep factor over the run {fmt(factors)} (seeds: {len(factors)})")
         for name in modalities:
             d = per_mod[name]
-            print(f"    {name:>6}: w {fmt(d['w'])} (last 10 %: {fmt(d['w_last'])}), gamma {fmt(d['gamma'], 2)}, "
-                  f"at clip {fmt(d['clip'], 3)}, conflict {fmt(d['conflict'], 3)}")
+            print(
+                f"    {name:>6}: w {fmt(d['w'])} (last 10 %: {fmt(d['w_last'])}), gamma {fmt(d['gamma'], 2)}, "
+                f"at clip {fmt(d['clip'], 3)}, conflict {fmt(d['conflict'], 3)}"
+            )
 
     print("\n## alpha1 (Eq. 8, learnt): start, end, range over the run, drift consistency |a_end - a_start| / sum(lr)")
     for setting in ("distill", "dmaf+distill", "distill+dtm", "full"):

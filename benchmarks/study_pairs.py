@@ -61,8 +61,10 @@ def describe(runs: dict[str, dict[int, dict]], setting: str) -> None:
         return
     per_seed = case_average(np.stack([dice(runs[setting][s])[0] for s in seeds])).mean(axis=1)
     sd = f" ± {per_seed.std(ddof=1):.2f} (sd over seeds)" if len(seeds) > 1 else ""
-    print(f"{setting}, seeds {seeds}: average DSC {per_seed.mean():.2f}{sd}; per seed: "
-          + ", ".join(f"{s}: {v:.2f}" for s, v in zip(seeds, per_seed)))
+    print(
+        f"{setting}, seeds {seeds}: average DSC {per_seed.mean():.2f}{sd}; per seed: "
+        + ", ".join(f"{s}: {v:.2f}" for s, v in zip(seeds, per_seed))
+    )
 
 
 def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
@@ -75,10 +77,11 @@ def compare(runs: dict[str, dict[int, dict]], a: str, b: str) -> None:
     _, combos, regions = dice(runs[a][seeds[0]])
     avg = case_average
     iv = seed_interval(avg(va) - avg(vb))
-    print(f"{a} - {b}, seeds {seeds}: average DSC {iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (95 % over seeds), "
-          f"sign-flip p {iv.p:.3g}, detectable {iv.detectable:.2f}, seeds for this effect {iv.seeds_needed:g}")
-    print("  per seed: " + ", ".join(f"{s}: {np.nanmean(avg(va)[i] - avg(vb)[i]):+.2f}"
-                                     for i, s in enumerate(seeds)))
+    print(
+        f"{a} - {b}, seeds {seeds}: average DSC {iv.mean:+.2f} [{iv.low:+.2f}, {iv.high:+.2f}] (95 % over seeds), "
+        f"sign-flip p {iv.p:.3g}, detectable {iv.detectable:.2f}, seeds for this effect {iv.seeds_needed:g}"
+    )
+    print("  per seed: " + ", ".join(f"{s}: {np.nanmean(avg(va)[i] - avg(vb)[i]):+.2f}" for i, s in enumerate(seeds)))
     for r, region in enumerate(regions):
         region_of = lambda v: np.nanmean(v[..., r], axis=1)  # noqa: E731  (seeds, cases)
         iv = seed_interval(region_of(va) - region_of(vb), power_analysis=False)

@@ -39,9 +39,20 @@ def run_weights(model: str, cases: list[dict], roi: int, work: str, data_dir: st
     from monai.bundle import ConfigWorkflow
 
     data = [{"case": c["case"], "image": c["image"]} for c in cases]
-    wf = ConfigWorkflow(config_file=os.path.join(BUNDLE, "configs", "inference.json"), workflow_type="infer",
-                        logging_file=False, bundle_root=BUNDLE, data=data, dataset_dir=data_dir, output_dir=work,
-                        checkpoint=model, roi_size=[roi] * 3, save_weights=True, overwrite=True, num_workers=0)
+    wf = ConfigWorkflow(
+        config_file=os.path.join(BUNDLE, "configs", "inference.json"),
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        data=data,
+        dataset_dir=data_dir,
+        output_dir=work,
+        checkpoint=model,
+        roi_size=[roi] * 3,
+        save_weights=True,
+        overwrite=True,
+        num_workers=0,
+    )
     wf.initialize()
     wf.run()
     out: dict[str, list] = {r: [] for r in REGIONS}
@@ -61,10 +72,16 @@ def main() -> None:
     parser.add_argument("--settings", default="dmaf,full")
     parser.add_argument("--roi", type=int, default=64)
     args = parser.parse_args()
-    first = json.load(open(next(
-        os.path.join(args.study, "runs", s, d, "record.json") for s in args.settings.split(",")
-        for d in sorted(os.listdir(os.path.join(args.study, "runs", s)))
-        if os.path.isfile(os.path.join(args.study, "runs", s, d, "record.json")))))
+    first = json.load(
+        open(
+            next(
+                os.path.join(args.study, "runs", s, d, "record.json")
+                for s in args.settings.split(",")
+                for d in sorted(os.listdir(os.path.join(args.study, "runs", s)))
+                if os.path.isfile(os.path.join(args.study, "runs", s, d, "record.json"))
+            )
+        )
+    )
     with open(first["datalist"]) as f:
         datalist = json.load(f)
     base = os.path.dirname(first["datalist"])
@@ -73,11 +90,17 @@ def main() -> None:
     for e in datalist["testing"]:
         image = e["image"]
         paths = image if isinstance(image, dict) else dict(zip(modalities, image))
-        cases.append({"case": e.get("case", os.path.basename(os.path.dirname(paths["flair"]))),
-                      "image": {m: os.path.join(base, p) for m, p in paths.items()},
-                      "label": os.path.join(base, e["label"])})
-    print(f"study {args.study}: {len(cases)} test cases, all modalities; weights of the first DMAF level "
-          f"(FLAIR, T1, T1ce, T2), mean over each case's voxels of the region, then over cases")
+        cases.append(
+            {
+                "case": e.get("case", os.path.basename(os.path.dirname(paths["flair"]))),
+                "image": {m: os.path.join(base, p) for m, p in paths.items()},
+                "label": os.path.join(base, e["label"]),
+            }
+        )
+    print(
+        f"study {args.study}: {len(cases)} test cases, all modalities; weights of the first DMAF level "
+        f"(FLAIR, T1, T1ce, T2), mean over each case's voxels of the region, then over cases"
+    )
     for setting in args.settings.split(","):
         per_seed = []
         for d in sorted(os.listdir(os.path.join(args.study, "runs", setting))):
@@ -87,12 +110,19 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as work:
                 res = run_weights(model, cases, args.roi, work, base)
             per_seed.append(res)
-            print(f"{setting} {d}: " + "; ".join(
-                f"{r} " + " ".join(f"{v:.3f}" for v in np.nanmean(res[r], axis=0)) for r in REGIONS))
+            print(
+                f"{setting} {d}: "
+                + "; ".join(f"{r} " + " ".join(f"{v:.3f}" for v in np.nanmean(res[r], axis=0)) for r in REGIONS)
+            )
         if per_seed:
-            print(f"{setting} over {len(per_seed)} seeds: " + "; ".join(
-                f"{r} " + " ".join(f"{v:.3f}" for v in np.mean([np.nanmean(p[r], axis=0) for p in per_seed], axis=0))
-                for r in REGIONS))
+            print(
+                f"{setting} over {len(per_seed)} seeds: "
+                + "; ".join(
+                    f"{r} "
+                    + " ".join(f"{v:.3f}" for v in np.mean([np.nanmean(p[r], axis=0) for p in per_seed], axis=0))
+                    for r in REGIONS
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -90,14 +90,22 @@ def main() -> None:
     datalist = os.path.join(args.data, f"datalist_train{args.cases}.json")
     if not os.path.exists(datalist):
         write_datalist(build_datalist(args.data, "brats", split=(args.cases, 0, 0), seed=0), datalist)
-    print(f"data: {args.cases} cases {'x'.join(map(str, args.shape))} in {args.data} "
-          f"({time.perf_counter() - start:.0f} s to write or find)", flush=True)
+    print(
+        f"data: {args.cases} cases {'x'.join(map(str, args.shape))} in {args.data} "
+        f"({time.perf_counter() - start:.0f} s to write or find)",
+        flush=True,
+    )
 
     work = tempfile.mkdtemp(prefix="dmaf_epoch_")
     config = ConfigParser()
     config.read_config(os.path.join(BUNDLE, "configs", "train.json"))
-    updates = {"bundle_root": work, "dataset_dir": os.path.abspath(args.data), "datalist": datalist,
-               "epochs": args.epochs, "val_interval": args.epochs + 1}
+    updates = {
+        "bundle_root": work,
+        "dataset_dir": os.path.abspath(args.data),
+        "datalist": datalist,
+        "epochs": args.epochs,
+        "val_interval": args.epochs + 1,
+    }
     for item in args.overrides:
         key, _, value = item.partition("=")
         updates[key] = json.loads(value)
@@ -140,10 +148,17 @@ def main() -> None:
             torch.cuda.synchronize()
         wall = time.perf_counter() - state["start"]
         util = sampler.stop() if sampler else None
-        epochs.append({"epoch": engine.state.epoch, "wall_s": wall, "loader_wait_s": state["wait"],
-                       "first_batch_wait_s": state.get("first", 0.0),
-                       "loader_wait_pct": 100 * state["wait"] / wall, "iterations": state["batches"],
-                       "gpu_util_pct": util})
+        epochs.append(
+            {
+                "epoch": engine.state.epoch,
+                "wall_s": wall,
+                "loader_wait_s": state["wait"],
+                "first_batch_wait_s": state.get("first", 0.0),
+                "loader_wait_pct": 100 * state["wait"] / wall,
+                "iterations": state["batches"],
+                "gpu_util_pct": util,
+            }
+        )
 
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -151,22 +166,37 @@ def main() -> None:
     peak = torch.cuda.max_memory_allocated() / 1024**3 if gpu else None
     name = torch.cuda.get_device_name() if gpu else "cpu"
     workers = config.get_parsed_content("train_num_workers")  # 0: the loader thread
-    print(f"bundle training, {name}, torch {torch.__version__}, amp {config.get_parsed_content('amp')}, "
-          f"{workers} loader worker processes (0: the loader thread), "
-          f"cache_rate {config.get_parsed_content('cache_rate')}, "
-          f"roi {config.get_parsed_content('roi_size')}, {os.cpu_count()} CPUs")
+    print(
+        f"bundle training, {name}, torch {torch.__version__}, amp {config.get_parsed_content('amp')}, "
+        f"{workers} loader worker processes (0: the loader thread), "
+        f"cache_rate {config.get_parsed_content('cache_rate')}, "
+        f"roi {config.get_parsed_content('roi_size')}, {os.cpu_count()} CPUs"
+    )
     print(f"cache fill: {fill:.1f} s for {len(dataset)} cases ({cache_bytes(dataset) / 1024**3:.2f} GB in memory)")
     for e in epochs:
         util = f", GPU utilisation {e['gpu_util_pct']:.0f} %" if e["gpu_util_pct"] is not None else ""
-        print(f"epoch {e['epoch']}: {e['wall_s']:.1f} s for {e['iterations']} iterations "
-              f"({e['wall_s'] / max(e['iterations'], 1):.3f} s/iteration), loader wait {e['loader_wait_s']:.1f} s "
-              f"= {e['loader_wait_pct']:.1f} % of the epoch (first batch {e['first_batch_wait_s']:.2f} s){util}")
+        print(
+            f"epoch {e['epoch']}: {e['wall_s']:.1f} s for {e['iterations']} iterations "
+            f"({e['wall_s'] / max(e['iterations'], 1):.3f} s/iteration), loader wait {e['loader_wait_s']:.1f} s "
+            f"= {e['loader_wait_pct']:.1f} % of the epoch (first batch {e['first_batch_wait_s']:.2f} s){util}"
+        )
     if peak is not None:
         print(f"peak GPU memory: {peak:.2f} GB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "workers": workers, "cache_fill_s": fill,
-                       "cache_gb": cache_bytes(dataset) / 1024**3, "epochs": epochs, "peak_gpu_gb": peak}, f, indent=1)
+            json.dump(
+                {
+                    "device": name,
+                    "torch": torch.__version__,
+                    "workers": workers,
+                    "cache_fill_s": fill,
+                    "cache_gb": cache_bytes(dataset) / 1024**3,
+                    "epochs": epochs,
+                    "peak_gpu_gb": peak,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

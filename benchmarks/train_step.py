@@ -90,15 +90,25 @@ def _gpu_profile(step, row, out_dir: str, tag: str) -> dict:
     # (aten::item on the CPU step counters of AdamW is no sync: count the CUDA runtime's synchronising calls)
     syncs = sum(e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     copies = sum(e.count for e in events if e.key in ("cudaMemcpyAsync", "cudaMemcpy"))
-    launches = sum(e.count for e in events
-                   if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
+    launches = sum(
+        e.count
+        for e in events
+        if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+    )
     host_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"profile_{tag}.txt"), "w") as f:
         f.write(events.table(sort_by="self_device_time_total", row_limit=30) + "\n")
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
-    return {"profiled_wall_s": wall, "gpu_busy_pct": 100 * kernel_us / 1e6 / wall, "gpu_kernel_s": kernel_us / 1e6,
-            "host_s": host_us / 1e6, "syncs": syncs, "copies": copies, "kernel_launches": launches}
+    return {
+        "profiled_wall_s": wall,
+        "gpu_busy_pct": 100 * kernel_us / 1e6 / wall,
+        "gpu_kernel_s": kernel_us / 1e6,
+        "host_s": host_us / 1e6,
+        "syncs": syncs,
+        "copies": copies,
+        "kernel_launches": launches,
+    }
 
 
 class _GroupInstanceNorm(torch.nn.Module):
@@ -125,10 +135,23 @@ def use_group_norm_kernel(net: torch.nn.Module) -> int:
 
 
 def worker(
-    size: int, variant: str, masks: str, steps: int, device: str, amp: bool, ckpt: bool = False,
-    channels_last: bool | None = None, count_flops: bool = True, bf16: bool = False, fused_adamw: bool = False,
-    compile_net: bool = False, profile_dir: str | None = None, barrier: str | None = None, norm: str = "instance",
-    path: str = "eager", channels: tuple[int, ...] = CHANNELS,
+    size: int,
+    variant: str,
+    masks: str,
+    steps: int,
+    device: str,
+    amp: bool,
+    ckpt: bool = False,
+    channels_last: bool | None = None,
+    count_flops: bool = True,
+    bf16: bool = False,
+    fused_adamw: bool = False,
+    compile_net: bool = False,
+    profile_dir: str | None = None,
+    barrier: str | None = None,
+    norm: str = "instance",
+    path: str = "eager",
+    channels: tuple[int, ...] = CHANNELS,
 ) -> dict:
     from torch._dynamo.utils import counters
     from torch.utils.flop_counter import FlopCounterMode
@@ -143,10 +166,19 @@ def worker(
     full = variant == "full"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed patch size, as in the bundle's training
-    net = DMAFNet(
-        3, 4, 4, channels=channels, fusion="dmaf" if full else "concat", gradient_checkpointing=ckpt,
-        channels_last=channels_last,
-    ).to(device).train()
+    net = (
+        DMAFNet(
+            3,
+            4,
+            4,
+            channels=channels,
+            fusion="dmaf" if full else "concat",
+            gradient_checkpointing=ckpt,
+            channels_last=channels_last,
+        )
+        .to(device)
+        .train()
+    )
     if norm == "group":
         use_group_norm_kernel(net)
     if path == "compiled":  # the bundle's --compile True --fused_optimizer True
@@ -250,13 +282,30 @@ def worker(
 def _run_configuration(args, size: int, variant: str, masks: str, path: str) -> dict | None:
     """One configuration on one path: ``--concurrent`` worker processes (one, by default); their result, or None when
     a worker failed (its error printed: the other configurations still run)."""
-    cmd = [sys.executable, __file__, "--worker", str(size), variant, masks, "--steps", str(args.steps),
-           "--device", args.device, "--path", path, "--channels", *map(str, args.channels)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(size),
+        variant,
+        masks,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+        "--path",
+        path,
+        "--channels",
+        *map(str, args.channels),
+    ]
     cmd += ["--amp"] if args.amp else []
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += ["--channels-last", args.channels_last] + (["--skip-flops"] if args.skip_flops else [])
-    cmd += [flag for flag, on in (("--bf16", args.bf16), ("--fused-adamw", args.fused_adamw),
-                                  ("--compile", args.compile)) if on] + ["--norm", args.norm]
+    cmd += [
+        flag
+        for flag, on in (("--bf16", args.bf16), ("--fused-adamw", args.fused_adamw), ("--compile", args.compile))
+        if on
+    ] + ["--norm", args.norm]
     with tempfile.TemporaryDirectory() as tmp:
         barrier = os.path.join(tmp, "barrier")
         os.makedirs(barrier)
@@ -300,16 +349,29 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="DMAFNet(gradient_checkpointing=True)")
     parser.add_argument("--variants", nargs="+", default=["full", "baseline"])
     parser.add_argument("--skip-flops", action="store_true", help="time only (no FLOP-counting passes)")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), "
-                             "off = plain")
+    parser.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="DMAFNet(channels_last=None/True/False): auto/on = the CPU kernels (CPU tensors only), off = plain",
+    )
     parser.add_argument("--masks", nargs="+", default=["all", "idt"])
-    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
-                        help="encoder widths, one per level (default: the bundle's); a patch needs at least 2 voxels "
-                             "per axis at the deepest level (5 levels: 32^3 and up; 16^3 takes at most 4)")
-    parser.add_argument("--paths", nargs="+", choices=["eager", "compiled"], default=["eager"],
-                        help="eager: the default step; compiled: the bundle's --compile True --fused_optimizer True "
-                             "(compile_network + AdamW(fused=True)); several take turns per configuration")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=list(CHANNELS),
+        help="encoder widths, one per level (default: the bundle's); a patch needs at least 2 voxels "
+        "per axis at the deepest level (5 levels: 32^3 and up; 16^3 takes at most 4)",
+    )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["eager", "compiled"],
+        default=["eager"],
+        help="eager: the default step; compiled: the bundle's --compile True --fused_optimizer True "
+        "(compile_network + AdamW(fused=True)); several take turns per configuration",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole set of configurations this often")
     parser.add_argument("--bf16", action="store_true", help="with --amp: bfloat16 autocast, no GradScaler")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True)")
@@ -318,40 +380,70 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=1, help="copies of each configuration run at once")
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "VARIANT", "MASKS"), help=argparse.SUPPRESS)
     parser.add_argument("--path", default="eager", help=argparse.SUPPRESS)
-    parser.add_argument("--norm", choices=["instance", "group"], default="instance",
-                        help="group: instance norm computed by the group-norm kernel (same function)")
+    parser.add_argument(
+        "--norm",
+        choices=["instance", "group"],
+        default="instance",
+        help="group: instance norm computed by the group-norm kernel (same function)",
+    )
     parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bf16 and not args.amp:
         parser.error("--bf16 needs --amp (it selects the autocast type)")
     if args.compile and "compiled" in args.paths:
-        parser.error("--compile (torch.compile of the whole network) and --paths compiled (the bundle's compiled "
-                     "parts) are two different compilations: choose one")
+        parser.error(
+            "--compile (torch.compile of the whole network) and --paths compiled (the bundle's compiled "
+            "parts) are two different compilations: choose one"
+        )
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     too_small = [size for size in args.sizes if -(-size // 2 ** (len(args.channels) - 1)) < 2]
     if too_small:  # instance norm in training needs more than one voxel per channel
-        parser.error(f"--sizes {too_small}: {len(args.channels)} levels leave one voxel at the deepest level; give "
-                     f"fewer --channels (e.g. --channels {' '.join(map(str, args.channels[:-1]))})")
+        parser.error(
+            f"--sizes {too_small}: {len(args.channels)} levels leave one voxel at the deepest level; give "
+            f"fewer --channels (e.g. --channels {' '.join(map(str, args.channels[:-1]))})"
+        )
     if args.compile:
         args.skip_flops = True  # the FLOP counter would count the compiled graph's kernels, not the model's ops
     if args.worker:
         size, variant, masks = args.worker
         cl = {"auto": None, "on": True, "off": False}[args.channels_last]
-        print(json.dumps(worker(int(size), variant, masks, args.steps, args.device, args.amp,
-                                args.gradient_checkpointing, cl, not args.skip_flops, args.bf16, args.fused_adamw,
-                                args.compile, args.profile, args.barrier, args.norm, args.path, tuple(args.channels))))
+        print(
+            json.dumps(
+                worker(
+                    int(size),
+                    variant,
+                    masks,
+                    args.steps,
+                    args.device,
+                    args.amp,
+                    args.gradient_checkpointing,
+                    cl,
+                    not args.skip_flops,
+                    args.bf16,
+                    args.fused_adamw,
+                    args.compile,
+                    args.profile,
+                    args.barrier,
+                    args.norm,
+                    args.path,
+                    tuple(args.channels),
+                )
+            )
+        )
         return
 
     gpu = args.device.startswith("cuda")
     peak_dtype = torch.float16 if (gpu and args.amp) else torch.float32
     peak = matmul_peak(args.device, peak_dtype, n=8192 if gpu else 2048)
     name = torch.cuda.get_device_name() if gpu else "cpu"
-    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({name}), "
-          f"amp {args.amp}{' bf16' if args.bf16 else ''}, gradient checkpointing {args.gradient_checkpointing}, "
-          f"channels-last {args.channels_last}, fused AdamW {args.fused_adamw}, compile {args.compile}, "
-          f"norm kernel {args.norm}, channels {args.channels}, paths {' '.join(args.paths)}, {args.rounds} round(s), "
-          f"{args.concurrent} at once; measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s")
+    print(
+        f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device} ({name}), "
+        f"amp {args.amp}{' bf16' if args.bf16 else ''}, gradient checkpointing {args.gradient_checkpointing}, "
+        f"channels-last {args.channels_last}, fused AdamW {args.fused_adamw}, compile {args.compile}, "
+        f"norm kernel {args.norm}, channels {args.channels}, paths {' '.join(args.paths)}, {args.rounds} round(s), "
+        f"{args.concurrent} at once; measured {str(peak_dtype).replace('torch.', '')} matmul peak {peak:.1f} GFLOP/s"
+    )
     results, failed = [], []
 
     def dump(complete: bool, **more) -> None:
@@ -359,15 +451,40 @@ def main() -> None:
         if not args.json:
             return
         with open(args.json, "w") as fh:
-            json.dump({"matmul_peak_gflops": peak, "peak_dtype": str(peak_dtype), "device_name": name,
-                       "torch": torch.__version__, "channels_last": args.channels_last,
-                       "options": {k: getattr(args, k) for k in
-                                   ("amp", "bf16", "fused_adamw", "compile", "concurrent", "norm", "paths", "rounds",
-                                    "steps", "channels")},
-                       "complete": complete, "results": results, "failed": failed, **more}, fh, indent=2)
+            json.dump(
+                {
+                    "matmul_peak_gflops": peak,
+                    "peak_dtype": str(peak_dtype),
+                    "device_name": name,
+                    "torch": torch.__version__,
+                    "channels_last": args.channels_last,
+                    "options": {
+                        k: getattr(args, k)
+                        for k in (
+                            "amp",
+                            "bf16",
+                            "fused_adamw",
+                            "compile",
+                            "concurrent",
+                            "norm",
+                            "paths",
+                            "rounds",
+                            "steps",
+                            "channels",
+                        )
+                    },
+                    "complete": complete,
+                    "results": results,
+                    "failed": failed,
+                    **more,
+                },
+                fh,
+                indent=2,
+            )
 
-    configurations = [(size, variant, masks) for size in args.sizes for variant in args.variants
-                      for masks in args.masks]
+    configurations = [
+        (size, variant, masks) for size in args.sizes for variant in args.variants for masks in args.masks
+    ]
     for rnd in range(1, args.rounds + 1):
         if args.rounds > 1:
             print(f"round {rnd}/{args.rounds}", flush=True)
@@ -383,42 +500,59 @@ def main() -> None:
                 results.append(r)
                 dump(complete=False)
                 gpu_mem = f", peak GPU {r['peak_gpu_gb']:.2f} GB" if r["peak_gpu_gb"] is not None else ""
-                print(f"{size:>4}^3 {variant:<8} {masks:<3} {path:<8} {r['sec_per_step']:7.3f} s/step  "
-                      f"{r['gflop_per_step']:8.1f} GFLOP/step  "
-                      f"{r['gflop_per_step'] / r['sec_per_step']:6.1f} GFLOP/s ({r['pct_of_peak']:4.1f} % of peak)  "
-                      f"peak RSS {r['peak_rss_gb']:.2f} GB{gpu_mem}  (mean modalities present {r['mean_present']:.2f}; "
-                      f"warm-up {r['warmup_s']:.1f} s)", flush=True)
+                print(
+                    f"{size:>4}^3 {variant:<8} {masks:<3} {path:<8} {r['sec_per_step']:7.3f} s/step  "
+                    f"{r['gflop_per_step']:8.1f} GFLOP/step  "
+                    f"{r['gflop_per_step'] / r['sec_per_step']:6.1f} GFLOP/s ({r['pct_of_peak']:4.1f} % of peak)  "
+                    f"peak RSS {r['peak_rss_gb']:.2f} GB{gpu_mem}  (mean modalities present {r['mean_present']:.2f}; "
+                    f"warm-up {r['warmup_s']:.1f} s)",
+                    flush=True,
+                )
                 if r["graphs_compiled_warmup"] or r["graphs_compiled_timed"]:
-                    print(f"      graphs compiled: {r['graphs_compiled_warmup']} in the warm-up, "
-                          f"{r['graphs_compiled_timed']} in the timed steps", flush=True)
+                    print(
+                        f"      graphs compiled: {r['graphs_compiled_warmup']} in the warm-up, "
+                        f"{r['graphs_compiled_timed']} in the timed steps",
+                        flush=True,
+                    )
                 if "profile_error" in r:
                     print(f"      profiling failed: {r['profile_error']}")
                 if "gpu_busy_pct" in r:
-                    print(f"      profiled step: GPU busy {r['gpu_busy_pct']:.0f} % of {r['profiled_wall_s']:.3f} s "
-                          f"(kernels {r['gpu_kernel_s']:.3f} s, host {r['host_s']:.3f} s), {r['kernel_launches']} "
-                          f"kernel launches, {r['copies']} copies, {r['syncs']} stream syncs", flush=True)
+                    print(
+                        f"      profiled step: GPU busy {r['gpu_busy_pct']:.0f} % of {r['profiled_wall_s']:.3f} s "
+                        f"(kernels {r['gpu_kernel_s']:.3f} s, host {r['host_s']:.3f} s), {r['kernel_launches']} "
+                        f"kernel launches, {r['copies']} copies, {r['syncs']} stream syncs",
+                        flush=True,
+                    )
     summary = []
     for size, variant, masks in configurations:
         for path in args.paths:
-            runs = [r for r in results if (r["size"], r["variant"], r["masks"], r["path"]) == (size, variant, masks,
-                                                                                                 path)]
+            runs = [
+                r for r in results if (r["size"], r["variant"], r["masks"], r["path"]) == (size, variant, masks, path)
+            ]
             if not runs:
                 continue
             gpu_peaks = [r["peak_gpu_gb"] for r in runs if r["peak_gpu_gb"] is not None]
-            summary.append({
-                "size": size, "variant": variant, "masks": masks, "path": path,
-                "sec_per_step": _mean([r["sec_per_step"] for r in runs]),
-                "rounds_sec_per_step": [r["sec_per_step"] for r in runs],
-                "warmup_s": _mean([r["warmup_s"] for r in runs]),
-                "peak_gpu_gb": max(gpu_peaks) if gpu_peaks else None,
-                "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-            })
+            summary.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "masks": masks,
+                    "path": path,
+                    "sec_per_step": _mean([r["sec_per_step"] for r in runs]),
+                    "rounds_sec_per_step": [r["sec_per_step"] for r in runs],
+                    "warmup_s": _mean([r["warmup_s"] for r in runs]),
+                    "peak_gpu_gb": max(gpu_peaks) if gpu_peaks else None,
+                    "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
+                }
+            )
     print(f"\nmean over {args.rounds} round(s) (warm-up, which includes any compilation, apart)")
     for m in summary:
         gpu_mem = f", peak GPU {m['peak_gpu_gb']:.2f} GB" if m["peak_gpu_gb"] is not None else ""
         rounds = " ".join(f"{t:.3f}" for t in m["rounds_sec_per_step"])
-        print(f"{m['size']:>4}^3 {m['variant']:<8} {m['masks']:<3} {m['path']:<8} {m['sec_per_step']:7.3f} s/step "
-              f"(rounds: {rounds}), warm-up {m['warmup_s']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB{gpu_mem}")
+        print(
+            f"{m['size']:>4}^3 {m['variant']:<8} {m['masks']:<3} {m['path']:<8} {m['sec_per_step']:7.3f} s/step "
+            f"(rounds: {rounds}), warm-up {m['warmup_s']:.1f} s, peak RSS {m['peak_rss_gb']:.2f} GB{gpu_mem}"
+        )
     by = {(m["size"], m["variant"], m["masks"], m["path"]): m for m in summary}
     ratios = []
     if "eager" in args.paths and "compiled" in args.paths:

@@ -137,15 +137,30 @@ def build(run_dir: str, data_dir: str, datalist: str):
     overrides = record["overrides"]
     parser = ConfigParser()
     parser.read_config([os.path.join(BUNDLE, "configs", c) for c in ("train.json", "train_myops.json")])
-    parser.update({"bundle_root": run_dir, "dataset_dir": data_dir, "datalist": datalist, "num_workers": 0,
-                   **{k: v for k, v in overrides.items() if k in ("fusion", "roi_size", "crop_size", "channels",
-                                                                 "token_grid", "num_layers", "num_heads")}})
+    parser.update(
+        {
+            "bundle_root": run_dir,
+            "dataset_dir": data_dir,
+            "datalist": datalist,
+            "num_workers": 0,
+            **{
+                k: v
+                for k, v in overrides.items()
+                if k in ("fusion", "roi_size", "crop_size", "channels", "token_grid", "num_layers", "num_heads")
+            },
+        }
+    )
     net = parser.get_parsed_content("network_def")
     state = torch.load(os.path.join(run_dir, "models", "model.pt"), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     net.eval()
-    return (record, net, parser.get_parsed_content("validate#preprocessing"),
-            parser.get_parsed_content("validate#inferer"), parser.get_parsed_content("modalities"))
+    return (
+        record,
+        net,
+        parser.get_parsed_content("validate#preprocessing"),
+        parser.get_parsed_content("validate#inferer"),
+        parser.get_parsed_content("modalities"),
+    )
 
 
 def band_mask(pred: torch.Tensor, label: torch.Tensor, radius: int) -> torch.Tensor:
@@ -178,8 +193,11 @@ def case_scores(model, case: dict, combos, args, regions, group: str) -> dict[st
         logits, probs = y[:, :k], y[:, k:]
         pred = logits.argmax(1)[0]
         if group == "base":
-            scores = {"entropy": normalized_entropy(logits), "margin": margin_uncertainty(logits),
-                      "modalities": label_disagreement(logits, probs)}
+            scores = {
+                "entropy": normalized_entropy(logits),
+                "margin": margin_uncertainty(logits),
+                "modalities": label_disagreement(logits, probs),
+            }
         else:
             entropy = -(probs.clamp_min(1e-12).log() * probs).sum(1, keepdim=True) / math.log(k)
             scores = {"flips": label_disagreement(logits, probs), "flips_entropy": entropy.clamp(0, 1)}
@@ -248,16 +266,23 @@ def measure_model(run_dir, args, cases, combos, regions, groups: Sequence[str]) 
 def report_model(label: str, result: dict, args) -> None:
     recorded = {row["combination"]: row["dice_avg"] for row in result["record"]["evaluation"]["tables"]["raw"]}
     print(f"\n## {label} (code {result['record']['code_commit'][:7]}, seed {result['record']['seed']})")
-    print(f"{'combination':<16}{'Dice':>7}{'rec.':>7}  {'set':<5}{'voxels':>8}{'err %':>7}  "
-          + "  ".join(f"{s + ' AUROC top/rest % (share)':>40}" for s in result["scores"]))
+    print(
+        f"{'combination':<16}{'Dice':>7}{'rec.':>7}  {'set':<5}{'voxels':>8}{'err %':>7}  "
+        + "  ".join(f"{s + ' AUROC top/rest % (share)':>40}" for s in result["scores"])
+    )
     for name, entry in result["combinations"].items():
         for where in ("band", "crop"):
             per = entry["sets"][where]
-            head = (f"{name:<16}{entry['dice']:7.2f}{recorded.get(name, float('nan')):7.2f}  " if where == "band"
-                    else " " * 30 + "  ")
+            head = (
+                f"{name:<16}{entry['dice']:7.2f}{recorded.get(name, float('nan')):7.2f}  "
+                if where == "band"
+                else " " * 30 + "  "
+            )
             cells = "  ".join(
                 f"{per[s]['auroc']:>10.3f} {100 * per[s]['top']:6.1f}/{100 * per[s]['rest']:5.2f} "
-                f"({100 * per[s]['share']:4.1f} % of errors)" for s in result["scores"])
+                f"({100 * per[s]['share']:4.1f} % of errors)"
+                for s in result["scores"]
+            )
             print(f"{head}{where:<5}{per['voxels']:>8}{100 * per['error_rate']:7.2f}  {cells}")
 
 
@@ -270,16 +295,20 @@ def report_thresholds(label: str, results: Sequence[dict]) -> None:
         for t in THRESHOLDS:
             above = v >= t
             n = int(above.sum())
-            print(f"{s:<14}{t:5.1f}{100 * above.mean():10.2f}"
-                  f"{(100 * err[above].mean() if n else float('nan')):15.1f}"
-                  f"{100 * err[above].sum() / max(int(err.sum()), 1):17.1f}"
-                  f"{(100 * err[~above].mean() if n < v.size else float('nan')):15.2f}")
+            print(
+                f"{s:<14}{t:5.1f}{100 * above.mean():10.2f}"
+                f"{(100 * err[above].mean() if n else float('nan')):15.1f}"
+                f"{100 * err[above].sum() / max(int(err.sum()), 1):17.1f}"
+                f"{(100 * err[~above].mean() if n < v.size else float('nan')):15.2f}"
+            )
 
 
 def summary(label: str, results: Sequence[dict]) -> None:
     print(f"\n### {label}: range over combinations (and models)")
-    print(f"{'score':<14}{'band AUROC min':>15}{'median':>8}{'max':>8}{'crop AUROC min':>16}{'median':>8}{'max':>8}"
-          f"{'top-5% err %':>14}{'rest err %':>12}{'lift':>7}   (band, medians)")
+    print(
+        f"{'score':<14}{'band AUROC min':>15}{'median':>8}{'max':>8}{'crop AUROC min':>16}{'median':>8}{'max':>8}"
+        f"{'top-5% err %':>14}{'rest err %':>12}{'lift':>7}   (band, medians)"
+    )
     entries = [e for r in results for e in r["combinations"].values()]
     for s in results[0]["scores"]:
         band = [e["sets"]["band"][s]["auroc"] for e in entries]
@@ -287,16 +316,25 @@ def summary(label: str, results: Sequence[dict]) -> None:
         top = [e["sets"]["band"][s]["top"] for e in entries]
         rest = [e["sets"]["band"][s]["rest"] for e in entries]
         lift = [t / r_ if r_ > 0 else float("inf") for t, r_ in zip(top, rest)]
-        print(f"{s:<14}{min(band):15.3f}{statistics.median(band):8.3f}{max(band):8.3f}{min(crop):16.3f}"
-              f"{statistics.median(crop):8.3f}{max(crop):8.3f}{100 * statistics.median(top):14.1f}"
-              f"{100 * statistics.median(rest):12.2f}{statistics.median(lift):7.1f}")
+        print(
+            f"{s:<14}{min(band):15.3f}{statistics.median(band):8.3f}{max(band):8.3f}{min(crop):16.3f}"
+            f"{statistics.median(crop):8.3f}{max(crop):8.3f}{100 * statistics.median(top):14.1f}"
+            f"{100 * statistics.median(rest):12.2f}{statistics.median(lift):7.1f}"
+        )
     if len(results) > 1:  # per model: each combination's best score, and the mean band AUROC per score
-        print(f"{'model (seed)':<14}" + "".join(f"{s:>15}" for s in results[0]["scores"])
-              + "   mean band AUROC over combinations")
+        print(
+            f"{'model (seed)':<14}"
+            + "".join(f"{s:>15}" for s in results[0]["scores"])
+            + "   mean band AUROC over combinations"
+        )
         for r in results:
-            print(f"{r['record']['seed']:<14}" + "".join(
-                f"{statistics.mean(e['sets']['band'][s]['auroc'] for e in r['combinations'].values()):15.3f}"
-                for s in r["scores"]))
+            print(
+                f"{r['record']['seed']:<14}"
+                + "".join(
+                    f"{statistics.mean(e['sets']['band'][s]['auroc'] for e in r['combinations'].values()):15.3f}"
+                    for s in r["scores"]
+                )
+            )
 
 
 def timing(run_dir: str, args, cases, combos) -> None:
@@ -329,8 +367,10 @@ def timing(run_dir: str, args, cases, combos) -> None:
                         post(out)
                 times[name].append((time.perf_counter() - start) / len(inputs))
     base = statistics.median(times["plain"])
-    print(f"\n## cost ({len(items)} test cases x {len(combos)} combinations, {args.rounds} interleaved rounds, "
-          f"seconds per case-combination, median; each round: {', '.join(variants)})")
+    print(
+        f"\n## cost ({len(items)} test cases x {len(combos)} combinations, {args.rounds} interleaved rounds, "
+        f"seconds per case-combination, median; each round: {', '.join(variants)})"
+    )
     for name, t in times.items():
         med = statistics.median(t)
         print(f"{name:<12}{med:8.3f} s  x{med / base:5.2f} of plain  (rounds: {', '.join(f'{v:.3f}' for v in t)})")
@@ -362,17 +402,28 @@ def bundle_timing(run_dir: str, args, cases) -> None:
                 out = os.path.join(work, "out")
                 shutil.rmtree(out, ignore_errors=True)
                 wf = ConfigWorkflow(
-                    config_file=configs, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                    dataset_dir=studies, output_dir=out, checkpoint=os.path.join(run_dir, "models", "model.pt"),
-                    roi_size=overrides["roi_size"], crop_size=overrides["crop_size"], fusion=overrides["fusion"],
-                    num_workers=0, **extra)
+                    config_file=configs,
+                    workflow_type="infer",
+                    logging_file=False,
+                    bundle_root=BUNDLE,
+                    dataset_dir=studies,
+                    output_dir=out,
+                    checkpoint=os.path.join(run_dir, "models", "model.pt"),
+                    roi_size=overrides["roi_size"],
+                    crop_size=overrides["crop_size"],
+                    fusion=overrides["fusion"],
+                    num_workers=0,
+                    **extra,
+                )
                 wf.initialize()
                 start = time.perf_counter()
                 wf.run()
                 times[name].append(time.perf_counter() - start)
                 files = sorted(os.listdir(out))
-        print(f"\n## bundle inference, files to files ({args.bundle_studies} studies, all 3 modalities, "
-              f"{args.rounds} alternating rounds, seconds per run; the last run wrote {len(files)} files)")
+        print(
+            f"\n## bundle inference, files to files ({args.bundle_studies} studies, all 3 modalities, "
+            f"{args.rounds} alternating rounds, seconds per run; the last run wrote {len(files)} files)"
+        )
         base = statistics.median(times["off"])
         for name, t in times.items():
             med = statistics.median(t)
@@ -387,8 +438,9 @@ def main() -> None:
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "study_myops"))
     parser.add_argument("--datalist", default=None, help="default: <data>/datalist.json")
     parser.add_argument("--settings", nargs="+", default=["full"])
-    parser.add_argument("--seeds", nargs="*", type=int, default=None,
-                        help="default: every seed of the setting with a models/model.pt")
+    parser.add_argument(
+        "--seeds", nargs="*", type=int, default=None, help="default: every seed of the setting with a models/model.pt"
+    )
     parser.add_argument("--cases", type=int, default=None, help="first N test cases (default all)")
     parser.add_argument("--band", type=int, default=5)
     parser.add_argument("--top", type=float, default=0.05)
@@ -396,10 +448,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--no-flips", action="store_true", help="rank the base scores only (3x cheaper)")
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "uncertainty_ranking_cache"),
-                        help="per-case scores, kept so that an interrupted run goes on where it stopped")
-    parser.add_argument("--bundle-studies", type=int, default=0,
-                        help="also time the bundle's inference on this many test studies, uncertainty off and on")
+    parser.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "uncertainty_ranking_cache"),
+        help="per-case scores, kept so that an interrupted run goes on where it stopped",
+    )
+    parser.add_argument(
+        "--bundle-studies",
+        type=int,
+        default=0,
+        help="also time the bundle's inference on this many test studies, uncertainty off and on",
+    )
     parser.add_argument("--bundle-measures", nargs="+", default=["margin"])
     parser.add_argument("--only-timing", action="store_true", help="skip the ranking (timing of the first model)")
     args = parser.parse_args()
@@ -411,12 +470,17 @@ def main() -> None:
     cases = load_datalist(args.datalist, "testing", args.data)[: args.cases]
     modalities = json.load(open(args.datalist))["modalities"]
     combos = [(combination_name(p, modalities), p) for p in modality_combinations(len(modalities))]
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), load average {load_average()} (other jobs were running)")
-    print(f"data: {args.datalist}, testing split, {len(cases)} cases; modalities {modalities}; "
-          f"{len(combos)} combinations")
-    print(f"voxel sets: band = predicted or true foreground dilated by {args.band} voxels in-plane (square); "
-          f"crop = the whole crop the network saw. top = the {100 * args.top:g} % most uncertain voxels")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads), load average {load_average()} (other jobs were running)"
+    )
+    print(
+        f"data: {args.datalist}, testing split, {len(cases)} cases; modalities {modalities}; {len(combos)} combinations"
+    )
+    print(
+        f"voxel sets: band = predicted or true foreground dilated by {args.band} voxels in-plane (square); "
+        f"crop = the whole crop the network saw. top = the {100 * args.top:g} % most uncertain voxels"
+    )
     print("Dice = this run's mean region Dice (LVB, RVB, MYO) per combination; rec. = the study's recorded one")
     first = None
     for setting in args.settings:

@@ -113,7 +113,7 @@ def unknown_overrides(argv: Sequence[str]) -> list[str]:
         if key in known or key.startswith("_meta_"):
             continue
         parent = key.rsplit("#", 1)[0] + "#" if "#" in key else ""
-        candidates = [i for i in ids if i.startswith(parent) and "#" not in i[len(parent):]] or ids
+        candidates = [i for i in ids if i.startswith(parent) and "#" not in i[len(parent) :]] or ids
         close = difflib.get_close_matches(key, candidates, n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
         messages.append(f"--{key}: no config of this run defines this key{hint}; it is ignored")

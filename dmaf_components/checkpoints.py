@@ -186,8 +186,9 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
     ours, theirs = describe_architecture(expected), describe_architecture(state)
     diffs = [f for f in _OVERRIDES if f in ours and f in theirs and ours[f] != theirs[f]]
     if diffs:
-        what = "; ".join(f"{f} {_format(theirs[f])} in the checkpoint vs {_format(ours[f])} in the network"
-                         for f in diffs)
+        what = "; ".join(
+            f"{f} {_format(theirs[f])} in the checkpoint vs {_format(ours[f])} in the network" for f in diffs
+        )
         fixes = []
         for f in diffs:
             if f == "modalities":
@@ -196,7 +197,7 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
                 fixes.append(f"--label_values listing {theirs[f]} values")
             else:
                 value = _format(theirs[f])
-                fixes.append(f"{_OVERRIDES[f]} \"{value}\"" if value.startswith("[") else f"{_OVERRIDES[f]} {value}")
+                fixes.append(f'{_OVERRIDES[f]} "{value}"' if value.startswith("[") else f"{_OVERRIDES[f]} {value}")
         return f"{path}: checkpoint does not fit the network: {what}; run with {' '.join(fixes)}"
     missing, unexpected = sorted(want - names), sorted(names - want)
     shapes = [k for k in sorted(names & want) if tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -207,9 +208,7 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
         parts.append(f"{len(unexpected)} unknown tensor(s) (e.g. '{unexpected[0]}')")
     if shapes:
         k = shapes[0]
-        parts.append(
-            f"{len(shapes)} of other shape (e.g. '{k}' {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
-        )
+        parts.append(f"{len(shapes)} of other shape (e.g. '{k}' {tuple(state[k].shape)} vs {tuple(expected[k].shape)})")
     return f"{path}: checkpoint does not fit the network: {'; '.join(parts)}"
 
 

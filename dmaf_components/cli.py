@@ -137,8 +137,15 @@ class DMAF:
             if value is not None and (not isinstance(value, str) or not value):
                 raise DMAFDataError(f"--{flag}: expected a file name, got {value!r}")
         datalist = build_datalist(
-            data_dir, dataset, _sizes(split, "split"), mode, _parse_rates(missing_rates), exact, seed,
-            masks_from=masks_from, test_list=test_list,
+            data_dir,
+            dataset,
+            _sizes(split, "split"),
+            mode,
+            _parse_rates(missing_rates),
+            exact,
+            seed,
+            masks_from=masks_from,
+            test_list=test_list,
         )
         output = output or os.path.join(data_dir, "datalist.json")
         if os.path.exists(output) and not overwrite:  # said before every case is read
@@ -189,8 +196,17 @@ class DMAF:
         _report(report, f"{datalist}: the data check failed")
 
     def synthetic(
-        self, dataset: str, out_dir: str, cases: int = 12, shape=None, seed: int = 0, overwrite: bool = False,
-        profile: str = "demo", workers: int = 1, spacing: float | None = None, template_dir: str | None = None,
+        self,
+        dataset: str,
+        out_dir: str,
+        cases: int = 12,
+        shape=None,
+        seed: int = 0,
+        overwrite: bool = False,
+        profile: str = "demo",
+        workers: int = 1,
+        spacing: float | None = None,
+        template_dir: str | None = None,
     ) -> str:
         """Write a deterministic synthetic dataset in the exact BraTS2020 or MyoPS2020 layout.
 
@@ -264,8 +280,9 @@ class DMAF:
         """
         from .ablation import AblationStudy
 
-        study = AblationStudy(dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=_count(jobs, "jobs"),
-                              reference=reference)
+        study = AblationStudy(
+            dataset, data_dir, out, settings, seeds, datalist, overrides, jobs=_count(jobs, "jobs"), reference=reference
+        )
         if summarize_only:
             study.summarize()
         else:
@@ -351,8 +368,13 @@ class _Once(argparse.Action):
         super().__init__(*args, **kwargs)
         self.parse = parse
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         if self.dest in namespace._given:
             raise argparse.ArgumentError(None, f"--{self.dest} given twice")
         try:
@@ -440,11 +462,18 @@ def _parser(command: str, args: Sequence[str]) -> tuple[_Parser, list[inspect.Pa
         if p.default not in (p.empty, None) and "default" not in text:
             text += f" (default: {p.default!r})"
         if _is_switch(p):
-            parser.add_argument(*flags, dest=p.name, nargs="?", const=True, parse=_switch, action=_Once,
-                                metavar="true|false", help=text)
+            parser.add_argument(
+                *flags, dest=p.name, nargs="?", const=True, parse=_switch, action=_Once, metavar="true|false", help=text
+            )
             if not p.name.startswith("no"):  # --nooverwrite; --no_check is a switch of its own
-                parser.add_argument(f"--no{p.name}", dest=p.name, nargs=0, parse=lambda v, name: False,
-                                    action=_Once, help=argparse.SUPPRESS)
+                parser.add_argument(
+                    f"--no{p.name}",
+                    dest=p.name,
+                    nargs=0,
+                    parse=lambda v, name: False,
+                    action=_Once,
+                    help=argparse.SUPPRESS,
+                )
                 known.add(f"--no{p.name}")
         else:
             parser.add_argument(*flags, dest=p.name, parse=_text, action=_Once, metavar=p.name.upper(), help=text)
@@ -454,8 +483,15 @@ def _parser(command: str, args: Sequence[str]) -> tuple[_Parser, list[inspect.Pa
             flag = arg.partition("=")[0]
             if re.match(r"^--[A-Za-z_]", arg) and flag not in known:
                 known.add(flag)
-                parser.add_argument(flag, dest=flag[2:].replace("-", "_"), nargs="?", const=True, parse=_text,
-                                    action=_Once, help=argparse.SUPPRESS)
+                parser.add_argument(
+                    flag,
+                    dest=flag[2:].replace("-", "_"),
+                    nargs="?",
+                    const=True,
+                    parse=_text,
+                    action=_Once,
+                    help=argparse.SUPPRESS,
+                )
     return parser, params
 
 

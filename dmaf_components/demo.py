@@ -37,8 +37,18 @@ DEMO_DATA = {"cases": 40, "shape": (64, 64, 48), "split": (28, 4, 8)}
 #: model that finds the tumour on 2 CPU cores in minutes. ``benchmarks/demo_seeds.sh`` trains with exactly these.
 DEMO_EPOCHS = 25
 DEMO_OVERRIDES = [
-    "--roi_size", "[32,32,32]", "--patch_sampling", "foreground", "--foreground_ratio", "0.5", "--num_workers", "2",
-    "--sw_overlap", "0.25", "--learning_rate", "0.001",
+    "--roi_size",
+    "[32,32,32]",
+    "--patch_sampling",
+    "foreground",
+    "--foreground_ratio",
+    "0.5",
+    "--num_workers",
+    "2",
+    "--sw_overlap",
+    "0.25",
+    "--learning_rate",
+    "0.001",
 ]
 
 
@@ -77,20 +87,40 @@ def run_demo(data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epo
     print(f"[demo] 1/5 synthetic BraTS2020-layout dataset: {data_dir}")
     datalist = prepare_demo_data(data_dir)
     realised = json.load(open(datalist))["realised_missing_rates"]
-    print("[demo] 2/5 datalist with IDT masks, realised missing rates: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in realised.items()))
+    print(
+        "[demo] 2/5 datalist with IDT masks, realised missing rates: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in realised.items())
+    )
 
     root = os.path.join(work_dir, "bundle_root")
     os.makedirs(root, exist_ok=True)
     common = ["--dataset_dir", data_dir, "--bundle_root", root] + DEMO_OVERRIDES
     print(f"[demo] 3/5 training for {epochs} epochs (DMAF fusion, distillation, DTM)")
-    _run([py, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", "--max_epochs",
-          str(epochs), "--val_interval", str(max(1, epochs // 5)), "--overwrite", "True"]  # a rerun retrains
-         + common, BUNDLE_DIR)
+    _run(
+        [
+            py,
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.json",
+            "--max_epochs",
+            str(epochs),
+            "--val_interval",
+            str(max(1, epochs // 5)),
+            "--overwrite",
+            "True",
+        ]  # a rerun retrains
+        + common,
+        BUNDLE_DIR,
+    )
 
     print("[demo] 4/5 evaluation over all 15 modality combinations of the test split")
-    _run([py, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']"] + common,
-         BUNDLE_DIR)
+    _run(
+        [py, "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']"] + common,
+        BUNDLE_DIR,
+    )
     result = json.load(open(os.path.join(root, "eval", "evaluation.json")))
     table = format_table(result["tables"]["raw"], result["regions"], f"Dice/HD95 on {result['cases']} test cases")
 
@@ -103,24 +133,53 @@ def run_demo(data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epo
         src = os.path.join(data_dir, test_case["image"][modality])
         shutil.copy(src, os.path.join(study, os.path.basename(src).replace(test_case["case"], "new_study")))
     seg_dir = os.path.join(work_dir, "segmentations")
-    _run([py, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir", new_dir,
-          "--bundle_root", root, "--output_dir", seg_dir, "--roi_size", _override("--roi_size"), "--num_workers", "0",
-          "--overwrite", "True", "--save_snapshot", "True", "--save_uncertainty", "True"],
-         BUNDLE_DIR)  # --overwrite: a rerun replaces its own results (kept otherwise)
+    _run(
+        [
+            py,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            new_dir,
+            "--bundle_root",
+            root,
+            "--output_dir",
+            seg_dir,
+            "--roi_size",
+            _override("--roi_size"),
+            "--num_workers",
+            "0",
+            "--overwrite",
+            "True",
+            "--save_snapshot",
+            "True",
+            "--save_uncertainty",
+            "True",
+        ],
+        BUNDLE_DIR,
+    )  # --overwrite: a rerun replaces its own results (kept otherwise)
 
     print("\n" + table.strip())
     iterations = epochs * len(json.load(open(datalist))["training"])
-    print(f"\n[demo] done in {time.time() - start:.0f} s. The table is the demo model's Dice (%) and HD95 (mm) on "
-          f"{result['cases']} synthetic test cases, for each combination of present modalities, after {iterations} "
-          "training iterations on small patches: it shows that the model learns, and is not comparable with the "
-          "paper's BraTS2020 tables (real scans, 300 epochs of 128^3 patches). The project's measured evidence, over "
-          "several seeds: docs/accuracy.md.")
+    print(
+        f"\n[demo] done in {time.time() - start:.0f} s. The table is the demo model's Dice (%) and HD95 (mm) on "
+        f"{result['cases']} synthetic test cases, for each combination of present modalities, after {iterations} "
+        "training iterations on small patches: it shows that the model learns, and is not comparable with the "
+        "paper's BraTS2020 tables (real scans, 300 epochs of 128^3 patches). The project's measured evidence, over "
+        "several seeds: docs/accuracy.md."
+    )
     print(f"[demo] weights:        {os.path.join(root, 'models', 'model.pt')}")
     print(f"[demo] evaluation:     {os.path.join(root, 'eval', 'evaluation.csv')} (+ .json, _dice.png)")
     print(f"[demo] TensorBoard:    tensorboard --logdir {os.path.join(root, 'eval')}")
     print(f"[demo] segmentation:   {os.path.join(seg_dir, 'new_study_seg.nii.gz')}")
     print(f"[demo] picture:        {os.path.join(seg_dir, 'new_study_snapshot.png')} (open this first)")
-    print(f"[demo] report:         {os.path.join(seg_dir, 'new_study_report.json')} (expected Dice from "
-          f"{os.path.join(root, 'models', 'quality.json')}, advice on the missing modalities, uncertain volume)")
-    print(f"[demo] uncertainty:    {os.path.join(seg_dir, 'new_study_uncertainty.nii.gz')} (where the model is unsure; "
-          "its row in the picture)")
+    print(
+        f"[demo] report:         {os.path.join(seg_dir, 'new_study_report.json')} (expected Dice from "
+        f"{os.path.join(root, 'models', 'quality.json')}, advice on the missing modalities, uncertain volume)"
+    )
+    print(
+        f"[demo] uncertainty:    {os.path.join(seg_dir, 'new_study_uncertainty.nii.gz')} (where the model is unsure; "
+        "its row in the picture)"
+    )

@@ -304,11 +304,19 @@ class RegionHausdorffDistance(_PairMetric):
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
     ) -> None:
-        if not (empty_distance is None or empty_distance == "diagonal"
-                or (isinstance(empty_distance, (int, float)) and not isinstance(empty_distance, bool)
-                    and math.isfinite(empty_distance) and empty_distance >= 0)):
-            raise ValueError("empty_distance must be a non-negative number, 'diagonal' or None, "
-                             f"got {empty_distance!r}.")
+        if not (
+            empty_distance is None
+            or empty_distance == "diagonal"
+            or (
+                isinstance(empty_distance, (int, float))
+                and not isinstance(empty_distance, bool)
+                and math.isfinite(empty_distance)
+                and empty_distance >= 0
+            )
+        ):
+            raise ValueError(
+                f"empty_distance must be a non-negative number, 'diagonal' or None, got {empty_distance!r}."
+            )
         self._empty_codes = Cumulative()  # before the base class, whose constructor resets
         super().__init__(
             metric_fn=HausdorffDistanceMetric(include_background=True, percentile=percentile, reduction="mean"),
@@ -329,10 +337,17 @@ class RegionHausdorffDistance(_PairMetric):
             spacing = _spacing(g)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # empty prediction/ground truth: scored by the rule below
-                dist = compute_hausdorff_distance(
-                    torch.as_tensor(p)[None], torch.as_tensor(g)[None], include_background=True,
-                    percentile=self.percentile, spacing=spacing,
-                )[0].float().cpu()
+                dist = (
+                    compute_hausdorff_distance(
+                        torch.as_tensor(p)[None],
+                        torch.as_tensor(g)[None],
+                        include_background=True,
+                        percentile=self.percentile,
+                        spacing=spacing,
+                    )[0]
+                    .float()
+                    .cpu()
+                )
             pred_empty = ~torch.as_tensor(p).reshape(len(p), -1).bool().any(dim=1).cpu()
             gt_empty = ~torch.as_tensor(g).reshape(len(g), -1).bool().any(dim=1).cpu()
             code = pred_empty.long() * EMPTY_PRED + gt_empty.long() * EMPTY_GT
@@ -461,8 +476,13 @@ def summarize(
             for name, (d, h, *rest) in buffers.items()
         }
     cases = int(torch.unique(case_idx).numel())
-    return {"cases": cases, "modalities": list(modalities), "regions": list(regions), "tables": tables,
-            "per_case": per_case}
+    return {
+        "cases": cases,
+        "modalities": list(modalities),
+        "regions": list(regions),
+        "tables": tables,
+        "per_case": per_case,
+    }
 
 
 def write_evaluation(result: Mapping[str, Any], output_dir: str, dataset: str) -> None:
@@ -587,12 +607,16 @@ class CombinationTables:
         values = {}
         for variant in self.variants:
             suffix = "" if variant == "raw" else f"_{variant}"
-            values[variant] = (details.get(self.dice_name + suffix), details.get(self.hd_name + suffix),
-                               details.get(f"{self.hd_name}{suffix}_empty"))
+            values[variant] = (
+                details.get(self.dice_name + suffix),
+                details.get(self.hd_name + suffix),
+                details.get(f"{self.hd_name}{suffix}_empty"),
+            )
         self.result = summarize(ids, values, self.modalities, self.regions)
         write_evaluation(self.result, self.output_dir, self.dataset)
         if self.quality_table is not None:
             from .quality import write_quality_table
 
-            write_quality_table(self.result, self.quality_table, self.dataset, self.model_path, self.datalist,
-                                self.quality_variant)
+            write_quality_table(
+                self.result, self.quality_table, self.dataset, self.model_path, self.datalist, self.quality_variant
+            )

@@ -85,7 +85,8 @@ def discover_studies(
     if output_dir is not None:  # an earlier run's output folder inside dataset_dir: results, not a study
         out = os.path.realpath(output_dir)
         studies = [
-            s for s in studies
+            s
+            for s in studies
             if not (s["image"] == {} and os.path.realpath(os.path.join(dataset_dir, s["case"])) == out)
         ]
         if not studies:
@@ -156,8 +157,10 @@ def plan_outputs(
         ]
         for path in targets:
             if os.path.realpath(path) in inputs:  # e.g. --separate_folder with the inputs in OUT/<case>/
-                raise DMAFDataError(f"{path}: would overwrite the input {inputs[os.path.realpath(path)]}; choose "
-                                    "another --output_dir or --output_postfix")
+                raise DMAFDataError(
+                    f"{path}: would overwrite the input {inputs[os.path.realpath(path)]}; choose "
+                    "another --output_dir or --output_postfix"
+                )
             key = os.path.relpath(path, output_dir).lower()
             if key in owners:
                 raise DMAFDataError(
@@ -328,8 +331,13 @@ class StudyEvaluator(SupervisedEvaluator):
         try:
             options = {"network": self.network, **self.run_options}
             return run_inference(
-                self, options.pop("studies"), str(self.output_dir), output_postfix=self.output_postfix,
-                output_ext=self.output_ext, separate_folder=self.separate_folder, **options,
+                self,
+                options.pop("studies"),
+                str(self.output_dir),
+                output_postfix=self.output_postfix,
+                output_ext=self.output_ext,
+                separate_folder=self.separate_folder,
+                **options,
             )
         finally:
             self._in_run = False
@@ -355,8 +363,11 @@ class StudyEvaluator(SupervisedEvaluator):
             source = f"the checkpoint {self.checkpoint} records no training iteration with "
             source += "it" if len(never) == 1 else "them"
             if never and len(never) == len(present):
-                return self._fail(case, f"only {', '.join(never)} present, never seen in training ({source}): "
-                                        "refused, the result would come from untrained weights")
+                return self._fail(
+                    case,
+                    f"only {', '.join(never)} present, never seen in training ({source}): "
+                    "refused, the result would come from untrained weights",
+                )
             if never:
                 drop = [self.modalities.index(m) for m in never]
                 mask = torch.as_tensor(batchdata["modality_mask"]).clone()
@@ -397,8 +408,11 @@ class StudyEvaluator(SupervisedEvaluator):
         if uncertainty is not None:
             from .uncertainty import uncertainty_line
 
-            folder = os.path.dirname(output_path(case, str(self.output_dir or "."), self.output_postfix,
-                                                 self.output_ext, self.separate_folder))
+            folder = os.path.dirname(
+                output_path(
+                    case, str(self.output_dir or "."), self.output_postfix, self.output_ext, self.separate_folder
+                )
+            )
             written = uncertainty.get("map")
             target_map = os.path.join(folder, written) if written else "map not saved"
             logger.info(uncertainty_line(case, uncertainty, target_map))
@@ -407,8 +421,9 @@ class StudyEvaluator(SupervisedEvaluator):
             available = batchdata.get(f"image{AVAILABLE_POSTFIX}")
             zero = [] if available is None else [m for m in found_names if m not in self._names(available)]
             try:
-                self._write_report(case, found_names, used, {**{m: "all zero" for m in zero}, **never_used},
-                                   uncertainty)
+                self._write_report(
+                    case, found_names, used, {**{m: "all zero" for m in zero}, **never_used}, uncertainty
+                )
             except Exception as exc:
                 return self._fail(case, describe_failure(exc))
         self.segmented.append(case)
@@ -420,10 +435,21 @@ class StudyEvaluator(SupervisedEvaluator):
         from .quality import REPORT_POSTFIX, report_line, study_report, write_json_atomic
 
         target = output_path(case, str(self.output_dir), REPORT_POSTFIX, ".json", self.separate_folder)
-        segmentation = output_path(case, str(self.output_dir), self.output_postfix, self.output_ext,
-                                   self.separate_folder)
-        report = study_report(case, self.modalities or tuple(found), found, used, self.quality, not_used,
-                              self.untrained, os.path.basename(segmentation), self.quality_path, uncertainty)
+        segmentation = output_path(
+            case, str(self.output_dir), self.output_postfix, self.output_ext, self.separate_folder
+        )
+        report = study_report(
+            case,
+            self.modalities or tuple(found),
+            found,
+            used,
+            self.quality,
+            not_used,
+            self.untrained,
+            os.path.basename(segmentation),
+            self.quality_path,
+            uncertainty,
+        )
         write_json_atomic(report, target, self.overwrite)
         logger.info(report_line(report, target))
 
@@ -512,8 +538,14 @@ def run_inference(
         extra += uncertainty_outputs() if uncertainty_on else ()
         extra += report_outputs() if report else ()
         plan = plan_outputs(
-            studies, output_dir, dataset_dir, overwrite, output_postfix, output_ext,
-            as_bool(separate_folder, "separate_folder"), extra,
+            studies,
+            output_dir,
+            dataset_dir,
+            overwrite,
+            output_postfix,
+            output_ext,
+            as_bool(separate_folder, "separate_folder"),
+            extra,
         )
         if checkpoint is not None:
             if network is None:

@@ -282,6 +282,14 @@ def float_map_saver(
     """The saver of a per-voxel float map beside a study's label map (``<case>_<postfix>.nii.gz``, float32, on the
     grid and affine the map carries: no resampling), as the weight and uncertainty maps are written."""
     return AtomicSaveImaged(
-        key, output_dir=output_dir, output_postfix=output_postfix, output_ext=".nii.gz", output_dtype=np.float32,
-        resample=False, separate_folder=separate_folder, print_log=False, name_key=name_key, overwrite=overwrite,
+        key,
+        output_dir=output_dir,
+        output_postfix=output_postfix,
+        output_ext=".nii.gz",
+        output_dtype=np.float32,
+        resample=False,
+        separate_folder=separate_folder,
+        print_log=False,
+        name_key=name_key,
+        overwrite=overwrite,
     )

@@ -218,8 +218,10 @@ def load_quality_table(
     if not isinstance(table, dict) or not isinstance(table.get("combinations"), dict):
         raise DMAFDataError(f"{path}: not a quality table (no 'combinations'; evaluate.json writes it)")
     if table.get("format_version") != QUALITY_FORMAT_VERSION:
-        raise DMAFDataError(f"{path}: quality table format_version {table.get('format_version')!r}, this bundle "
-                            f"reads {QUALITY_FORMAT_VERSION}; re-run evaluate.json")
+        raise DMAFDataError(
+            f"{path}: quality table format_version {table.get('format_version')!r}, this bundle "
+            f"reads {QUALITY_FORMAT_VERSION}; re-run evaluate.json"
+        )
     expected = (table.get("model") or {}).get("sha256")
     actual = file_sha256(checkpoint)
     if expected != actual:
@@ -228,8 +230,9 @@ def load_quality_table(
             "re-run evaluate.json for these weights, or pass --save_report false"
         )
     if modalities is not None and list(table.get("modalities", [])) != list(modalities):
-        raise DMAFDataError(f"{path}: quality table for modalities {table.get('modalities')}, inference uses "
-                            f"{list(modalities)}")
+        raise DMAFDataError(
+            f"{path}: quality table for modalities {table.get('modalities')}, inference uses {list(modalities)}"
+        )
     return table
 
 
@@ -304,8 +307,13 @@ def study_report(
         "combination": present,
         "variant": table.get("variant"),
         "regions": {
-            r: {"dice_mean": row[r]["dice"]["mean"], "dice_sd": row[r]["dice"]["sd"], "cases": row[r]["dice"]["n"],
-                "hd95_mean": row[r]["hd95"]["mean"], "hd95_sd": row[r]["hd95"]["sd"]}
+            r: {
+                "dice_mean": row[r]["dice"]["mean"],
+                "dice_sd": row[r]["dice"]["sd"],
+                "cases": row[r]["dice"]["n"],
+                "hd95_mean": row[r]["hd95"]["mean"],
+                "hd95_sd": row[r]["hd95"]["sd"],
+            }
             for r in regions
         },
     }
@@ -319,8 +327,14 @@ def study_report(
             with_m, now = _dice(table, name, r), _dice(table, present, r)
             gain[r] = None if with_m is None or now is None else with_m - now
         known = [g for g in gain.values() if g is not None]
-        advice.append({"modality": m, "combination": name, "dice_gain": gain,
-                       "mean_gain": float(np.mean(known)) if known else None})
+        advice.append(
+            {
+                "modality": m,
+                "combination": name,
+                "dice_gain": gain,
+                "mean_gain": float(np.mean(known)) if known else None,
+            }
+        )
     advice.sort(key=lambda a: -math.inf if a["mean_gain"] is None else a["mean_gain"], reverse=True)
     report["advice"] = advice
     for r in regions:
@@ -433,9 +447,16 @@ class StudyReportd(MapTransform):
                 avail = torch.as_tensor(available).reshape(-1).bool().tolist()
                 zero = [m for m, f in zip(self.modalities, avail) if m in found and not f]
             not_used = {m: "all zero" if m in zero else "not used" for m in found if m not in used}
-            report = study_report(self._name(d, key), self.modalities, found, used, self._table, not_used,
-                                  table_path=self.quality_table,
-                                  uncertainty=uncertainty if isinstance(uncertainty, Mapping) else None)
+            report = study_report(
+                self._name(d, key),
+                self.modalities,
+                found,
+                used,
+                self._table,
+                not_used,
+                table_path=self.quality_table,
+                uncertainty=uncertainty if isinstance(uncertainty, Mapping) else None,
+            )
             existing = d.get(self.report_key)
             d[self.report_key] = {**existing, **report} if isinstance(existing, Mapping) else report
         return d

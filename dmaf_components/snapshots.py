@@ -320,8 +320,11 @@ def snapshot_figure(
         to_image = np.eye(4)
     else:
         to_image = np.linalg.inv(_as_numpy(image_affine).astype(np.float64)) @ affine
-    img = torch.as_tensor(image).as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(
-        np.asarray(image, dtype=np.float32))
+    img = (
+        torch.as_tensor(image).as_subclass(torch.Tensor)
+        if isinstance(image, torch.Tensor)
+        else torch.as_tensor(np.asarray(image, dtype=np.float32))
+    )
     windows = {i: _window(img[i]) for i in rows}
     lut = {int(v): k for k, v in enumerate(values)}
     fg = lab > 0
@@ -404,25 +407,48 @@ def snapshot_figure(
     elif spatial_dims == 2:
         lines.append(f"slice with the most predicted foreground ({int(fg.sum())} voxels)")
     else:
-        lines.append("slices through the predicted tumour's centre" if dataset_name == "brats" else
-                     "slices through the predicted foreground's centre")
+        lines.append(
+            "slices through the predicted tumour's centre"
+            if dataset_name == "brats"
+            else "slices through the predicted foreground's centre"
+        )
     fig.suptitle("\n".join(lines), fontsize=10)
     counts = {k: int((lab == v).sum()) for k, v in enumerate(values) if k}
-    handles = [Patch(facecolor=(*palette[k], _ALPHA + 0.2), edgecolor=palette[k], label=f"{values[k]} {names[k]}"
-                     f" ({counts[k]} voxels)") for k in range(1, len(values)) if k < len(palette) and palette[k]]
-    legend = fig.legend(handles=handles, loc="outside lower left", fontsize=8, title="predicted labels",
-                        title_fontsize=8, frameon=False)
+    handles = [
+        Patch(
+            facecolor=(*palette[k], _ALPHA + 0.2),
+            edgecolor=palette[k],
+            label=f"{values[k]} {names[k]} ({counts[k]} voxels)",
+        )
+        for k in range(1, len(values))
+        if k < len(palette) and palette[k]
+    ]
+    legend = fig.legend(
+        handles=handles, loc="outside lower left", fontsize=8, title="predicted labels", title_fontsize=8, frameon=False
+    )
     legend.set_in_layout(True)
     if has_weights:
-        whandles = [Patch(facecolor=_MODALITY_COLOURS[i % 5], label=modalities[i]
-                          + (f" {w_mean[i]:.2f}" if w_mean is not None else "")) for i in rows]
-        fig.legend(handles=whandles, loc="outside lower right", fontsize=8, frameon=False, title="a_m (colour mix)"
-                   + ("; mean in foreground" if w_mean is not None else ""), title_fontsize=8)
+        whandles = [
+            Patch(
+                facecolor=_MODALITY_COLOURS[i % 5],
+                label=modalities[i] + (f" {w_mean[i]:.2f}" if w_mean is not None else ""),
+            )
+            for i in rows
+        ]
+        fig.legend(
+            handles=whandles,
+            loc="outside lower right",
+            fontsize=8,
+            frameon=False,
+            title="a_m (colour mix)" + ("; mean in foreground" if w_mean is not None else ""),
+            title_fontsize=8,
+        )
     if has_uncertainty and uncertainty_threshold is not None:
         n = int((u_np >= uncertainty_threshold).sum())
         uhandles = [Patch(facecolor="none", edgecolor="cyan", label=f">= {uncertainty_threshold:g}: {n} voxels")]
-        fig.legend(handles=uhandles, loc="outside lower center", fontsize=8, frameon=False, title="uncertain",
-                   title_fontsize=8)
+        fig.legend(
+            handles=uhandles, loc="outside lower center", fontsize=8, frameon=False, title="uncertain", title_fontsize=8
+        )
     return fig
 
 
@@ -432,8 +458,9 @@ def save_figure(fig: Figure, target: str, overwrite: bool = False) -> str:
     Raises:
         DMAFDataError: ``target`` exists and ``overwrite`` is off, or it cannot be written (one line).
     """
-    return atomic_write(target, lambda f: fig.savefig(f, format="png"), binary=True, overwrite=overwrite,
-                        what="the snapshot")
+    return atomic_write(
+        target, lambda f: fig.savefig(f, format="png"), binary=True, overwrite=overwrite, what="the snapshot"
+    )
 
 
 class SaveSnapshotd(MapTransform):
@@ -501,11 +528,20 @@ class SaveSnapshotd(MapTransform):
             summary = d.get(self.summary_key) if isinstance(d.get(self.summary_key), Mapping) else {}
             try:
                 fig = snapshot_figure(
-                    image, pred, pred.affine, self.modalities or [str(i) for i in range(image.shape[0])],
-                    present=d.get(self.mask_key), weights=d.get(self.weights_key), image_affine=image.affine,
-                    label_values=self.label_values, dataset_name=self.dataset_name, spatial_dims=self.spatial_dims,
-                    case=case, uncertainty=d.get(self.uncertainty_key),
-                    uncertainty_threshold=summary.get("threshold"), uncertainty_measure=summary.get("measure", ""),
+                    image,
+                    pred,
+                    pred.affine,
+                    self.modalities or [str(i) for i in range(image.shape[0])],
+                    present=d.get(self.mask_key),
+                    weights=d.get(self.weights_key),
+                    image_affine=image.affine,
+                    label_values=self.label_values,
+                    dataset_name=self.dataset_name,
+                    spatial_dims=self.spatial_dims,
+                    case=case,
+                    uncertainty=d.get(self.uncertainty_key),
+                    uncertainty_threshold=summary.get("threshold"),
+                    uncertainty_measure=summary.get("measure", ""),
                 )
             except Exception as exc:
                 raise DMAFDataError(f"{target}: cannot draw the snapshot ({describe_failure(exc)})") from None

@@ -234,8 +234,16 @@ def seed_interval(diffs: np.ndarray, level: float = 0.95, power_analysis: bool =
     if not power_analysis:
         return PairedInterval(mean, mean - half, mean + half, s_n, p, se, se_seed, se_case, math.nan, math.nan)
     return PairedInterval(
-        mean, mean - half, mean + half, s_n, p, se, se_seed, se_case,
-        detectable_effect(se_seed, se_case, s_n, level), seeds_needed(mean, se_seed, se_case, level),
+        mean,
+        mean - half,
+        mean + half,
+        s_n,
+        p,
+        se,
+        se_seed,
+        se_case,
+        detectable_effect(se_seed, se_case, s_n, level),
+        seeds_needed(mean, se_seed, se_case, level),
     )
 
 

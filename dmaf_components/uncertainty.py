@@ -176,7 +176,6 @@ def flip_probabilities(
     return total / len(flips)
 
 
-
 def uncertainty_outputs(postfix: str = UNCERTAINTY_POSTFIX) -> tuple[tuple[str, str], ...]:
     """``(postfix, ext)`` of the file written per study with the uncertainty on, for
     :func:`~dmaf_components.inference.plan_outputs`."""
@@ -245,8 +244,9 @@ class UncertaintyNet(nn.Module):
         if measure in LOGIT_MEASURES:
             raise ValueError(f"uncertainty {measure!r} needs no wrapper (it is computed from the logits)")
         if measure == "modalities" and not hasattr(network, "forward_with_modality_logits"):
-            raise ValueError(f"uncertainty 'modalities' needs a DMAFNet (its shared uni-modal decoder), got "
-                             f"{type(network).__name__}")
+            raise ValueError(
+                f"uncertainty 'modalities' needs a DMAFNet (its shared uni-modal decoder), got {type(network).__name__}"
+            )
         self.network = network
         self.measure = measure
 
@@ -327,12 +327,17 @@ class UncertaintyMapd(MapTransform):
                 u = margin_uncertainty(plain[None, :k])[0]
             else:
                 if plain.shape[0] < 2 * k:
-                    raise DMAFDataError(f"uncertainty {self.measure!r}: the prediction has {plain.shape[0]} "
-                                        f"channels, expected at least {2 * k} (logits and {k} probabilities)")
+                    raise DMAFDataError(
+                        f"uncertainty {self.measure!r}: the prediction has {plain.shape[0]} "
+                        f"channels, expected at least {2 * k} (logits and {k} probabilities)"
+                    )
                 u = label_disagreement(plain[None, :k], plain[None, k : 2 * k])[0]
                 rest = torch.cat([plain[:k], plain[2 * k :]], dim=0)
-                d[key] = MetaTensor(rest, meta=pred.meta, applied_operations=pred.applied_operations) if isinstance(
-                    pred, MetaTensor) else rest
+                d[key] = (
+                    MetaTensor(rest, meta=pred.meta, applied_operations=pred.applied_operations)
+                    if isinstance(pred, MetaTensor)
+                    else rest
+                )
             if isinstance(pred, MetaTensor):
                 u = MetaTensor(u, meta=pred.meta, applied_operations=pred.applied_operations)
             d[self.uncertainty_key] = u
@@ -405,12 +410,12 @@ def uncertainty_summary(
 
 def uncertainty_line(case: str, summary: Mapping[str, Any], target: str) -> str:
     """The log line of one study's uncertainty."""
-    regions = ", ".join(
-        f"{name} {r['uncertain_voxels']}/{r['voxels']}" for name, r in summary["regions"].items()
+    regions = ", ".join(f"{name} {r['uncertain_voxels']}/{r['voxels']}" for name, r in summary["regions"].items())
+    return (
+        f"study {case} uncertainty ({summary['measure']} >= {summary['threshold']:g}): "
+        f"{summary['uncertain']['voxels']} voxels, {summary['uncertain']['volume_mm3']:.1f} mm³ "
+        f"(uncertain/predicted: {regions}; background {summary['background']['uncertain_voxels']}) -> {target}"
     )
-    return (f"study {case} uncertainty ({summary['measure']} >= {summary['threshold']:g}): "
-            f"{summary['uncertain']['voxels']} voxels, {summary['uncertain']['volume_mm3']:.1f} mm³ "
-            f"(uncertain/predicted: {regions}; background {summary['background']['uncertain_voxels']}) -> {target}")
 
 
 class SaveUncertaintyd(MapTransform):
@@ -466,8 +471,9 @@ class SaveUncertaintyd(MapTransform):
         self.name_key = name_key
         self.overwrite = as_bool(overwrite)
         self.summary_key = summary_key
-        self._saver = float_map_saver(self.keys[0], self.output_dir, self.output_postfix, self.separate_folder,
-                                      self.name_key, self.overwrite)
+        self._saver = float_map_saver(
+            self.keys[0], self.output_dir, self.output_postfix, self.separate_folder, self.name_key, self.overwrite
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -483,10 +489,15 @@ class SaveUncertaintyd(MapTransform):
             pred = d[self.pred_key]
             affine = pred.affine if isinstance(pred, MetaTensor) else getattr(u, "affine", np.eye(4))
             measure = check_measure(self.measure)
-            summary = uncertainty_summary(u, pred, affine, self.regions, check_threshold(self.threshold, measure),
-                                          self.label_values, measure)
-            summary["map"] = os.path.basename(
-                output_path(case, self.output_dir, self.output_postfix, ".nii.gz", self.separate_folder)
-            ) if self.save_map else None
+            summary = uncertainty_summary(
+                u, pred, affine, self.regions, check_threshold(self.threshold, measure), self.label_values, measure
+            )
+            summary["map"] = (
+                os.path.basename(
+                    output_path(case, self.output_dir, self.output_postfix, ".nii.gz", self.separate_folder)
+                )
+                if self.save_map
+                else None
+            )
             d[self.summary_key] = summary
         return d

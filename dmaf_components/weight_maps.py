@@ -226,9 +226,7 @@ def region_weight_summary(
         inside = torch.isin(lab, torch.as_tensor(values, device=lab.device, dtype=lab.dtype))
         n = int(inside.sum())
         means = {
-            m: (round(float(w[i][inside].mean()), 6) if n else None)
-            for i, m in enumerate(modalities)
-            if present[i]
+            m: (round(float(w[i][inside].mean()), 6) if n else None) for i, m in enumerate(modalities) if present[i]
         }
         out[name] = {"voxels": n, "mean_weight": means}
     return out
@@ -293,8 +291,9 @@ class SaveModalityWeightsd(MapTransform):
         self.segmentation_postfix = segmentation_postfix
         self.segmentation_ext = _dotted(segmentation_ext)
         self.level = level
-        self._saver = float_map_saver(self.keys[0], self.output_dir, self.output_postfix, self.separate_folder,
-                                      self.name_key, self.overwrite)
+        self._saver = float_map_saver(
+            self.keys[0], self.output_dir, self.output_postfix, self.separate_folder, self.name_key, self.overwrite
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -320,8 +319,9 @@ class SaveModalityWeightsd(MapTransform):
             summary = {
                 "case": case,
                 "segmentation": os.path.basename(
-                    output_path(case, self.output_dir, self.segmentation_postfix, self.segmentation_ext,
-                                self.separate_folder)
+                    output_path(
+                        case, self.output_dir, self.segmentation_postfix, self.segmentation_ext, self.separate_folder
+                    )
                 ),
                 "weight_map": os.path.basename(
                     output_path(case, self.output_dir, self.output_postfix, ".nii.gz", self.separate_folder)
@@ -337,7 +337,9 @@ class SaveModalityWeightsd(MapTransform):
                 "missing": [n for n, p in zip(names, present.tolist()) if not p],
                 "regions": region_weight_summary(
                     weights, d[self.pred_key], self.regions, names, present, self.label_values
-                ) if self.pred_key in d else {},
+                )
+                if self.pred_key in d
+                else {},
             }
             self._saver({key: weights, self.name_key: case})
             atomic_write(json_path, lambda f: json.dump(summary, f, indent=2), what="the summary")

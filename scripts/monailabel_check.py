@@ -152,13 +152,32 @@ def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
     """One short training run of the bundle (main environment) so that model.pt holds trained weights, then its
     evaluation (``evaluate.json``, every modality combination of one study) so that ``quality.json`` lies beside it,
     as it does beside released weights."""
-    data = [{"image": os.path.join(studies, f"{n}.nii.gz"), "label": os.path.join(studies, "labels", "final",
-                                                                                   f"{n}.nii.gz")} for n in names]
+    data = [
+        {
+            "image": os.path.join(studies, f"{n}.nii.gz"),
+            "label": os.path.join(studies, "labels", "final", f"{n}.nii.gz"),
+        }
+        for n in names
+    ]
     datalist = os.path.join(bundle_dir, "check_datalist.json")
     common = ["--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--num_workers", "0"]
     json.dump({"training": data[:3], "validation": data[3:], "testing": []}, open(datalist, "w"))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common,
-           "--max_epochs", "2", "--val_interval", "1", "--learning_rate", "0.001"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        *common,
+        "--max_epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--learning_rate",
+        "0.001",
+    ]
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=900)
     # the evaluation's test case: the validation case of the training above (a case is in one section of a datalist)
     json.dump({"training": data[:3], "validation": [], "testing": data[3:]}, open(datalist, "w"))
@@ -179,8 +198,22 @@ def bundle_inference(bundle_dir: str, study: str, out_dir: str) -> str:
     in_dir = os.path.join(out_dir, "in")
     os.makedirs(in_dir, exist_ok=True)
     shutil.copy(study, in_dir)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
-           in_dir, "--bundle_root", bundle_dir, "--output_dir", os.path.join(out_dir, "seg"), "--num_workers", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        in_dir,
+        "--bundle_root",
+        bundle_dir,
+        "--output_dir",
+        os.path.join(out_dir, "seg"),
+        "--num_workers",
+        "0",
+    ]
     subprocess.run(cmd, cwd=bundle_dir, check=True, stdout=subprocess.DEVNULL, timeout=600)
     name = os.path.basename(study).replace(".nii.gz", "_seg.nii.gz")
     return os.path.join(out_dir, "seg", name)
@@ -195,15 +228,19 @@ def check_report(response: dict) -> None:
     expected = report["expected"]
     assert expected and expected["combination"] == "flair+t1ce+t2", expected
     assert set(expected["regions"]) == {"WT", "TC", "ET"}, expected
-    log("/infer/ report: expected Dice " + ", ".join(f"{r} {v['dice_mean']:.1f}" for r, v in
-                                                     expected["regions"].items()))
+    log(
+        "/infer/ report: expected Dice "
+        + ", ".join(f"{r} {v['dice_mean']:.1f}" for r, v in expected["regions"].items())
+    )
     advice = report["advice"]
     assert [a["modality"] for a in advice] == ["t1"] and advice[0]["combination"] == "flair+t1+t1ce+t2", advice
     log(f"/infer/ report: acquiring t1 would change mean Dice by {advice[0]['mean_gain']:+.1f}")
     uncertainty = report["uncertainty"]
     assert uncertainty and set(uncertainty["regions"]) == {"WT", "TC", "ET"} and uncertainty["map"] is None, uncertainty
-    log(f"/infer/ report: {uncertainty['uncertain']['voxels']} uncertain voxels ({uncertainty['measure']} >= "
-        f"{uncertainty['threshold']:g})")
+    log(
+        f"/infer/ report: {uncertainty['uncertain']['voxels']} uncertain voxels ({uncertainty['measure']} >= "
+        f"{uncertainty['threshold']:g})"
+    )
 
 
 def main() -> int:
@@ -230,8 +267,13 @@ def main() -> int:
     log(f"studies: {len(names)} 4-channel NIfTI in {studies}")
 
     apps = os.path.join(args.work, "apps")
-    subprocess.run([monailabel, "apps", "--download", "--name", "monaibundle", "--output", apps], check=True,
-                   stdout=subprocess.DEVNULL, timeout=300, env=env)
+    subprocess.run(
+        [monailabel, "apps", "--download", "--name", "monaibundle", "--output", apps],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+        env=env,
+    )
     app = os.path.join(apps, "monaibundle")
     bundle_dir = os.path.join(app, "model", MODEL)
     shutil.copytree(BUNDLE, bundle_dir, ignore=shutil.ignore_patterns("models", "eval", "runs", "outputs"))
@@ -244,8 +286,27 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = open(os.path.join(args.work, "server.log"), "w")
-    cmd = [monailabel, "start_server", "--app", app, "--studies", studies, "--host", "127.0.0.1", "--port", str(port),
-           "--conf", "models", MODEL, "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
+    cmd = [
+        monailabel,
+        "start_server",
+        "--app",
+        app,
+        "--studies",
+        studies,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "models",
+        MODEL,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",
+    ]
     server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     log(f"server PID {server.pid} on {url}")
     try:
@@ -268,8 +329,7 @@ def main() -> int:
         assert labels["enhancing tumour"] == 4, labels
 
         study = names[1]  # T1 channel all zero: a missing modality
-        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=image", body=b"",
-                                     timeout=600)
+        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=image", body=b"", timeout=600)
         out = os.path.join(args.work, "infer_result.nii.gz")
         with open(out, "wb") as f:
             f.write(body)
@@ -285,13 +345,17 @@ def main() -> int:
         assert agree > 0.999, "MONAI Label's output differs from the bundle's: were the weights loaded?"
         assert len(set(np.unique(mine).tolist())) > 1, "the trained model segments nothing: the check would be void"
 
-        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=json", body=b"",
-                                     timeout=600)
+        status, headers, body = http("POST", f"{url}/infer/{MODEL}?image={study}&output=json", body=b"", timeout=600)
         check_report(json.loads(body))
 
         request = {"max_epochs": 1, "val_split": 0.25, "device": "cpu", "multi_gpu": False, "pretrained": True}
-        http("POST", f"{url}/train/{MODEL}?run_sync=false", body=json.dumps(request).encode(),
-             headers={"Content-Type": "application/json"}, timeout=60)
+        http(
+            "POST",
+            f"{url}/train/{MODEL}?run_sync=false",
+            body=json.dumps(request).encode(),
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
         deadline = time.time() + args.timeout
         state = None
         while time.time() < deadline:

@@ -38,10 +38,17 @@ def _record(setting, seed, dice, hd):
     """A run record with per-case values: dice/hd (combinations, cases, regions)."""
     combos = ["a", "b", "a+b"]
     return {
-        "setting": setting, "seed": seed,
-        "evaluation": {"regions": ["R1", "R2"], "per_case": {"raw": {
-            c: {"dice": np.asarray(dice[i]).tolist(), "hd95": np.asarray(hd[i]).tolist()} for i, c in enumerate(combos)
-        }}},
+        "setting": setting,
+        "seed": seed,
+        "evaluation": {
+            "regions": ["R1", "R2"],
+            "per_case": {
+                "raw": {
+                    c: {"dice": np.asarray(dice[i]).tolist(), "hd95": np.asarray(hd[i]).tolist()}
+                    for i, c in enumerate(combos)
+                }
+            },
+        },
     }
 
 
@@ -50,8 +57,10 @@ def test_summary_means_stds_and_paired_differences_by_hand(tmp_path):
 
     ones = np.ones((3, 2, 2))
     records = [
-        _record("baseline", 0, 60 * ones, 10 * ones), _record("baseline", 1, 62 * ones, 12 * ones),
-        _record("full", 0, 65 * ones, 8 * ones), _record("full", 1, 69 * ones, 8 * ones),
+        _record("baseline", 0, 60 * ones, 10 * ones),
+        _record("baseline", 1, 62 * ones, 12 * ones),
+        _record("full", 0, 65 * ones, 8 * ones),
+        _record("full", 1, 69 * ones, 8 * ones),
     ]
     summary = summarize_records(records)
     rows = {r["setting"]: r for r in summary["rows"]}
@@ -106,8 +115,15 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
     shutil.copytree(tiny_myops, data)
     write_datalist(build_datalist(str(data), "myops", split=(3, 1, 1), seed=0), str(data / "datalist.json"))
     lines = []
-    small = {"roi_size": [48, 48], "crop_size": [56, 56, -1], "channels": [8, 16, 32], "num_layers": 1,
-             "num_workers": 0, "max_epochs": 2, "val_interval": 1}
+    small = {
+        "roi_size": [48, 48],
+        "crop_size": [56, 56, -1],
+        "channels": [8, 16, 32],
+        "num_layers": 1,
+        "num_workers": 0,
+        "max_epochs": 2,
+        "val_interval": 1,
+    }
     study = AblationStudy("myops", str(data), str(tmp_path / "study"), "full", 1, overrides=small, log=lines.append)
     study.run()
     rows = list(csv.DictReader(open(tmp_path / "study" / "table3.csv")))
@@ -152,8 +168,16 @@ def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_my
     from dmaf_components.data import build_datalist, write_datalist
 
     write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(tmp_path / "dl.json"))
-    study = AblationStudy("myops", str(tiny_myops), str(tmp_path / "study"), "dmaf,full", [0, 1],
-                          datalist=str(tmp_path / "dl.json"), log=lambda line: None, jobs=2)
+    study = AblationStudy(
+        "myops",
+        str(tiny_myops),
+        str(tmp_path / "study"),
+        "dmaf,full",
+        [0, 1],
+        datalist=str(tmp_path / "dl.json"),
+        log=lambda line: None,
+        jobs=2,
+    )
     running, peak, done, lock, envs = [0], [0], [], threading.Lock(), []
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
@@ -172,15 +196,19 @@ def test_jobs_run_concurrently_and_a_failed_run_does_not_stop_the_others(tiny_my
 
     monkeypatch.setattr(study, "run_one", fake_run_one)
     monkeypatch.setattr(study, "summarize", lambda summarizing=True: {})
-    with pytest.raises(AblationRunError, match=r"^ablation: 1 of 6 runs failed; first: \[\d/6\] dmaf seed 0: bundle "
-                                               r"command failed \(exit 1\): ValueError: x — full log: L$"):
+    with pytest.raises(
+        AblationRunError,
+        match=r"^ablation: 1 of 6 runs failed; first: \[\d/6\] dmaf seed 0: bundle "
+        r"command failed \(exit 1\): ValueError: x — full log: L$",
+    ):
         study.run()
     assert sorted(done) == sorted(study.runs()) and peak[0] == 2
     cpus = len(os.sched_getaffinity(0))
     assert all(e["OMP_NUM_THREADS"] == str(max(1, cpus // 2)) for e in envs)  # the CPUs shared out between the jobs
     with pytest.raises(ValueError, match="--jobs: need at least 1"):
-        AblationStudy("myops", str(tiny_myops), str(tmp_path / "s2"), "full", 1, datalist=str(tmp_path / "dl.json"),
-                      jobs=0)
+        AblationStudy(
+            "myops", str(tiny_myops), str(tmp_path / "s2"), "full", 1, datalist=str(tmp_path / "dl.json"), jobs=0
+        )
 
 
 def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path):
@@ -200,8 +228,16 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
             os.makedirs(folder / "runs" / "full" / f"seed{seed}")
             with open(folder / "runs" / "full" / f"seed{seed}" / "record.json", "w") as f:
                 json.dump(rec, f)
-    study = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl),
-                          reference=str(ref_dir), log=lambda line: None)
+    study = AblationStudy(
+        "myops",
+        str(tiny_myops),
+        str(var_dir),
+        "full",
+        2,
+        datalist=str(dl),
+        reference=str(ref_dir),
+        log=lambda line: None,
+    )
     assert study.runs() == [("full", 0), ("full", 1)]  # no baseline to run
     summary = study.summarize()
     row = summary["rows"][0]
@@ -215,15 +251,28 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     variant_overrides = {**setting_overrides("full"), "learn_alpha1": False}
     for seed in (0, 1):
         rec = json.load(open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json"))
-        json.dump(dict(rec, overrides=variant_overrides),
-                  open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w"))
+        json.dump(
+            dict(rec, overrides=variant_overrides), open(var_dir / "runs" / "full" / f"seed{seed}" / "record.json", "w")
+        )
     os.makedirs(var_dir / "runs" / "full" / "seed2")
-    json.dump(dict(_record("full", 2, 90 * ones, 10 * ones), datalist_sha256=file_sha256(str(dl)),
-                   overrides=variant_overrides),
-              open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"))
+    json.dump(
+        dict(
+            _record("full", 2, 90 * ones, 10 * ones), datalist_sha256=file_sha256(str(dl)), overrides=variant_overrides
+        ),
+        open(var_dir / "runs" / "full" / "seed2" / "record.json", "w"),
+    )
     lines = []
-    three = AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 3, datalist=str(dl),
-                          overrides={"learn_alpha1": False}, reference=str(ref_dir), log=lines.append)
+    three = AblationStudy(
+        "myops",
+        str(tiny_myops),
+        str(var_dir),
+        "full",
+        3,
+        datalist=str(dl),
+        overrides={"learn_alpha1": False},
+        reference=str(ref_dir),
+        log=lines.append,
+    )
     row = three.summarize()["rows"][0]
     assert row["seeds"] == 3 and row["paired_seeds"] == 2 and row["DSC_avg_diff"] == pytest.approx(2.0)
     table = open(var_dir / "table3.md").read()
@@ -237,18 +286,34 @@ def test_a_variant_study_is_paired_with_its_reference_study(tiny_myops, tmp_path
     with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):
         three.summarize()
     with pytest.raises(ValueError, match=f"{rec_path}: datalist_sha256 differs"):  # refused before anything trains
-        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v4"), "full", 2, datalist=str(dl),
-                      reference=str(ref_dir))
+        AblationStudy(
+            "myops", str(tiny_myops), str(tmp_path / "v4"), "full", 2, datalist=str(dl), reference=str(ref_dir)
+        )
     with pytest.raises(ValueError, match="not a study folder"):
         AblationStudy("myops", str(tiny_myops), str(var_dir), "full", 2, datalist=str(dl), reference=str(tmp_path))
     write_summary(summary, str(tmp_path / "again"))  # the summary is self-contained
     # a variant may change what a setting sets (the full model without Eq. 18), only against a reference
-    variant = AblationStudy("myops", str(tiny_myops), str(tmp_path / "v2"), "full", 1, datalist=str(dl),
-                            overrides={"dtm_scaling": "none"}, reference=str(ref_dir))
+    variant = AblationStudy(
+        "myops",
+        str(tiny_myops),
+        str(tmp_path / "v2"),
+        "full",
+        1,
+        datalist=str(dl),
+        overrides={"dtm_scaling": "none"},
+        reference=str(ref_dir),
+    )
     assert variant.train_command("full", 0)[-2:] == ["--dtm_scaling", "none"]
     with pytest.raises(ValueError, match=r"overrides \['dtm_scaling'\]: set by the study itself"):
-        AblationStudy("myops", str(tiny_myops), str(tmp_path / "v3"), "full", 1, datalist=str(dl),
-                      overrides={"dtm_scaling": "none"})
+        AblationStudy(
+            "myops",
+            str(tiny_myops),
+            str(tmp_path / "v3"),
+            "full",
+            1,
+            datalist=str(dl),
+            overrides={"dtm_scaling": "none"},
+        )
 
 
 def test_component_effects_in_the_factorial_design_by_hand(tmp_path):
@@ -287,8 +352,15 @@ def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_pa
     from dmaf_components.data import build_datalist, write_datalist
 
     write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(tmp_path / "dl.json"))
-    study = AblationStudy("myops", str(tiny_myops), str(tmp_path / "study"), "full", 1,
-                          datalist=str(tmp_path / "dl.json"), log=lambda line: None)
+    study = AblationStudy(
+        "myops",
+        str(tiny_myops),
+        str(tmp_path / "study"),
+        "full",
+        1,
+        datalist=str(tmp_path / "dl.json"),
+        log=lambda line: None,
+    )
     study.check_bundle_package()  # the installed package: the same on both sides
     other = tmp_path / "other" / "dmaf_components"
     other.mkdir(parents=True)
@@ -300,8 +372,9 @@ def test_a_study_refuses_when_the_bundle_would_run_other_code(tiny_myops, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(tiny_myops, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
+    tiny_myops, tmp_path, monkeypatch, capsys
+):
     """A finished or started run is reused only when it was made with this study's dataset, datalist and overrides
     (reusing it otherwise puts another experiment's numbers in the table, silently); everything else a user can get
     wrong is refused in one line naming the flag or file, before any bundle process starts."""
@@ -317,9 +390,15 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     ones = np.ones((3, 2, 2))
     for setting in ("baseline", "full"):
         os.makedirs(out / "runs" / setting / "seed0")
-        json.dump(dict(_record(setting, 0, 60 * ones, 10 * ones), dataset="myops", datalist_sha256=file_sha256(str(dl)),
-                       overrides={**setting_overrides(setting), **small}),
-                  open(out / "runs" / setting / "seed0" / "record.json", "w"))
+        json.dump(
+            dict(
+                _record(setting, 0, 60 * ones, 10 * ones),
+                dataset="myops",
+                datalist_sha256=file_sha256(str(dl)),
+                overrides={**setting_overrides(setting), **small},
+            ),
+            open(out / "runs" / setting / "seed0" / "record.json", "w"),
+        )
 
     def study(**kw):
         args = {"datalist": str(dl), "overrides": small, "log": lambda line: None, **kw}
@@ -331,8 +410,12 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     assert study().summarize()["n_records"] == 2  # the same study: its records are used
     # rebuilding the summary without naming the overrides: the records must agree with each other
     lines = []
-    assert AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl),
-                         log=lines.append).summarize()["n_records"] == 2
+    assert (
+        AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl), log=lines.append).summarize()[
+            "n_records"
+        ]
+        == 2
+    )
     assert "ablation: the runs were made with --max_epochs 2 --roi_size [48, 48]" in lines
     with pytest.raises(ValueError, match=r"made with other overrides: --max_epochs 2 \(now 50\); name the overrides"):
         study(overrides={**small, "max_epochs": 50}).summarize()
@@ -349,14 +432,19 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     # a started run (no record yet) is checked by its run.json; a run.json of the same study is resumed
     os.makedirs(out / "runs" / "full" / "seed1")
     started = out / "runs" / "full" / "seed1" / "run.json"
-    json.dump(dict(study().identity("full", 1), overrides={**setting_overrides("full"), "max_epochs": 9}),
-              open(started, "w"))
-    with pytest.raises(ValueError, match=rf"{started}: made with other overrides: --max_epochs 9 \(now 2\), "
-                                         r"--roi_size \(not set\) \(now \[48, 48\]\)"):
+    json.dump(
+        dict(study().identity("full", 1), overrides={**setting_overrides("full"), "max_epochs": 9}), open(started, "w")
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"{started}: made with other overrides: --max_epochs 9 \(now 2\), "
+        r"--roi_size \(not set\) \(now \[48, 48\]\)",
+    ):
         AblationStudy("myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small).run()
     json.dump(study().identity("full", 1), open(started, "w"))
-    two = AblationStudy("myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small,
-                        log=lambda line: None)
+    two = AblationStudy(
+        "myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small, log=lambda line: None
+    )
     two.check_existing_runs()
     # a torn record, or JSON that is not a record, is named
     record.write_text(json.dumps({"seed": 0}))
@@ -369,13 +457,16 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     with pytest.raises(ValueError, match=r"study: no finished run of settings baseline,full and seeds 0 to summarize"):
         study().summarize()
     # bad flags and datalists, each in one line before anything runs
-    bad = [({"seeds": "abc"}, r"--seeds: need a count"), ({"seeds": 2.5}, r"--seeds: need a count"),
-           ({"seeds": [0, 0]}, r"--seeds: seed given twice"), ({"overrides": {"max_epochs": "abc"}},
-                                                               r"--max_epochs: expected a whole number .*got 'abc'"),
-           ({"overrides": {"roi_size": 48}}, r"--roi_size: expected a list"),
-           ({"overrides": {"max_epochs": 2.5}}, r"--max_epochs: expected a whole number"),
-           ({"overrides": {"learn_alpha1": 1}}, r"--learn_alpha1: expected True or False"),
-           ({"out": str(dl)}, r"--out .*dl.json: is a file")]
+    bad = [
+        ({"seeds": "abc"}, r"--seeds: need a count"),
+        ({"seeds": 2.5}, r"--seeds: need a count"),
+        ({"seeds": [0, 0]}, r"--seeds: seed given twice"),
+        ({"overrides": {"max_epochs": "abc"}}, r"--max_epochs: expected a whole number .*got 'abc'"),
+        ({"overrides": {"roi_size": 48}}, r"--roi_size: expected a list"),
+        ({"overrides": {"max_epochs": 2.5}}, r"--max_epochs: expected a whole number"),
+        ({"overrides": {"learn_alpha1": 1}}, r"--learn_alpha1: expected True or False"),
+        ({"out": str(dl)}, r"--out .*dl.json: is a file"),
+    ]
     for kw, message in bad:
         args = {"settings": "full", "seeds": 1, "datalist": str(dl), **kw}
         with pytest.raises(ValueError, match=message):
@@ -383,34 +474,53 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(t
     for fine in ({"max_epochs": "$@epochs // 2"}, {"roi_size": (48, 48)}, {"learning_rate": 1}):  # not refused
         AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl), overrides=fine)
     content = json.load(open(dl))
-    for name, change, message in (("torn.json", None, r"torn.json: cannot read the datalist"),
-                                  ("notest.json", {"testing": []}, r"notest.json: no case in 'testing'"),
-                                  ("brats.json", {"dataset": "brats"},
-                                   r"a brats datalist, but the study's dataset is myops")):
+    for name, change, message in (
+        ("torn.json", None, r"torn.json: cannot read the datalist"),
+        ("notest.json", {"testing": []}, r"notest.json: no case in 'testing'"),
+        ("brats.json", {"dataset": "brats"}, r"a brats datalist, but the study's dataset is myops"),
+    ):
         path = tmp_path / name
         path.write_text(json.dumps(content)[:50] if change is None else json.dumps({**content, **change}))
         with pytest.raises(ValueError, match=message):
             AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(path))
     # a failed bundle command is reported by the line that says why, not the log's last line
     log = tmp_path / "bundle.log"
-    log.write_text("$ python -m monai.bundle run training\nTraceback\n  torch.OutOfMemoryError: an earlier process\n"
-                   "$ python -m monai.bundle run training --resume_from x\nTraceback\n"
-                   "  dmaf_components.data.constants.DMAFDataError: case_3: T2 missing\n\nThe above...\n"
-                   "RuntimeError: Failed to evaluate ConfigExpression\n  __local_refs['dataset_dir'])\n")
+    log.write_text(
+        "$ python -m monai.bundle run training\nTraceback\n  torch.OutOfMemoryError: an earlier process\n"
+        "$ python -m monai.bundle run training --resume_from x\nTraceback\n"
+        "  dmaf_components.data.constants.DMAFDataError: case_3: T2 missing\n\nThe above...\n"
+        "RuntimeError: Failed to evaluate ConfigExpression\n  __local_refs['dataset_dir'])\n"
+    )
     assert _cause(str(log)) == "dmaf_components.data.constants.DMAFDataError: case_3: T2 missing"
     log.write_text(log.read_text() + "$ python -m monai.bundle run evaluate\nKilled\n")  # the last process's cause
     assert _cause(str(log)) == "Killed"
+
     # failed runs end the command with one line and status 1
     def failing_run_one(self, setting, seed, label="", env=None):
         raise RuntimeError("bundle command failed (exit 1): KeyError: 'x' — full log: L")
 
     monkeypatch.setattr(AblationStudy, "run_one", failing_run_one)
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["ablation", "myops", str(tiny_myops), "--out", str(out), "--settings", "full", "--seeds", "1",
-                  "--datalist", str(dl)])
+        cli.main(
+            [
+                "ablation",
+                "myops",
+                str(tiny_myops),
+                "--out",
+                str(out),
+                "--settings",
+                "full",
+                "--seeds",
+                "1",
+                "--datalist",
+                str(dl),
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 1 and err == ["dmaf: error: ablation: 2 of 2 runs failed; first: [1/2] baseline "
-                                                 "seed 0: bundle command failed (exit 1): KeyError: 'x' — full log: L"]
+    assert exit_info.value.code == 1 and err == [
+        "dmaf: error: ablation: 2 of 2 runs failed; first: [1/2] baseline "
+        "seed 0: bundle command failed (exit 1): KeyError: 'x' — full log: L"
+    ]
 
 
 def test_a_summary_leaves_no_stale_files_of_an_earlier_summary(tmp_path):
@@ -419,8 +529,9 @@ def test_a_summary_leaves_no_stale_files_of_an_earlier_summary(tmp_path):
     from dmaf_components.ablation import SETTINGS, write_summary
 
     ones = np.ones((3, 2, 2))
-    records = [_record(name, seed, (60 + i + seed) * ones, 10 * ones)
-               for i, name in enumerate(SETTINGS) for seed in (0, 1)]
+    records = [
+        _record(name, seed, (60 + i + seed) * ones, 10 * ones) for i, name in enumerate(SETTINGS) for seed in (0, 1)
+    ]
     write_summary(summarize_records(records), str(tmp_path))
     assert (tmp_path / "effects.csv").exists() and (tmp_path / "table3.png").exists()
     write_summary(summarize_records([r for r in records if r["setting"] == "baseline"]), str(tmp_path))

@@ -27,9 +27,16 @@ def test_absent_modality_keeps_its_encoder_optimizer_state_and_dtm_gradient(data
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
-        config_file=os.path.join(BUNDLE, "configs", "train.json"), workflow_type="train",
-        dataset_dir=str(data_dir), bundle_root=str(tmp_path), max_epochs=1, val_interval=100,
-        roi_size=[32, 32, 32], channels=[4, 8, 16, 32], num_layers=1, num_workers=0,
+        config_file=os.path.join(BUNDLE, "configs", "train.json"),
+        workflow_type="train",
+        dataset_dir=str(data_dir),
+        bundle_root=str(tmp_path),
+        max_epochs=1,
+        val_interval=100,
+        roi_size=[32, 32, 32],
+        channels=[4, 8, 16, 32],
+        num_layers=1,
+        num_workers=0,
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")

@@ -43,7 +43,8 @@ def test_signal_equations_by_hand():
     assert float(signal(t2, *wm)) == pytest.approx(0.70 * (1 - math.exp(-4000 / 884)) * math.exp(-100 / 72))
     t1 = SEQUENCES["t1"]  # inversion recovery TI 800, TR 2000, TE 4
     assert float(signal(t1, *wm)) == pytest.approx(
-        0.70 * abs(1 - 2 * math.exp(-800 / 884) + math.exp(-2000 / 884)) * math.exp(-4 / 72))
+        0.70 * abs(1 - 2 * math.exp(-800 / 884) + math.exp(-2000 / 884)) * math.exp(-4 / 72)
+    )
     # FLAIR's inversion time is the one that nulls CSF: CSF gives no signal, free of any picked intensity
     assert float(signal(SEQUENCES["flair"], *TISSUES["csf"])) == pytest.approx(0.0, abs=1e-12)
 
@@ -80,8 +81,9 @@ def test_cases_on_a_template(template_dir):
 def test_synthetic_anatomy_profile_writes_the_brats_layout(template_dir, tmp_path):
     from dmaf_components.data import synthesize_brats
 
-    folders = synthesize_brats(str(tmp_path / "set"), cases=2, seed=1, profile="anatomy", spacing=2.0,
-                               template_dir=template_dir)
+    folders = synthesize_brats(
+        str(tmp_path / "set"), cases=2, seed=1, profile="anatomy", spacing=2.0, template_dir=template_dir
+    )
     case = os.path.basename(folders[0])
     seg = nib.load(os.path.join(folders[0], f"{case}_seg.nii.gz"))
     flair = nib.load(os.path.join(folders[0], f"{case}_flair.nii.gz"))

@@ -46,8 +46,23 @@ def data_dir(tiny_brats, tmp_path_factory):
 def trained(data_dir, tmp_path_factory):
     """One epoch of `monai.bundle run training` in a subprocess."""
     root = tmp_path_factory.mktemp("bundle_root")
-    log = _bundle(["run", "training", "--config_file", "configs/train.json", "--dataset_dir", str(data_dir),
-                   "--bundle_root", str(root), "--max_epochs", "1", "--val_interval", "1"] + TINY)
+    log = _bundle(
+        [
+            "run",
+            "training",
+            "--config_file",
+            "configs/train.json",
+            "--dataset_dir",
+            str(data_dir),
+            "--bundle_root",
+            str(root),
+            "--max_epochs",
+            "1",
+            "--val_interval",
+            "1",
+        ]
+        + TINY
+    )
     return root, log
 
 
@@ -82,9 +97,17 @@ def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(traine
     ckpt_path = str(root / "models" / "checkpoint_final.pt")
     saved = torch.load(ckpt_path, weights_only=False)
     wf = ConfigWorkflow(
-        config_file=os.path.join(BUNDLE, "configs", "train.json"), workflow_type="train",
-        dataset_dir=str(data_dir), bundle_root=str(tmp_path), max_epochs=2, val_interval=5, resume_from=ckpt_path,
-        roi_size=[32, 32, 32], channels=[4, 8, 16, 32], num_layers=1, num_workers=0,
+        config_file=os.path.join(BUNDLE, "configs", "train.json"),
+        workflow_type="train",
+        dataset_dir=str(data_dir),
+        bundle_root=str(tmp_path),
+        max_epochs=2,
+        val_interval=5,
+        resume_from=ckpt_path,
+        roi_size=[32, 32, 32],
+        channels=[4, 8, 16, 32],
+        num_layers=1,
+        num_workers=0,
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -111,8 +134,18 @@ def test_resume_continues_at_the_right_iteration_with_identical_dtm_state(traine
 @pytest.mark.slow
 def test_evaluation_table_over_all_combinations(trained, data_dir):
     root, _ = trained
-    log = _bundle(["run", "--config_file", "['configs/train.json','configs/evaluate.json']", "--dataset_dir",
-                   str(data_dir), "--bundle_root", str(root)] + TINY)
+    log = _bundle(
+        [
+            "run",
+            "--config_file",
+            "['configs/train.json','configs/evaluate.json']",
+            "--dataset_dir",
+            str(data_dir),
+            "--bundle_root",
+            str(root),
+        ]
+        + TINY
+    )
     assert "flair+t1+t1ce+t2" in log and "Avg." in log
     rows = list(open(root / "eval" / "evaluation.csv"))
     assert len(rows) == 1 + 15 + 1  # header, 2^4 - 1 combinations, average
@@ -140,16 +173,45 @@ def test_inference_on_partial_study_and_4d_nifti(trained, tiny_brats, tmp_path):
     nib.save(nib.Nifti1Image(data, vols[0].affine), str(studies / "study4d.nii.gz"))
     inputs = {p: _digest(p) for p in glob.glob(str(studies / "**" / "*.nii.gz"), recursive=True)}
     out = tmp_path / "out"
-    _bundle(["run", "--config_file", "configs/inference.json", "--dataset_dir", str(studies), "--bundle_root",
-             str(root), "--output_dir", str(out)] + TINY)
+    _bundle(
+        [
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(studies),
+            "--bundle_root",
+            str(root),
+            "--output_dir",
+            str(out),
+        ]
+        + TINY
+    )
     for name, ref in (("caseA_seg.nii.gz", vols[0]), ("study4d_seg.nii.gz", vols[0])):
         seg = nib.load(str(out / name))
         assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 4}
     assert {p: _digest(p) for p in inputs} == inputs  # no input touched
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                           "--dataset_dir", str(studies), "--bundle_root", str(root), "--output_dir",
-                           str(studies / "caseA")] + TINY, cwd=BUNDLE, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(studies),
+            "--bundle_root",
+            str(root),
+            "--output_dir",
+            str(studies / "caseA"),
+        ]
+        + TINY,
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "holds input" in proc.stderr
 
 
@@ -157,12 +219,35 @@ def test_inference_on_partial_study_and_4d_nifti(trained, tiny_brats, tmp_path):
 def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_dir, tmp_path):
     root, _ = trained
     _bundle(["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", SCHEMA])
-    _bundle(["verify_net_in_out", "--net_id", "network_def", "--config_file", "configs/inference.json",
-             "--meta_file", "configs/metadata.json"] + TINY)
+    _bundle(
+        [
+            "verify_net_in_out",
+            "--net_id",
+            "network_def",
+            "--config_file",
+            "configs/inference.json",
+            "--meta_file",
+            "configs/metadata.json",
+        ]
+        + TINY
+    )
     ts = tmp_path / "model.ts"
     # as the model zoo exports (scripted): any size, the mask as an input
-    _bundle(["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(root / "models" / "model.pt"),
-             "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"] + TINY)
+    _bundle(
+        [
+            "ckpt_export",
+            "network_def",
+            "--filepath",
+            str(ts),
+            "--ckpt_file",
+            str(root / "models" / "model.pt"),
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+        ]
+        + TINY
+    )
     from dmaf_components.networks import DMAFNet
 
     net = DMAFNet(3, 4, 4, channels=(4, 8, 16, 32), num_layers=1).eval()
@@ -176,20 +261,27 @@ def test_monai_checks_metadata_net_in_out_export_and_properties(trained, data_di
         assert torch.allclose(exported(x, mask), net(x, mask), atol=1e-4)
     from monai.bundle import ConfigWorkflow
 
-    for cfg, kind, extra in (("train.json", "train", {"dataset_dir": str(data_dir)}),
-                             ("inference.json", "infer",
-                              {"dataset_dir": str(data_dir / "MICCAI_BraTS2020_TrainingData")})):
-        wf = ConfigWorkflow(config_file=os.path.join(BUNDLE, "configs", cfg), workflow_type=kind,
-                            meta_file=os.path.join(BUNDLE, "configs", "metadata.json"), bundle_root=str(tmp_path),
-                            **extra)
+    for cfg, kind, extra in (
+        ("train.json", "train", {"dataset_dir": str(data_dir)}),
+        ("inference.json", "infer", {"dataset_dir": str(data_dir / "MICCAI_BraTS2020_TrainingData")}),
+    ):
+        wf = ConfigWorkflow(
+            config_file=os.path.join(BUNDLE, "configs", cfg),
+            workflow_type=kind,
+            meta_file=os.path.join(BUNDLE, "configs", "metadata.json"),
+            bundle_root=str(tmp_path),
+            **extra,
+        )
         wf.initialize()
         assert wf.check_properties() == [], (cfg, wf.check_properties())
 
 
 @pytest.mark.slow
 def test_components_resolve_from_any_working_directory(tmp_path):
-    out = _bundle(["run", "--config_file", os.path.join(BUNDLE, "configs", "inference.json"), "--run_id",
-                   "network_def"], cwd=str(tmp_path))
+    out = _bundle(
+        ["run", "--config_file", os.path.join(BUNDLE, "configs", "inference.json"), "--run_id", "network_def"],
+        cwd=str(tmp_path),
+    )
     assert "Traceback" not in out
 
 
@@ -197,10 +289,28 @@ def test_components_resolve_from_any_working_directory(tmp_path):
 def test_torchrun_two_processes_gloo(data_dir, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "monai.bundle",
-           "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-           "--dataset_dir", str(data_dir), "--datalist", str(data_dir / "datalist_ddp.json"), "--bundle_root",
-           str(tmp_path), "--max_epochs", "1", "--val_interval", "1"] + TINY
+    cmd = [
+        torchrun,
+        "--nproc_per_node=2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+        "--dataset_dir",
+        str(data_dir),
+        "--datalist",
+        str(data_dir / "datalist_ddp.json"),
+        "--bundle_root",
+        str(tmp_path),
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+    ] + TINY
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "models" / "model.pt").exists() and (tmp_path / "models" / "checkpoint_final.pt").exists()
@@ -249,10 +359,14 @@ def test_weak_spot_options_reach_the_loss_and_the_optimizer():
         parser = ConfigParser()
         parser.read_config(os.path.join(BUNDLE, "configs", "train.json"))
         parser.update({"channels": [4, 8, 16, 32], "num_layers": 1, "device": "$torch.device('cpu')", **overrides})
-        index = next(i for i, h in enumerate(parser["train#handlers"])
-                     if h["_target_"].endswith("DynamicTrainingMonitor"))
-        return parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer"), parser.get_parsed_content(
-            f"train#handlers#{index}")
+        index = next(
+            i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith("DynamicTrainingMonitor")
+        )
+        return (
+            parser.get_parsed_content("loss"),
+            parser.get_parsed_content("optimizer"),
+            parser.get_parsed_content(f"train#handlers#{index}"),
+        )
 
     loss, opt, dtm = parsed()
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -273,8 +387,22 @@ def test_myops_2d_trains_and_evaluates_its_7_combinations(tiny_myops, tmp_path):
     shutil.copytree(tiny_myops, data)
     write_datalist(build_datalist(str(data), "myops", split=(3, 1, 1), seed=0), str(data / "datalist.json"))
     configs = "['configs/train.json','configs/train_myops.json']"
-    small = ["--roi_size", "[48,48]", "--crop_size", "[56,56,-1]", "--channels", "[8,16,32]", "--num_layers", "1",
-             "--num_workers", "0", "--dataset_dir", str(data), "--bundle_root", str(tmp_path / "root")]
+    small = [
+        "--roi_size",
+        "[48,48]",
+        "--crop_size",
+        "[56,56,-1]",
+        "--channels",
+        "[8,16,32]",
+        "--num_layers",
+        "1",
+        "--num_workers",
+        "0",
+        "--dataset_dir",
+        str(data),
+        "--bundle_root",
+        str(tmp_path / "root"),
+    ]
     log = _bundle(["run", "training", "--config_file", configs, "--max_epochs", "1", "--val_interval", "1"] + small)
     assert "val_mean_dice" in log
     net_state = torch.load(tmp_path / "root" / "models" / "model.pt", weights_only=True)

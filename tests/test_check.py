@@ -96,8 +96,6 @@ def broken_brats(clean_brats, tmp_path):
     return root, expected
 
 
-
-
 def _varied(shape):
     """An image with many levels and a zero background (a constant one, or one of a few whole-number levels, is
     itself an error; a non-zero background a warning)."""

@@ -103,10 +103,21 @@ def test_flag_spellings_are_accepted(monkeypatch, capsys):
     code, out, err = _run(["datalist", "--data_dir", "d", "brats", "--", "--trace"], capsys)
     assert code == 2 and out == "" and "datalist: unexpected argument '--'" in err, err
     assert len(calls) == 3  # the values as the commands receive them (the rest at their defaults)
-    assert calls[0].items() >= {"dataset": "brats", "out_dir": "d", "cases": 2, "shape": (8, 8, 8), "seed": -1,
-                                "overwrite": True}.items()
-    assert calls[1].items() >= {"dataset": "brats", "data_dir": "d", "missing_rates": "t1=0.2", "overwrite": False,
-                                "no_check": True, "exact": True}.items()
+    assert (
+        calls[0].items()
+        >= {"dataset": "brats", "out_dir": "d", "cases": 2, "shape": (8, 8, 8), "seed": -1, "overwrite": True}.items()
+    )
+    assert (
+        calls[1].items()
+        >= {
+            "dataset": "brats",
+            "data_dir": "d",
+            "missing_rates": "t1=0.2",
+            "overwrite": False,
+            "no_check": True,
+            "exact": True,
+        }.items()
+    )
     assert calls[2].items() >= {"dataset": "brats", "data_dir": "d", "exact": False}.items()
 
 
@@ -129,8 +140,21 @@ def test_kwargs_command_accepts_any_flag(monkeypatch, capsys):
 
 
 def test_synthetic_study_profile_for_both_datasets_and_bad_workers(tmp_path, capsys):
-    code, _, _ = _run(["synthetic", "brats", str(tmp_path / "b"), "--cases", "2", "--shape=16,16,8", "--profile",
-                       "study", "--workers", "2"], capsys)
+    code, _, _ = _run(
+        [
+            "synthetic",
+            "brats",
+            str(tmp_path / "b"),
+            "--cases",
+            "2",
+            "--shape=16,16,8",
+            "--profile",
+            "study",
+            "--workers",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0 and len(list((tmp_path / "b" / "MICCAI_BraTS2020_TrainingData").iterdir())) == 2
     code, _, err = _run(["synthetic", "myops", str(tmp_path / "m"), "--workers", "0"], capsys)
     assert code != 0 and "--workers: need a whole number of at least 1, got 0" in err

@@ -94,8 +94,10 @@ def _steps_match_eager(backend: _CountingBackend, patterns: tuple[list[list[int]
     losses = [DMAFLoss(4, 4, TINY["channels"][-1]) for _ in range(2)]
     losses[1].load_state_dict(losses[0].state_dict())
     nets = (eager, net)
-    opts = [torch.optim.AdamW(list(n.parameters()) + list(lf.parameters()), lr=2e-4, weight_decay=1e-4, fused=fused)
-            for n, lf, fused in zip(nets, losses, (None, True))]
+    opts = [
+        torch.optim.AdamW(list(n.parameters()) + list(lf.parameters()), lr=2e-4, weight_decay=1e-4, fused=fused)
+        for n, lf, fused in zip(nets, losses, (None, True))
+    ]
     monitors = [DynamicTrainingMonitor(lf, n) for n, lf in zip(nets, losses)]
     x = torch.randn(2, 4, 16, 16, 16)
     y = torch.randint(0, 4, (2, 1, 16, 16, 16))
@@ -249,7 +251,14 @@ def test_bundle_keys_compile_and_fused_optimizer():
     for built in ("network", "network_def"):  # ckpt_export builds network_def alone: the eager network it scripts
         inference = ConfigParser()
         inference.read_config(os.path.join(BUNDLE, "configs", "inference.json"))
-        inference.update({"channels": [4, 8], "num_layers": 1, "device": "$torch.device('cpu')", "compile": True,
-                          "save_weights": True})
+        inference.update(
+            {
+                "channels": [4, 8],
+                "num_layers": 1,
+                "device": "$torch.device('cpu')",
+                "compile": True,
+                "save_weights": True,
+            }
+        )
         net = inference.get_parsed_content(built)
         assert bool(compiled_parts(getattr(net, "network", net))) == (built == "network")

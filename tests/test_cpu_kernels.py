@@ -17,8 +17,17 @@ PRIVATE = [True, False] if ck.private_ops_supported() else [False]
 def _twin_nets(fusion: str, spatial_dims: int = 3, **kwargs):
     """The same network twice: plain (channels_last=False) and with the CPU kernels, equal weights."""
     torch.manual_seed(0)
-    plain = DMAFNet(spatial_dims, 3, 4, channels=(8, 16, 16), fusion=fusion, num_layers=1, num_heads=2,
-                    channels_last=False, **kwargs)
+    plain = DMAFNet(
+        spatial_dims,
+        3,
+        4,
+        channels=(8, 16, 16),
+        fusion=fusion,
+        num_layers=1,
+        num_heads=2,
+        channels_last=False,
+        **kwargs,
+    )
     fast = DMAFNet(spatial_dims, 3, 4, channels=(8, 16, 16), fusion=fusion, num_layers=1, num_heads=2, **kwargs)
     fast.load_state_dict(plain.state_dict(), strict=True)
     return plain, fast
@@ -274,8 +283,17 @@ def test_pytorch_still_routes_small_batch1_3d_convolutions_off_onednn():
         w = torch.randn(shape[1], shape[1], *(3,) * dims)
         y = (F.conv3d if dims == 3 else F.conv2d)(x, w, None, 1, 1)
         gx = torch.ops.aten.convolution_backward(
-            ck.to_channels_last(torch.randn_like(y)), x, w, None, [1] * dims, [1] * dims, [1] * dims, False,
-            [0] * dims, 1, [True, False, False],
+            ck.to_channels_last(torch.randn_like(y)),
+            x,
+            w,
+            None,
+            [1] * dims,
+            [1] * dims,
+            [1] * dims,
+            False,
+            [0] * dims,
+            1,
+            [True, False, False],
         )[0]
         return ck.is_channels_last(y), ck.is_channels_last(gx)
 

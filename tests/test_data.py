@@ -97,12 +97,21 @@ def test_myops_layout_and_label_merge(tiny_myops):
 
     # the mapping training uses (train_myops.json) against the MyoPS 2020 release's label values: 200 normal
     # myocardium, 500 LV blood pool, 600 RV blood pool, 1220 edema, 2221 scar; edema and scar train as myocardium
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs",
-                           "train_myops.json")) as f:
+    with open(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs", "train_myops.json"
+        )
+    ) as f:
         cfg = json.load(f)  # an override of train.json: read its two entries as they are written
     values, targets = cfg["label_values"], cfg["label_targets"]
-    released = {0: "background", 200: "myocardium", 500: "LV blood pool", 600: "RV blood pool", 1220: "myocardium",
-                2221: "myocardium"}
+    released = {
+        0: "background",
+        200: "myocardium",
+        500: "LV blood pool",
+        600: "RV blood pool",
+        1220: "myocardium",
+        2221: "myocardium",
+    }
     trained = {name: k for k, name in MYOPS_LABELS.items()}
     want = {raw: trained[name] for raw, name in released.items()}
     assert dict(zip(values, targets)) == want
@@ -306,7 +315,8 @@ def test_unknown_layout_and_cli_one_line_error(tmp_path):
         build_datalist(str(tmp_path / "junk"))
     proc = subprocess.run(
         [sys.executable, "-m", "dmaf_components.cli", "datalist", "auto", str(tmp_path / "junk")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown dataset layout" in proc.stderr
@@ -315,8 +325,20 @@ def test_unknown_layout_and_cli_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_cli_writes_datalist_and_never_overwrites(tiny_brats, tmp_path):
     out = tmp_path / "dl.json"
-    cmd = [sys.executable, "-m", "dmaf_components.cli", "datalist", "brats", str(tiny_brats), "--output", str(out),
-           "--split", "4,1,1", "--missing_rates", "t1=0.2,t1ce=0.4,flair=0.6,t2=0.8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmaf_components.cli",
+        "datalist",
+        "brats",
+        str(tiny_brats),
+        "--output",
+        str(out),
+        "--split",
+        "4,1,1",
+        "--missing_rates",
+        "t1=0.2,t1ce=0.4,flair=0.6,t2=0.8",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "realised" in proc.stdout
@@ -361,8 +383,12 @@ def test_bundle_flip_rotation_is_monai_flips_then_rotation(config):
     from dmaf_components.transforms import RandFlipRotated
 
     parser = ConfigParser()
-    parser.read_config([os.path.join(os.path.dirname(__file__), "..", "bundle", "configs", c)
-                        for c in dict.fromkeys(["train.json", config])])
+    parser.read_config(
+        [
+            os.path.join(os.path.dirname(__file__), "..", "bundle", "configs", c)
+            for c in dict.fromkeys(["train.json", config])
+        ]
+    )
     (augment,) = [t for t in parser.get_parsed_content("train#augmentation") if isinstance(t, RandFlipRotated)]
     shape = (22, 26, 18) if config == "train.json" else (30, 26)
     affine = torch.eye(4, dtype=torch.float64)
@@ -370,8 +396,10 @@ def test_bundle_flip_rotation_is_monai_flips_then_rotation(config):
     affine[:3, 3] = torch.tensor([-90.0, 12.5, 40.0], dtype=torch.float64)
     rotated = set()
     for seed in range(8):
-        data = {"image": MetaTensor(torch.randn(2, *shape), affine=affine),
-                "label": MetaTensor(torch.randint(0, 4, (1, *shape)).float(), affine=affine)}
+        data = {
+            "image": MetaTensor(torch.randn(2, *shape), affine=affine),
+            "label": MetaTensor(torch.randint(0, 4, (1, *shape)).float(), affine=affine),
+        }
         augment.prob = 0.5
         augment.set_random_state(seed)
         out = augment(dict(data))

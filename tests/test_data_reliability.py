@@ -41,8 +41,10 @@ def _write(tiny, datalist, name="dl.json"):
 
 
 def _tree(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 # ----------------------------------------------------------------------------------------------- a: atomic writes
@@ -65,8 +67,9 @@ def test_failed_datalist_write_keeps_the_old_file_byte_identical(tiny, tmp_path,
     assert message.startswith(f"{path}: cannot write the datalist (OSError: No space left on device)")
     assert "\n" not in message
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["datalist.json"]  # no temporary file left
-    code, out, err = _run(["datalist", "brats", str(tiny), "--split", "2,1,1", "--output", str(path), "--overwrite",
-                           "--no_check"], capsys)
+    code, out, err = _run(
+        ["datalist", "brats", str(tiny), "--split", "2,1,1", "--output", str(path), "--overwrite", "--no_check"], capsys
+    )
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["datalist.json"]
 
@@ -82,8 +85,10 @@ def _umask() -> int:
 def test_non_finite_or_out_of_range_rates_are_one_line(tiny, tmp_path, rates, capsys):
     out = tmp_path / "dl.json"
     for exact in (["--exact"], []):  # --exact first: before the fix it crashed where the default looped forever
-        code, stdout, err = _run(["datalist", "brats", str(tiny), "--missing_rates", rates, "--output", str(out),
-                                  "--no_check"] + exact, capsys)
+        code, stdout, err = _run(
+            ["datalist", "brats", str(tiny), "--missing_rates", rates, "--output", str(out), "--no_check"] + exact,
+            capsys,
+        )
         assert code == 2 and stdout == "" and err.count("\n") == 1, err
         assert err.startswith("dmaf: error: --missing_rates: ") and "a missing rate must be a number in [0, 1)" in err
         assert not out.exists()
@@ -91,12 +96,14 @@ def test_non_finite_or_out_of_range_rates_are_one_line(tiny, tmp_path, rates, ca
 
 @pytest.mark.slow
 def test_library_refuses_nan_rates_instead_of_looping():
-    code = ("from dmaf_components.data.datalist import idt_masks\n"
-            "for exact in (False, True):\n"
-            "    try:\n"
-            "        idt_masks(5, [float('nan'), 0.2, 0.4, 0.8], exact=exact)\n"
-            "    except ValueError as exc:\n"
-            "        print(type(exc).__name__, exc)\n")
+    code = (
+        "from dmaf_components.data.datalist import idt_masks\n"
+        "for exact in (False, True):\n"
+        "    try:\n"
+        "        idt_masks(5, [float('nan'), 0.2, 0.4, 0.8], exact=exact)\n"
+        "    except ValueError as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("DMAFDataError missing rates must each lie in [0, 1), got [nan, 0.2, 0.4, 0.8]") == 2
@@ -111,18 +118,26 @@ def test_case_in_training_and_testing_is_an_error(tiny, capsys):
     code, out, err = _run(["check", str(tiny), "--datalist", str(path)], capsys)
     first, second = dl["training"][0]["case"], dl["training"][1]["case"]
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert code == 1 and sorted(errors) == sorted([
-        f"error: {first}: {path}: listed in two sections: training[0] and testing[1] (a case belongs to one section, "
-        "once: a case both trained and evaluated on inflates the results)",
-        f"error: {second}: {path}: listed twice in training: training[1] and training[2] (a case belongs to one "
-        "section, once: a case both trained and evaluated on inflates the results)",
-    ]), out
-    with pytest.raises(DMAFDataError, match=rf"leak.json: case {second} listed twice in training: training\[1\] and "
-                                            r"training\[2\]"):
+    assert code == 1 and sorted(errors) == sorted(
+        [
+            f"error: {first}: {path}: listed in two sections: training[0] and testing[1] "
+            "(a case belongs to one section, once: a case both trained and evaluated on inflates the results)",
+            f"error: {second}: {path}: listed twice in training: training[1] and training[2] (a case belongs to one "
+            "section, once: a case both trained and evaluated on inflates the results)",
+        ]
+    ), out
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"leak.json: case {second} listed twice in training: training\[1\] and "
+        r"training\[2\]",
+    ):
         load_datalist(str(path), "testing")
     dl["training"].pop()
-    with pytest.raises(DMAFDataError, match=rf"leak2.json: case {first} listed in two sections: training\[0\] and "
-                                            r"testing\[1\]"):
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"leak2.json: case {first} listed in two sections: training\[0\] and "
+        r"testing\[1\]",
+    ):
         load_datalist(str(_write(tiny, dl, "leak2.json")), "training")
 
 
@@ -184,8 +199,11 @@ def test_relative_paths_may_not_leave_the_data_folder(tiny, tmp_path, capsys):
         f"error: {entry['case']}: {path}: training[0]: path '../../../../etc/passwd' leaves the data folder {tiny}; "
         "relative paths must stay inside it (give an absolute path to use a file elsewhere)"
     ], out
-    with pytest.raises(DMAFDataError, match=r"escape.json: training\[0\] \(BraTS20_Training_\d+\): path "
-                                            r"'../../../../etc/passwd' leaves the data folder"):
+    with pytest.raises(
+        DMAFDataError,
+        match=r"escape.json: training\[0\] \(BraTS20_Training_\d+\): path "
+        r"'../../../../etc/passwd' leaves the data folder",
+    ):
         load_datalist(str(path), "training")
     entry["image"]["flair"] = "MICCAI_BraTS2020_TrainingData/../" + dl["training"][1]["image"]["flair"]  # stays in
     loaded = load_datalist(str(_write(tiny, dl, "inside.json")), "training")
@@ -237,8 +255,11 @@ def test_synthetic_refuses_a_real_case_folder_and_writes_nothing(tmp_path, capsy
         (folder / f"BraTS20_Training_001_{m}.nii.gz").write_bytes(b"real image")
     before = _tree(tmp_path)
     code, _, err = _run(["synthetic", "brats", str(tmp_path), "--cases", "1", "--shape", "8,8,8"], capsys)
-    assert code == 2 and f"{folder}/BraTS20_Training_001_flair.nii.gz: would be overwritten, and there is no record" \
-        in err and _tree(tmp_path) == before
+    assert (
+        code == 2
+        and f"{folder}/BraTS20_Training_001_flair.nii.gz: would be overwritten, and there is no record" in err
+        and _tree(tmp_path) == before
+    )
 
 
 def test_synthetic_reuses_and_rewrites_its_own_cases(tmp_path, capsys):

@@ -143,8 +143,9 @@ def test_reweight_off_keeps_unit_weights_and_update_mode_scales_the_step():
         from dmaf_components.losses import DMAFLossTerms
 
         z = torch.zeros(())
-        loss.last_terms = DMAFLossTerms(z, z, z, z, z, torch.tensor([0.8, 0.2]), torch.tensor([0.6, 0.1]),
-                                        torch.ones(2), torch.tensor(0.6))
+        loss.last_terms = DMAFLossTerms(
+            z, z, z, z, z, torch.tensor([0.8, 0.2]), torch.tensor([0.6, 0.1]), torch.ones(2), torch.tensor(0.6)
+        )
         opt.zero_grad()
         for enc in net.encoders:
             enc.weight.grad = torch.ones_like(enc.weight)
@@ -184,8 +185,10 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dtm = DynamicTrainingMonitor(loss, net)
     z = torch.zeros(())
     # each rank sees different samples: rank 0 only modality 0, rank 1 both with other gaps
-    local = [(torch.tensor([0.8, 0.0]), torch.tensor([0.4, 0.0]), torch.tensor([1.0, 0.0])),
-             (torch.tensor([0.2, 0.3]), torch.tensor([0.2, 0.1]), torch.tensor([1.0, 1.0]))][rank]
+    local = [
+        (torch.tensor([0.8, 0.0]), torch.tensor([0.4, 0.0]), torch.tensor([1.0, 0.0])),
+        (torch.tensor([0.2, 0.3]), torch.tensor([0.2, 0.1]), torch.tensor([1.0, 1.0])),
+    ][rank]
     loss.last_terms = DMAFLossTerms(z, z, z, z, z, local[0], local[1], local[2], torch.tensor(0.6))
     engine = Engine(lambda e, b: None)
     engine.state.output = {}
@@ -218,8 +221,17 @@ def test_mean_reweight_norm_keeps_lsep_scale_and_gamma():
         losses[norm] = DMAFLoss(2, m, 4)
         monitors[norm] = DynamicTrainingMonitor(losses[norm], reweight_norm=norm, scaling_mode="none")
         z = torch.zeros(())
-        losses[norm].last_terms = DMAFLossTerms(z, z, z, z, z, torch.tensor([0.8, 0.2, 0.5]),
-                                                torch.tensor([0.6, 0.1, 0.3]), torch.ones(m), torch.tensor(0.6))
+        losses[norm].last_terms = DMAFLossTerms(
+            z,
+            z,
+            z,
+            z,
+            z,
+            torch.tensor([0.8, 0.2, 0.5]),
+            torch.tensor([0.6, 0.1, 0.3]),
+            torch.ones(m),
+            torch.tensor(0.6),
+        )
         monitors[norm].step([])
     w_sum, w_mean = losses["sum"].modality_weights, losses["mean"].modality_weights
     assert abs(float(w_sum.sum()) - 1.0) < 1e-6 and not torch.allclose(w_sum, w_sum.mean().expand(m))
@@ -286,11 +298,19 @@ def test_batched_gradient_scaling_is_the_per_encoder_reference_bit_for_bit(devic
     steps = [
         ("finite", first),
         # encoder 0 reverses (cosine -1: conflict), encoder 1 absent from the batch, encoder 2 keeps its direction
-        ("conflict", [[-g for g in first[0]], None, [2 * g + 0.1 * torch.randn(g.shape, generator=gen)
-                                                     for g in first[2]]]),
+        (
+            "conflict",
+            [[-g for g in first[0]], None, [2 * g + 0.1 * torch.randn(g.shape, generator=gen) for g in first[2]]],
+        ),
         # encoder 1 overflows (left alone, not stored as previous), the others scale
-        ("overflow", [[0.5 * g for g in first[0]], [g.masked_fill(g > 1.0, float("inf")) for g in first[1]],
-                      [-g for g in first[2]]]),
+        (
+            "overflow",
+            [
+                [0.5 * g for g in first[0]],
+                [g.masked_fill(g > 1.0, float("inf")) for g in first[1]],
+                [-g for g in first[2]],
+            ],
+        ),
     ]
     for name, grads in steps:
         for net in nets:

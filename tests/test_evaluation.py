@@ -73,8 +73,13 @@ def _reference(network, dataloader, inferer, modalities, regions, variants, et_m
 
     combos = modality_combinations(len(modalities))
     metrics = {
-        c: {v: (DiceMetric(include_background=True, reduction="none", ignore_empty=False),
-                HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")) for v in variants}
+        c: {
+            v: (
+                DiceMetric(include_background=True, reduction="none", ignore_empty=False),
+                HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none"),
+            )
+            for v in variants
+        }
         for c in combos
     }
     empties = {c: {v: [] for v in variants} for c in combos}
@@ -119,8 +124,10 @@ def _reference(network, dataloader, inferer, modalities, regions, variants, et_m
             h = torch.where((e == 1) | (e == 2), torch.full_like(h, 373.13), h)
             h = torch.where(e == 3, torch.zeros_like(h), h)
             per_case[variant][combination_name(combo, modalities)] = {
-                "dice": (d * 100).tolist(), "hd95": torch.where(torch.isfinite(h), h, torch.nan).tolist(),
-                "empty": e.tolist()}
+                "dice": (d * 100).tolist(),
+                "hd95": torch.where(torch.isfinite(h), h, torch.nan).tolist(),
+                "empty": e.tolist(),
+            }
     return {"cases": cases, "per_case": per_case}
 
 
@@ -136,14 +143,23 @@ def _parser(**overrides):
 def test_per_case_values_equal_the_reference_loop(data_dir, tmp_path):
     """Same per-case values, bit for bit, as the hand-written loop (BraTS rule for empty regions), with a case that
     lacks a modality; every table entry is the plain mean of its per-case values and counts the empty pairs."""
-    parser = _parser(dataset_dir=str(data_dir), datalist=str(data_dir / "datalist_missing.json"),
-                     bundle_root=str(tmp_path), network=_ThresholdNet())
+    parser = _parser(
+        dataset_dir=str(data_dir),
+        datalist=str(data_dir / "datalist_missing.json"),
+        bundle_root=str(tmp_path),
+        network=_ThresholdNet(),
+    )
     evaluator = parser.get_parsed_content("evaluator")
     evaluator.run()
     written = json.load(open(tmp_path / "eval" / "evaluation.json"))
-    reference = _reference(_ThresholdNet(), parser.get_parsed_content("evaluation#dataloader"),
-                           parser.get_parsed_content("validate#inferer"), parser["modalities"],
-                           parser.get_parsed_content("regions"), ["raw", "et_postprocessed"])
+    reference = _reference(
+        _ThresholdNet(),
+        parser.get_parsed_content("evaluation#dataloader"),
+        parser.get_parsed_content("validate#inferer"),
+        parser["modalities"],
+        parser.get_parsed_content("regions"),
+        ["raw", "et_postprocessed"],
+    )
     assert json.dumps(written["per_case"]) == json.dumps(reference["per_case"])  # NaN included, same order
     assert written["cases"] == 2 and len(written["per_case"]["raw"]["t2"]["dice"]) == 1  # case 2 has no T2
     assert len(written["per_case"]["raw"]["flair+t2"]["dice"]) == 2  # evaluated there with FLAIR alone
@@ -169,9 +185,18 @@ def test_per_case_values_equal_the_reference_loop(data_dir, tmp_path):
 def single_process(data_dir, bundle_root):
     """`monai.bundle run` of evaluate.json (one process) with the random tiny network."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # both runs on CPU
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "['configs/train.json','configs/evaluate.json']", "--dataset_dir", str(data_dir), "--bundle_root",
-           str(bundle_root)] + TINY_ARGS
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+        "--dataset_dir",
+        str(data_dir),
+        "--bundle_root",
+        str(bundle_root),
+    ] + TINY_ARGS
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return bundle_root / "eval", proc.stdout + proc.stderr
@@ -189,9 +214,14 @@ def test_progress_tables_and_files(single_process):
     assert len(result["tables"]["raw"]) == 16 and result["tables"]["raw"][-1]["combination"] == "Avg."
     assert np.asarray(result["per_case"]["raw"]["flair+t1+t1ce+t2"]["dice"]).shape == (2, 3)
     header = open(out / "evaluation.csv").readline().strip().split(",")
-    assert header[:6] == ["combination", "dice_WT", "hd95_WT", "hd95_WT_undefined", "hd95_WT_one_empty",
-                          "hd95_WT_both_empty"] and header[-2:] == [
-        "dice_avg", "hd95_avg"]
+    assert header[:6] == [
+        "combination",
+        "dice_WT",
+        "hd95_WT",
+        "hd95_WT_undefined",
+        "hd95_WT_one_empty",
+        "hd95_WT_both_empty",
+    ] and header[-2:] == ["dice_avg", "hd95_avg"]
     assert (out / "evaluation_et_postprocessed.csv").exists() and os.path.getsize(out / "evaluation_dice.png") > 1000
     raw = open(out / "metrics" / "dice_raw.csv").read().splitlines()  # MONAI MetricsSaver: one row per pair
     assert len(raw) == 1 + 30 and raw[1].split(",")[0].endswith(":flair")
@@ -208,8 +238,11 @@ def test_multi_gpu_evaluate_config_resolves(data_dir, tmp_path):
 
     from dmaf_components.evaluation import CombinationPairs, CombinationTables
 
-    parser = _parser(extra_configs=[os.path.join(BUNDLE, "configs", "multi_gpu_evaluate.json")],
-                     dataset_dir=str(data_dir), bundle_root=str(tmp_path))
+    parser = _parser(
+        extra_configs=[os.path.join(BUNDLE, "configs", "multi_gpu_evaluate.json")],
+        dataset_dir=str(data_dir),
+        bundle_root=str(tmp_path),
+    )
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         evaluator = parser.get_parsed_content("evaluator")
@@ -227,10 +260,23 @@ def test_multi_gpu_evaluate_config_resolves(data_dir, tmp_path):
 def test_torchrun_two_processes_write_the_same_table(single_process, data_dir, bundle_root, tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # both runs on CPU
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port", str(30500 + os.getpid() % 1000), "-m", "monai.bundle",
-           "run", "--config_file", "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
-           "--dataset_dir", str(data_dir), "--bundle_root", str(tmp_path), "--ckpt_path",
-           str(bundle_root / "models" / "model.pt")] + TINY_ARGS
+    cmd = [
+        torchrun,
+        "--nproc_per_node=2",
+        "--master_port",
+        str(30500 + os.getpid() % 1000),
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json','configs/multi_gpu_evaluate.json']",
+        "--dataset_dir",
+        str(data_dir),
+        "--bundle_root",
+        str(tmp_path),
+        "--ckpt_path",
+        str(bundle_root / "models" / "model.pt"),
+    ] + TINY_ARGS
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "combination x case: [15/15]" in proc.stderr  # rank 0's half of the pairs

@@ -45,8 +45,13 @@ def write_dicom_series(folder: str, volume: np.ndarray, description: str, uid: s
         sl.SetDirection(itk.matrix_from_array(DIRECTION))
         sl.SetOrigin((ORIGIN + k * SPACING[2] * DIRECTION[:, 2]).tolist())
         meta = sl.GetMetaDataDictionary()
-        for tag, value in (("0020|000e", uid), ("0008|103e", description), ("0020|0013", str(k + 1)),
-                           ("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.8.498.7")):
+        for tag, value in (
+            ("0020|000e", uid),
+            ("0008|103e", description),
+            ("0020|0013", str(k + 1)),
+            ("0008|0060", "MR"),
+            ("0020|000d", "1.2.826.0.1.3680043.8.498.7"),
+        ):
             meta[tag] = value
         io = itk.GDCMImageIO.New()
         io.SetKeepOriginalUID(True)
@@ -83,36 +88,61 @@ def weights(tmp_path_factory):
 def _run(dataset_dir, output_dir, checkpoint, **override):
     from monai.bundle import ConfigWorkflow
 
-    params = {"roi_size": [32, 32, 32], "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2,
-              "num_workers": 0, **override}
-    wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                        dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint), **params)
+    params = {
+        "roi_size": [32, 32, 32],
+        "channels": list(NET["channels"]),
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_workers": 0,
+        **override,
+    }
+    wf = ConfigWorkflow(
+        config_file=INFERENCE,
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        checkpoint=str(checkpoint),
+        **params,
+    )
     wf.initialize()
     return wf.run()
 
 
 def _geometry(img):
-    return (tuple(itk.size(img)), np.array(itk.spacing(img)), np.array(itk.origin(img)),
-            itk.array_from_matrix(img.GetDirection()))
+    return (
+        tuple(itk.size(img)),
+        np.array(itk.spacing(img)),
+        np.array(itk.origin(img)),
+        itk.array_from_matrix(img.GetDirection()),
+    )
 
 
 def _same_geometry(a, b, atol=1e-4):
     (sa, pa, oa, da), (sb, pb, ob, db) = _geometry(a), _geometry(b)
     assert sa == sb, (sa, sb)
     assert np.allclose(pa, pb, atol=atol) and np.allclose(oa, ob, atol=atol) and np.allclose(da, db, atol=atol), (
-        _geometry(a), _geometry(b))
+        _geometry(a),
+        _geometry(b),
+    )
 
 
 def test_dicom_series_are_found_by_description_or_folder_name(studies, caplog):
     root, _ = studies
     found = {s["case"]: s for s in find_studies(str(root))}
     dcm = found["dcm"]
-    assert dcm["image"] == {"flair": str(root / "dcm"), "t1ce": str(root / "dcm" / "t1ce"),
-                            "t2": str(root / "dcm" / "dcm_t2.nrrd")}
+    assert dcm["image"] == {
+        "flair": str(root / "dcm"),
+        "t1ce": str(root / "dcm" / "t1ce"),
+        "t2": str(root / "dcm" / "dcm_t2.nrrd"),
+    }
     assert set(dcm["image_series"]) == {"flair", "t1ce"} and "error" not in dcm
     assert any("DICOM series 'localizer'" in n and "ignored" in n for n in dcm["notes"])  # reported, not dropped
-    assert found["mha"]["image"] == {"flair": str(root / "mha" / "mha_FLAIR.mha"),
-                                     "t1": str(root / "mha" / "mha_t1.nrrd")}
+    assert found["mha"]["image"] == {
+        "flair": str(root / "mha" / "mha_FLAIR.mha"),
+        "t1": str(root / "mha" / "mha_t1.nrrd"),
+    }
     # given explicitly: a description the alias table does not know
     mapped = {s["case"]: s for s in find_studies(str(root), modality_map={"Localizer": "t1"})}
     assert mapped["dcm"]["image"]["t1"] == str(root / "dcm") and "notes" not in mapped["dcm"]
@@ -164,8 +194,12 @@ def test_unreadable_itk_inputs_are_one_line_and_do_not_stop_the_others(studies, 
     (data / "trunc" / "trunc_t2.nrrd").write_bytes(raw[: len(raw) // 2])
     (data / "two_series").mkdir()
     for i, sub in enumerate(("a", "b")):  # two series in one folder, neither named by its description
-        write_dicom_series(str(data / "two_series" / "flair"), np.ones(SHAPE, np.float32) * (i + 1), f"series {sub}",
-                           f"1.2.826.0.1.3680043.8.498.2{i}")
+        write_dicom_series(
+            str(data / "two_series" / "flair"),
+            np.ones(SHAPE, np.float32) * (i + 1),
+            f"series {sub}",
+            f"1.2.826.0.1.3680043.8.498.2{i}",
+        )
     volume = np.random.default_rng(0).uniform(1, 500, SHAPE)
     write_dicom_series(str(data / "gap" / "flair"), volume, "AX FLAIR", "1.2.826.0.1.3680043.8.498.30")
     os.remove(data / "gap" / "flair" / "1.2.826.0.1.3680043.8.498.30_0007.dcm")  # a slice lost in transfer
@@ -182,7 +216,8 @@ def test_unreadable_itk_inputs_are_one_line_and_do_not_stop_the_others(studies, 
     assert failed["gap"] == (
         f"{data / 'gap' / 'flair'} (DICOM series 'AX FLAIR', 19 files): missing slices: "
         "1.2.826.0.1.3680043.8.498.30_0008.dcm is 5 mm from 1.2.826.0.1.3680043.8.498.30_0006.dcm, the median gap is "
-        "2.5 mm; ITK would stack the slices evenly and distort the volume: export the complete series")
+        "2.5 mm; ITK would stack the slices evenly and distort the volume: export the complete series"
+    )
     assert os.listdir(tmp_path / "out") == ["mha"] and os.listdir(tmp_path / "out" / "mha") == ["mha_seg.nii.gz"]
 
 
@@ -195,9 +230,12 @@ def test_a_dicom_series_with_two_slices_at_each_position_is_refused(tmp_path):
     write_dicom_series(str(folder), np.random.default_rng(1).uniform(1, 500, SHAPE), "AX FLAIR", "1.2.3.9")
     for name in sorted(os.listdir(folder)):  # a second echo: the same positions
         (folder / name.replace(".dcm", "_e2.dcm")).write_bytes((folder / name).read_bytes())
-    with pytest.raises(DMAFDataError, match=rf"^{folder} \(DICOM series 'AX FLAIR', 40 files\): two slices at one "
-                                            r"position \(1.2.3.9_0000.dcm and 1.2.3.9_0000_e2.dcm; 20 such pairs\): a "
-                                            "repeated or multi-echo acquisition in one series"):
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"^{folder} \(DICOM series 'AX FLAIR', 40 files\): two slices at one "
+        r"position \(1.2.3.9_0000.dcm and 1.2.3.9_0000_e2.dcm; 20 such pairs\): a "
+        "repeated or multi-echo acquisition in one series",
+    ):
         LoadModalitiesd("image", ("flair", "t1", "t1ce", "t2"))({"image": {"flair": str(folder)}})
 
 

@@ -51,8 +51,15 @@ def leases(tmp_path_factory, template_dir):
     try:
         for name, env in (("full", {}), ("short", {"LEASE_S": "1500"})):
             tmp = tmp_path_factory.mktemp(name)
-            run_env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp / "out"), "WORK": str(tmp / "work"),
-                       "PYTHON": sys.executable, "TEMPLATE_DIR": template_dir, **env}
+            run_env = {
+                **os.environ,
+                "DRY_RUN": "1",
+                "OUT": str(tmp / "out"),
+                "WORK": str(tmp / "work"),
+                "PYTHON": sys.executable,
+                "TEMPLATE_DIR": template_dir,
+                **env,
+            }
             with open(tmp / "stdout.txt", "w") as stdout:  # a file: a full pipe would stall the run not read first
                 proc = subprocess.Popen(["bash", SCRIPT], env=run_env, stdout=stdout, stderr=subprocess.STDOUT)
             runs[name] = (str(tmp / "out"), str(tmp / "stdout.txt"), proc)

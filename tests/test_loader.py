@@ -32,8 +32,9 @@ def test_crop_then_pad_equals_pad_then_crop():
     data = {"image": torch.randn(4, 40, 27, 50), "label": torch.randint(0, 4, (1, 40, 27, 50)).float()}
     for seed in range(5):
         a = Compose([pad, crop])  # train.json's order
-        b = Compose([RandSpatialCropd(["image", "label"], roi, random_size=False),
-                     SpatialPadd(["image", "label"], roi)])
+        b = Compose(
+            [RandSpatialCropd(["image", "label"], roi, random_size=False), SpatialPadd(["image", "label"], roi)]
+        )
         a.set_random_state(seed)
         b.set_random_state(seed)
         out_a, out_b = a(dict(data)), b(dict(data))
@@ -147,8 +148,14 @@ def _train_loader(data_dir, configs, datalist, prob=None):  # noqa: F811  (a dat
 
     parser = ConfigParser()
     parser.read_config([os.path.join(BUNDLE, "configs", c) for c in configs])
-    parser.update({"dataset_dir": str(data_dir), "datalist": str(datalist), "train_num_workers": 0,
-                   "device": "$torch.device('cpu')"})
+    parser.update(
+        {
+            "dataset_dir": str(data_dir),
+            "datalist": str(datalist),
+            "train_num_workers": 0,
+            "device": "$torch.device('cpu')",
+        }
+    )
     if configs == ["train.json"]:
         parser["roi_size"] = [16, 16, 16]
     else:  # MyoPS: 2-D patches from the 3-slice synthetic cases
@@ -172,8 +179,10 @@ def test_random_part_never_writes_into_the_cache(data_dir, tiny_myops, tmp_path)
 
     myops_list = tmp_path / "myops.json"
     write_datalist(build_datalist(str(tiny_myops), "myops", split=(4, 1, 0), seed=0), str(myops_list))
-    cases = [(data_dir, ["train.json"], data_dir / "datalist.json"),
-             (tiny_myops, ["train.json", "train_myops.json"], myops_list)]
+    cases = [
+        (data_dir, ["train.json"], data_dir / "datalist.json"),
+        (tiny_myops, ["train.json", "train_myops.json"], myops_list),
+    ]
     for root, configs, datalist in cases:
         for prob in (1.0, 0.0):
             loader = _train_loader(root, configs, datalist, prob)
@@ -276,12 +285,14 @@ def test_a_label_off_its_images_grid_is_a_one_line_error_naming_the_case_and_bot
         return loader({"case": "s", "image": image, "label": str(tmp_path / f"{name}_seg.nii.gz")})
 
     short = str(tmp_path / "short_seg.nii.gz")
-    with pytest.raises(DMAFDataError, match=f"^s: {short}: shape \\(8, 9, 9\\) differs from s_flair.nii.gz "
-                                            "\\(8, 9, 10\\)$"):
+    with pytest.raises(
+        DMAFDataError, match=f"^s: {short}: shape \\(8, 9, 9\\) differs from s_flair.nii.gz \\(8, 9, 10\\)$"
+    ):
         load("short")
     mirrored = str(tmp_path / "mirrored_seg.nii.gz")
-    with pytest.raises(DMAFDataError, match=f"^s: {mirrored}: affine differs from s_flair.nii.gz \\(largest "
-                                            "difference 7\\)$"):
+    with pytest.raises(
+        DMAFDataError, match=f"^s: {mirrored}: affine differs from s_flair.nii.gz \\(largest difference 7\\)$"
+    ):
         load("mirrored")
     with pytest.raises(DMAFDataError, match="affine differs from s_t1.nii.gz"):  # the first file present
         load("mirrored", {"t1": study["t1"]})

@@ -39,12 +39,15 @@ def test_dice_by_hand_and_both_empty_is_one():
     cube = [(x, y, z) for x in (1, 2) for y in (1, 2) for z in (1, 2)]  # 8 voxels
     shifted = [(x, y, z) for x in (1, 2) for y in (1, 2) for z in (2, 3)]  # 8 voxels, 4 shared with cube
     empty = _mask((6, 6, 6))
-    values, _ = _score(RegionDice(output_transform=from_engine(["pred", "label"])), [
-        (_mask((6, 6, 6), *cube), _mask((6, 6, 6), *shifted)),  # 2 * 4 / (8 + 8)
-        (empty, empty),  # nothing to find, nothing found: 1 (BraTS), not NaN (ignore_empty=True would say NaN)
-        (empty, _mask((6, 6, 6), *cube)),  # missed everything: 0
-        (_mask((6, 6, 6), *cube), empty),  # found something that is not there: 0
-    ])
+    values, _ = _score(
+        RegionDice(output_transform=from_engine(["pred", "label"])),
+        [
+            (_mask((6, 6, 6), *cube), _mask((6, 6, 6), *shifted)),  # 2 * 4 / (8 + 8)
+            (empty, empty),  # nothing to find, nothing found: 1 (BraTS), not NaN (ignore_empty=True would say NaN)
+            (empty, _mask((6, 6, 6), *cube)),  # missed everything: 0
+            (_mask((6, 6, 6), *cube), empty),  # found something that is not there: 0
+        ],
+    )
     assert values[:, 0].tolist() == pytest.approx([0.5, 1.0, 0.0, 0.0])
 
 
@@ -52,9 +55,12 @@ def test_hd95_uses_the_voxel_spacing():
     # one voxel each, 3 voxels apart along x (2 mm voxels) and 4 along y (1 mm): sqrt(6^2 + 4^2) mm, whatever the
     # percentile; without the spacing it would be 5 voxels
     sp = (2.0, 1.0, 1.0)
-    values, _ = _score(RegionHausdorffDistance(output_transform=from_engine(["pred", "label"])), [
-        (_mask((8, 10, 4), (2, 2, 1), spacing=sp), _mask((8, 10, 4), (5, 6, 1), spacing=sp)),
-    ])
+    values, _ = _score(
+        RegionHausdorffDistance(output_transform=from_engine(["pred", "label"])),
+        [
+            (_mask((8, 10, 4), (2, 2, 1), spacing=sp), _mask((8, 10, 4), (5, 6, 1), spacing=sp)),
+        ],
+    )
     assert float(values[0, 0]) == pytest.approx(math.sqrt(52.0), abs=1e-4)
 
 
@@ -63,9 +69,12 @@ def test_hd95_is_the_larger_directed_95th_percentile():
     # truth -> prediction: distances 0..20, whose 95th percentile is 19 (numpy's linear interpolation); MONAI's
     # undirected HD95 is the larger of the two
     gt = _mask((24, 3, 3), *[(x, 1, 1) for x in range(21)])
-    values, _ = _score(RegionHausdorffDistance(output_transform=from_engine(["pred", "label"])), [
-        (_mask((24, 3, 3), (0, 1, 1)), gt),
-    ])
+    values, _ = _score(
+        RegionHausdorffDistance(output_transform=from_engine(["pred", "label"])),
+        [
+            (_mask((24, 3, 3), (0, 1, 1)), gt),
+        ],
+    )
     assert float(values[0, 0]) == pytest.approx(19.0)
 
 
@@ -82,19 +91,24 @@ def test_every_empty_region_case(empty_distance, one_empty):
         return MetaTensor(m, affine=torch.diag(torch.tensor([*sp, 1.0, 1.0], dtype=torch.float64)))
 
     metric = RegionHausdorffDistance(empty_distance=empty_distance, output_transform=from_engine(["pred", "label"]))
-    values, details = _score(metric, [
-        (m2(), m2((3, 3))),  # prediction empty
-        (m2((3, 3)), m2()),  # ground truth empty
-        (m2(), m2()),  # both empty
-        (m2((3, 3)), m2((3, 3))),  # both present and equal
-    ])
+    values, details = _score(
+        metric,
+        [
+            (m2(), m2((3, 3))),  # prediction empty
+            (m2((3, 3)), m2()),  # ground truth empty
+            (m2(), m2()),  # both empty
+            (m2((3, 3)), m2((3, 3))),  # both present and equal
+        ],
+    )
     assert values[:, 0].tolist() == pytest.approx([one_empty, one_empty, 0.0, 0.0])
     assert details["m_empty"][:, 0].tolist() == [1, 2, 3, 0]
 
 
 def test_empty_regions_left_out_only_on_request():
-    values, _ = _score(RegionHausdorffDistance(empty_distance=None, output_transform=from_engine(["pred", "label"])),
-                       [(_mask((4, 4, 4)), _mask((4, 4, 4), (1, 1, 1)))])
+    values, _ = _score(
+        RegionHausdorffDistance(empty_distance=None, output_transform=from_engine(["pred", "label"])),
+        [(_mask((4, 4, 4)), _mask((4, 4, 4), (1, 1, 1)))],
+    )
     assert math.isnan(float(values[0, 0]))
     with pytest.raises(ValueError, match="empty_distance"):
         RegionHausdorffDistance(empty_distance=-1)

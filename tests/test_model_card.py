@@ -48,9 +48,11 @@ def _adapt(command: str, paths: dict[str, str]) -> list[str]:
     if args[0] == "python":
         args[0] = sys.executable
     elif args[0] == "torchrun":
-        args = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--master_port",
-                str(29600 + os.getpid() % 1000)] + [a.replace("--nproc_per_node=2", "--nproc_per_node=1")
-                                                    for a in args[1:]]
+        args = [
+            os.path.join(os.path.dirname(sys.executable), "torchrun"),
+            "--master_port",
+            str(29600 + os.getpid() % 1000),
+        ] + [a.replace("--nproc_per_node=2", "--nproc_per_node=1") for a in args[1:]]
     verb = args[args.index("monai.bundle") + 1]
     if verb == "run":
         args += TINY + (["--epochs", "1", "--val_interval", "1"] if "configs/inference.json" not in args else [])
@@ -86,8 +88,15 @@ def card_bundle(tiny_brats, tmp_path_factory):
 def test_card_lists_the_bundle_commands():
     commands = card_commands()
     joined = "\n".join(commands)
-    for needed in ("configs/train.json --dataset_dir", "multi_gpu_train.json", "configs/evaluate.json",
-                   "configs/inference.json --dataset_dir", "verify_metadata", "verify_net_in_out", "ckpt_export"):
+    for needed in (
+        "configs/train.json --dataset_dir",
+        "multi_gpu_train.json",
+        "configs/evaluate.json",
+        "configs/inference.json --dataset_dir",
+        "verify_metadata",
+        "verify_net_in_out",
+        "ckpt_export",
+    ):
         assert needed in joined, needed
     assert all(c.startswith(("python -m monai.bundle ", "torchrun ")) for c in commands), commands
 
@@ -97,8 +106,7 @@ def test_every_card_command_runs(card_bundle):
     bundle, paths = card_bundle
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for command in card_commands():
-        proc = subprocess.run(_adapt(command, paths), cwd=bundle, capture_output=True, text=True, timeout=600,
-                              env=env)
+        proc = subprocess.run(_adapt(command, paths), cwd=bundle, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, command + "\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "no config of this run defines" not in proc.stderr, command + "\n" + proc.stderr[-2000:]
     assert (bundle / "models" / "model.pt").is_file() and (bundle / "eval" / "evaluation.csv").is_file()

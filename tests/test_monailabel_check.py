@@ -33,19 +33,27 @@ def test_a_folder_the_check_did_not_make_is_refused_and_kept(check, tmp_path):
     (work / "studies" / "patient1_flair.nii.gz").write_bytes(b"someone's data")
     (work / "notes.txt").write_text("keep me")
     before = _tree(work)
-    with pytest.raises(ValueError, match=rf"^--work {work}: holds files this check did not make \(notes.txt, "
-                                         r"studies\) and no \.dmaf_monailabel_check marker; nothing was deleted"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^--work {work}: holds files this check did not make \(notes.txt, "
+        r"studies\) and no \.dmaf_monailabel_check marker; nothing was deleted",
+    ):
         check.prepare_work_dir(str(work))
     assert _tree(work) == before and (work / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):
         check.prepare_work_dir(str(tmp_path / "file"))
-    proc = subprocess.run([sys.executable, SCRIPT, "--monailabel-python", str(tmp_path / "none" / "python"), "--work",
-                           str(work)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--monailabel-python", str(tmp_path / "none" / "python"), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"monailabel_check: error: --work {work}: holds files this check did not make (notes.txt, studies) and no "
-        ".dmaf_monailabel_check marker; nothing was deleted: give a new or empty folder"]
+        ".dmaf_monailabel_check marker; nothing was deleted: give a new or empty folder"
+    ]
     assert _tree(work) == before
 
 

@@ -232,8 +232,9 @@ def test_present_only_path_matches_the_zero_filled_path(fusion, present, tiny_ne
             monkeypatch.setattr("dmaf_components.networks.dmafnet.shared_present", lambda mask: None)
         net.zero_grad()
         out = net(x, mask)
-        (out.logits.square().mean() + out.modality_logits.square().mean() + out.modality_features.square().mean()
-         ).backward()
+        (
+            out.logits.square().mean() + out.modality_logits.square().mean() + out.modality_features.square().mean()
+        ).backward()
         grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (packed, g_packed), (dense, g_dense) = results
@@ -254,8 +255,9 @@ def test_grouping_by_present_count_matches_one_masked_sequence(spatial_dims):
     modalities they have, gives the masked sequence's weights and gradients (incl. a sample with nothing present,
     whose weights are all zero)."""
     size = (8,) * spatial_dims
-    fusion = DMAFFusion(spatial_dims, channels=16, num_modalities=3, token_grid=(4,) * spatial_dims, num_layers=2,
-                        num_heads=2).train()
+    fusion = DMAFFusion(
+        spatial_dims, channels=16, num_modalities=3, token_grid=(4,) * spatial_dims, num_layers=2, num_heads=2
+    ).train()
     mask = torch.tensor([[1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.bool)
     feats = torch.randn(7, 3, 16, *size) * mask.reshape(7, 3, *(1,) * (spatial_dims + 1))
     results = []
@@ -265,8 +267,14 @@ def test_grouping_by_present_count_matches_one_masked_sequence(spatial_dims):
         x = feats.clone().requires_grad_()
         weights = fusion.spatial_weights(x, mask)
         (weights * torch.linspace(0, 1, weights.numel()).reshape(weights.shape)).sum().backward()
-        results.append((weights.detach(), x.grad, fusion.modality_embed.grad.clone(),
-                        fusion.layers[0].attn.qkv.weight.grad.clone()))
+        results.append(
+            (
+                weights.detach(),
+                x.grad,
+                fusion.modality_embed.grad.clone(),
+                fusion.layers[0].attn.qkv.weight.grad.clone(),
+            )
+        )
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     assert not results[0][0][3].any() and torch.allclose(results[0][0][5].sum(0), torch.ones(size))

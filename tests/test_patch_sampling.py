@@ -47,10 +47,16 @@ def test_foreground_patches_at_the_asked_rate_uniform_by_default():
     assert 0.4 < half < 0.7 and most > 0.85
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"patch_sampling": "fg"}, "--patch_sampling: expected one of"),
-    ({"patch_sampling": "foreground", "foreground_ratio": 1.5}, r"--foreground_ratio: expected a number in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"patch_sampling": "fg"}, "--patch_sampling: expected one of"),
+        (
+            {"patch_sampling": "foreground", "foreground_ratio": 1.5},
+            r"--foreground_ratio: expected a number in \[0, 1\]",
+        ),
+    ],
+)
 def test_bad_values_are_one_line_errors(overrides, message):
     from dmaf_components.data import DMAFDataError
 
@@ -74,9 +80,18 @@ def test_an_epoch_with_foreground_patches_through_the_bundle_loader(tiny_brats, 
     shutil.copytree(tiny_brats, data)
     write_datalist(build_datalist(str(data), "brats", split=(4, 1, 1), seed=0), str(data / "datalist.json"))
     wf = ConfigWorkflow(
-        config_file=os.path.join(BUNDLE, "configs", "train.json"), workflow_type="train", dataset_dir=str(data),
-        bundle_root=str(tmp_path / "root"), max_epochs=1, val_interval=1, roi_size=[32, 32, 32],
-        channels=[4, 8, 16, 32], num_layers=1, num_workers=0, patch_sampling="foreground", foreground_ratio=1.0,
+        config_file=os.path.join(BUNDLE, "configs", "train.json"),
+        workflow_type="train",
+        dataset_dir=str(data),
+        bundle_root=str(tmp_path / "root"),
+        max_epochs=1,
+        val_interval=1,
+        roi_size=[32, 32, 32],
+        channels=[4, 8, 16, 32],
+        num_layers=1,
+        num_workers=0,
+        patch_sampling="foreground",
+        foreground_ratio=1.0,
     )
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")

@@ -60,9 +60,18 @@ def test_evaluation_writes_the_quality_table_beside_the_weights(tiny_brats, tmp_
     torch.save({"w": torch.arange(3.0)}, root / "models" / "model.pt")  # the weights the table is bound to
     parser = ConfigParser()
     parser.read_config(EVALUATION)
-    parser.update({"roi_size": [32, 32, 32], "channels": [4, 8, 16, 32], "num_layers": 1, "num_workers": 0,
-                   "device": "$torch.device('cpu')", "dataset_dir": str(data), "bundle_root": str(root),
-                   "network": _ThresholdNet()})
+    parser.update(
+        {
+            "roi_size": [32, 32, 32],
+            "channels": [4, 8, 16, 32],
+            "num_layers": 1,
+            "num_workers": 0,
+            "device": "$torch.device('cpu')",
+            "dataset_dir": str(data),
+            "bundle_root": str(root),
+            "network": _ThresholdNet(),
+        }
+    )
     parser.get_parsed_content("evaluator").run()
     assert sorted(os.listdir(root / "models")) == ["model.pt", "quality.json"]  # no temporary file left
     table = json.load(open(root / "models" / "quality.json"))
@@ -94,13 +103,23 @@ def _table(model_path) -> dict:
         name = combination_name(pattern, MODALITIES)
         present = [m for m, p in zip(MODALITIES, pattern) if p]
         combos[name] = {
-            region: {"dice": {"mean": 10.0 + sum(CONTRIBUTION[m][r] for m in present), "sd": 4.0 + r, "n": 7},
-                     "hd95": {"mean": 20.0 - r, "sd": 3.0, "n": 7}}
+            region: {
+                "dice": {"mean": 10.0 + sum(CONTRIBUTION[m][r] for m in present), "sd": 4.0 + r, "n": 7},
+                "hd95": {"mean": 20.0 - r, "sd": 3.0, "n": 7},
+            }
             for r, region in enumerate(REGIONS)
         }
-    return {"format_version": 1, "dataset": "brats", "datalist": {"path": "datalist.json", "sha256": "0" * 64},
-            "model": {"path": str(model_path), "sha256": _sha256(model_path)}, "variant": "raw", "cases": 7,
-            "modalities": MODALITIES, "regions": REGIONS, "combinations": combos}
+    return {
+        "format_version": 1,
+        "dataset": "brats",
+        "datalist": {"path": "datalist.json", "sha256": "0" * 64},
+        "model": {"path": str(model_path), "sha256": _sha256(model_path)},
+        "variant": "raw",
+        "cases": 7,
+        "modalities": MODALITIES,
+        "regions": REGIONS,
+        "combinations": combos,
+    }
 
 
 @pytest.fixture
@@ -122,11 +141,24 @@ def studies(tmp_path):
 def _infer(root, **override):
     from monai.bundle import ConfigWorkflow
 
-    settings = {"dataset_dir": str(root / "in"), "output_dir": str(root / "out"), "checkpoint": str(root / "model.pt"),
-                **override}
-    wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                        roi_size=[32, 32, 32], channels=list(NET["channels"]), num_layers=1, num_heads=2,
-                        num_workers=0, **settings)
+    settings = {
+        "dataset_dir": str(root / "in"),
+        "output_dir": str(root / "out"),
+        "checkpoint": str(root / "model.pt"),
+        **override,
+    }
+    wf = ConfigWorkflow(
+        config_file=INFERENCE,
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        roi_size=[32, 32, 32],
+        channels=list(NET["channels"]),
+        num_layers=1,
+        num_heads=2,
+        num_workers=0,
+        **settings,
+    )
     wf.initialize()
     return wf.run()
 
@@ -138,8 +170,10 @@ def _expected_advice(table, used):
         if m in used:
             continue
         name = combination_name([x in used or x == m for x in MODALITIES], MODALITIES)
-        gain = {r: table["combinations"][name][r]["dice"]["mean"] - table["combinations"][present][r]["dice"]["mean"]
-                for r in REGIONS}
+        gain = {
+            r: table["combinations"][name][r]["dice"]["mean"] - table["combinations"][present][r]["dice"]["mean"]
+            for r in REGIONS
+        }
         advice.append((m, gain, float(np.mean(list(gain.values())))))
     return sorted(advice, key=lambda a: -a[2])
 
@@ -152,8 +186,7 @@ def test_reports_give_the_tables_expectation_and_advice(studies, caplog):
     with caplog.at_level(logging.INFO):
         _infer(studies)
     out = studies / "out"
-    assert sorted(os.listdir(out)) == ["pair_report.json", "pair_seg.nii.gz", "single_report.json",
-                                       "single_seg.nii.gz"]
+    assert sorted(os.listdir(out)) == ["pair_report.json", "pair_seg.nii.gz", "single_report.json", "single_seg.nii.gz"]
     for case, used in (("pair", ["flair", "t1ce"]), ("single", ["flair"])):
         report = json.load(open(out / f"{case}_report.json"))
         assert report["case"] == case and report["segmentation"] == f"{case}_seg.nii.gz"
@@ -162,24 +195,34 @@ def test_reports_give_the_tables_expectation_and_advice(studies, caplog):
         row = table["combinations"]["+".join(used)]
         assert report["expected"]["combination"] == "+".join(used) and report["expected"]["variant"] == "raw"
         assert report["expected"]["regions"] == {
-            r: {"dice_mean": row[r]["dice"]["mean"], "dice_sd": row[r]["dice"]["sd"], "cases": 7,
-                "hd95_mean": row[r]["hd95"]["mean"], "hd95_sd": row[r]["hd95"]["sd"]} for r in REGIONS}
+            r: {
+                "dice_mean": row[r]["dice"]["mean"],
+                "dice_sd": row[r]["dice"]["sd"],
+                "cases": 7,
+                "hd95_mean": row[r]["hd95"]["mean"],
+                "hd95_sd": row[r]["hd95"]["sd"],
+            }
+            for r in REGIONS
+        }
         expected = _expected_advice(table, used)
         assert [a["modality"] for a in report["advice"]] == [m for m, _, _ in expected]
         for a, (m, gain, mean) in zip(report["advice"], expected):
             assert a["dice_gain"] == pytest.approx(gain) and a["mean_gain"] == pytest.approx(mean)
         low = [r for r in REGIONS if row[r]["dice"]["mean"] < 50]
-        assert report["flags"] == [f"expected {r} Dice below 50 with these sequences ({row[r]['dice']['mean']:.1f})"
-                                   for r in low]
+        assert report["flags"] == [
+            f"expected {r} Dice below 50 with these sequences ({row[r]['dice']['mean']:.1f})" for r in low
+        ]
     pair = json.load(open(out / "pair_report.json"))
     assert [a["modality"] for a in pair["advice"]] == ["t2", "t1"]  # t2 adds 12.3 on average, t1 5.3
     assert [f.split(" Dice")[0] for f in pair["flags"]] == ["expected ET"]  # ET 45, WT and TC 60
     single = json.load(open(out / "single_report.json"))
     assert [a["modality"] for a in single["advice"]] == ["t1ce", "t2", "t1"]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study pair report")]
-    assert lines == [f"study pair report: expected Dice WT 60.0, TC 60.0, ET 45.0 (flair+t1ce, 7 cases); acquiring t2 "
-                     f"would change mean Dice by +12.3; 1 flag(s): expected ET Dice below 50 with these sequences "
-                     f"(45.0) -> {out / 'pair_report.json'}"]
+    assert lines == [
+        f"study pair report: expected Dice WT 60.0, TC 60.0, ET 45.0 (flair+t1ce, 7 cases); acquiring t2 "
+        f"would change mean Dice by +12.3; 1 flag(s): expected ET Dice below 50 with these sequences "
+        f"(45.0) -> {out / 'pair_report.json'}"
+    ]
     # planned like the label maps: kept unless --overwrite; --save_report False writes none
     with pytest.raises(SystemExit, match=r"4 result\(s\) exist already"):
         _infer(studies)
@@ -198,7 +241,8 @@ def test_a_table_of_another_model_stops_the_run_before_any_study(studies):
     message = str(exc.value)
     assert "\n" not in message and message == (
         f"{studies / 'quality.json'}: quality table of another model (sha256 abababababab, {studies / 'model.pt'} has "
-        f"{_sha256(studies / 'model.pt')[:12]}); re-run evaluate.json for these weights, or pass --save_report false")
+        f"{_sha256(studies / 'model.pt')[:12]}); re-run evaluate.json for these weights, or pass --save_report false"
+    )
     assert not (studies / "out").exists()
     with pytest.raises(SystemExit, match="quality table of another model"):  # also with --save_report True
         _infer(studies, save_report=True)
@@ -211,8 +255,10 @@ def test_no_table_is_a_note_and_expected_null(studies, caplog):
     with caplog.at_level(logging.INFO):
         _infer(studies)
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("note:")]
-    assert notes == [f"note: {studies / 'quality.json'}: no quality table; reports say expected null (evaluate.json "
-                     "writes the table)"]
+    assert notes == [
+        f"note: {studies / 'quality.json'}: no quality table; reports say expected null (evaluate.json "
+        "writes the table)"
+    ]
     assert sorted(os.listdir(studies / "out")) == ["pair_seg.nii.gz", "single_seg.nii.gz"]
     _infer(studies, save_report=True, overwrite=True)
     for case, used in (("pair", ["flair", "t1ce"]), ("single", ["flair"])):
@@ -242,9 +288,11 @@ def test_report_records_dropped_modalities_and_the_table_format_is_checked(studi
     assert report["not_used"] == {"t1": "all zero"} and report["expected"]["combination"] == "flair+t1ce+t2"
     assert [a["modality"] for a in report["advice"]] == ["t1"]
     assert report["flags"] == ["expected ET Dice below 50 with these sequences (47.0)"]  # 10 + 5 + 30 + 2
-    for broken, cause in (({**table, "format_version": 99}, "format_version 99"),
-                          ({"cases": 3}, "not a quality table"),
-                          ({**table, "modalities": ["flair", "t1"]}, "quality table for modalities")):
+    for broken, cause in (
+        ({**table, "format_version": 99}, "format_version 99"),
+        ({"cases": 3}, "not a quality table"),
+        ({**table, "modalities": ["flair", "t1"]}, "quality table for modalities"),
+    ):
         json.dump(broken, open(studies / "quality.json", "w"))
         with pytest.raises(SystemExit, match=cause):
             _infer(studies, overwrite=True)
@@ -253,13 +301,16 @@ def test_report_records_dropped_modalities_and_the_table_format_is_checked(studi
         _infer(studies, overwrite=True)
 
 
-
 def test_a_never_trained_modality_is_found_not_used_and_never_advised(studies):
     """A training checkpoint whose DTM state records no T2: the report of a FLAIR + T2 study says T2 was not used
     and why, its expectation is FLAIR's, and T2 is not advised (acquiring it would not be used)."""
     state = torch.load(studies / "model.pt", weights_only=True)
-    dtm = {"ema_relation": torch.zeros(4, dtype=torch.float64), "ema_prototype": torch.zeros(4, dtype=torch.float64),
-           "seen": torch.tensor([True, True, True, False]), "prev_grads": [None] * 4}
+    dtm = {
+        "ema_relation": torch.zeros(4, dtype=torch.float64),
+        "ema_prototype": torch.zeros(4, dtype=torch.float64),
+        "seen": torch.tensor([True, True, True, False]),
+        "prev_grads": [None] * 4,
+    }
     torch.save({"model": state, "dtm": dtm, "trainer": {"iteration": 4}}, studies / "no_t2.pt")
     json.dump(_table(studies / "no_t2.pt"), open(studies / "quality.json", "w"))
     images, _ = brats_case(SHAPE, seed=5)
@@ -288,27 +339,38 @@ def test_study_reportd_puts_the_report_where_monai_label_answers_with_it(tmp_pat
     table = _table(tmp_path / "model.pt")
     json.dump(table, open(tmp_path / "quality.json", "w"))
     pred = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "/data/study_07.nii.gz"})
-    sample = {"pred": pred, "modality_mask": torch.tensor([True, False, True, True]),
-              "image_available": torch.tensor([True, False, True, True]), UNCERTAINTY_SUMMARY_KEY: {"measure": "m"}}
-    step = StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"),
-                        checkpoint=str(tmp_path / "model.pt"))
+    sample = {
+        "pred": pred,
+        "modality_mask": torch.tensor([True, False, True, True]),
+        "image_available": torch.tensor([True, False, True, True]),
+        UNCERTAINTY_SUMMARY_KEY: {"measure": "m"},
+    }
+    step = StudyReportd(
+        modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"), checkpoint=str(tmp_path / "model.pt")
+    )
     report = step(sample)["result"]
     assert report["case"] == "study_07" and report["modalities_found"] == MODALITIES
     assert report["modalities_used"] == ["flair", "t1ce", "t2"] and report["not_used"] == {"t1": "all zero"}
     row = table["combinations"]["flair+t1ce+t2"]
     assert {r: v["dice_mean"] for r, v in report["expected"]["regions"].items()} == {
-        r: row[r]["dice"]["mean"] for r in REGIONS}
+        r: row[r]["dice"]["mean"] for r in REGIONS
+    }
     assert [(a["modality"], a["dice_gain"]) for a in report["advice"]] == [
-        ("t1", {r: table["combinations"]["flair+t1+t1ce+t2"][r]["dice"]["mean"] - row[r]["dice"]["mean"]
-                for r in REGIONS})]
+        (
+            "t1",
+            {r: table["combinations"]["flair+t1+t1ce+t2"][r]["dice"]["mean"] - row[r]["dice"]["mean"] for r in REGIONS},
+        )
+    ]
     assert report["uncertainty"] == {"measure": "m"}
     # the writer's other keys in "result" are kept
     assert step({**sample, "result": {"other": 1}})["result"]["other"] == 1
     # auto without a table and without the uncertainty: no report
-    bare = StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "absent.json"),
-                        checkpoint=str(tmp_path / "model.pt"))
+    bare = StudyReportd(
+        modalities=MODALITIES, quality_table=str(tmp_path / "absent.json"), checkpoint=str(tmp_path / "model.pt")
+    )
     assert "result" not in bare({k: v for k, v in sample.items() if k != UNCERTAINTY_SUMMARY_KEY})
     torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(DMAFDataError, match="quality table of another model"):
-        StudyReportd(modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"),
-                     checkpoint=str(tmp_path / "other.pt"))(sample)
+        StudyReportd(
+            modalities=MODALITIES, quality_table=str(tmp_path / "quality.json"), checkpoint=str(tmp_path / "other.pt")
+        )(sample)

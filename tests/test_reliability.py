@@ -22,8 +22,18 @@ BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 INFERENCE = os.path.join(BUNDLE, "configs", "inference.json")
 SHAPE = (32, 32, 24)  # one 32^3 sliding window per study
 NET = {"channels": (4, 8, 16, 32), "num_layers": 1, "num_heads": 2}
-TINY = ["--roi_size", "[32,32,32]", "--channels", "[4,8,16,32]", "--num_layers", "1", "--num_heads", "2",
-        "--num_workers", "0"]
+TINY = [
+    "--roi_size",
+    "[32,32,32]",
+    "--channels",
+    "[4,8,16,32]",
+    "--num_layers",
+    "1",
+    "--num_heads",
+    "2",
+    "--num_workers",
+    "0",
+]
 
 
 def _volume(seed=0):
@@ -57,8 +67,10 @@ def weights(tmp_path_factory):
     net = _net()
     torch.save(net.state_dict(), root / "model.pt")
     optimizer = torch.optim.AdamW(net.parameters())
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "trainer": {"iteration": 4}},
-               root / "checkpoint_final.pt")
+    torch.save(
+        {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "trainer": {"iteration": 4}},
+        root / "checkpoint_final.pt",
+    )
     return root
 
 
@@ -66,11 +78,24 @@ def _workflow(dataset_dir, output_dir, checkpoint, **override):
     """The bundle's inference.json, in this process (num_workers 0)."""
     from monai.bundle import ConfigWorkflow
 
-    params = {"roi_size": [32, 32, 32], "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2,
-              "num_workers": 0, **override}
-    wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                        dataset_dir=str(dataset_dir), output_dir=str(output_dir), checkpoint=str(checkpoint),
-                        **params)
+    params = {
+        "roi_size": [32, 32, 32],
+        "channels": list(NET["channels"]),
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_workers": 0,
+        **override,
+    }
+    wf = ConfigWorkflow(
+        config_file=INFERENCE,
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        checkpoint=str(checkpoint),
+        **params,
+    )
     wf.initialize()
     return wf
 
@@ -112,20 +137,35 @@ def test_modality_names_of_real_releases_any_case_and_whitespace(tmp_path):
     from dmaf_components.data import modality_of
 
     expected = {
-        "BraTS20_Training_001_t1ce.nii.gz": "t1ce", "BraTS2021_00000_T1CE.nii.gz": "t1ce",
-        "BraTS-GLI-00000-000-t1n.nii.gz": "t1", "BraTS-GLI-00000-000-t1c.nii.gz": "t1ce",
-        "BraTS-GLI-00000-000-t2w.nii.gz": "t2", "BraTS-GLI-00000-000-t2f.nii.gz": "flair",
-        "s1_T1.nii.gz": "t1", "s1_t1Gd.nii.gz": "t1ce", "s1_t1ce .nii.gz": "t1ce", "FLAIR.nii": "flair",
-        "p3 T2-FLAIR.NII.GZ": "flair", "p3_T2w.nii.gz": "t2", "x_T1c.nii.gz": "t1ce", "s1_seg.nii.gz": None,
+        "BraTS20_Training_001_t1ce.nii.gz": "t1ce",
+        "BraTS2021_00000_T1CE.nii.gz": "t1ce",
+        "BraTS-GLI-00000-000-t1n.nii.gz": "t1",
+        "BraTS-GLI-00000-000-t1c.nii.gz": "t1ce",
+        "BraTS-GLI-00000-000-t2w.nii.gz": "t2",
+        "BraTS-GLI-00000-000-t2f.nii.gz": "flair",
+        "s1_T1.nii.gz": "t1",
+        "s1_t1Gd.nii.gz": "t1ce",
+        "s1_t1ce .nii.gz": "t1ce",
+        "FLAIR.nii": "flair",
+        "p3 T2-FLAIR.NII.GZ": "flair",
+        "p3_T2w.nii.gz": "t2",
+        "x_T1c.nii.gz": "t1ce",
+        "s1_seg.nii.gz": None,
         "s1_dwi.nii.gz": None,
     }
     assert {name: modality_of(name, BRATS_MODALITIES) for name in expected} == expected
     myops = ("bssfp", "lge", "t2")
     assert [modality_of(f"myops_training_101_{s}.nii.gz", myops) for s in ("C0", "de", "T2", "gd")] == [
-        "bssfp", "lge", "t2", None]
+        "bssfp",
+        "lge",
+        "t2",
+        None,
+    ]
     # the issue's study: all four files are used, none silently dropped
-    _study(tmp_path / "in" / "s1", {"t1": "s1_T1.nii.gz", "t1ce": "s1_t1Gd.nii.gz", "flair": " s1_FLAIR .nii.gz",
-                                    "t2": "s1-t2w.nii.gz"})
+    _study(
+        tmp_path / "in" / "s1",
+        {"t1": "s1_T1.nii.gz", "t1ce": "s1_t1Gd.nii.gz", "flair": " s1_FLAIR .nii.gz", "t2": "s1-t2w.nii.gz"},
+    )
     (study,) = find_studies(str(tmp_path / "in"))
     assert sorted(study["image"]) == sorted(BRATS_MODALITIES) and "error" not in study and "notes" not in study
 
@@ -140,8 +180,9 @@ def test_unused_files_duplicates_and_unusable_folders_are_reported(tmp_path, cap
         studies = {s["case"]: s for s in find_studies(str(root))}
     assert set(studies) == {"a", "b", "c"}  # no study folder is skipped
     assert studies["a"]["image"] == {"flair": str(root / "a" / "a_flair.nii.gz")}
-    assert any(str(root / "a" / "a_dwi.nii.gz") in r.getMessage() and "ignored" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        str(root / "a" / "a_dwi.nii.gz") in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records
+    )
     assert "a second file for t1ce" in studies["b"]["error"]
     assert studies["c"]["error"].startswith(str(root / "c") + ": no modality file (the folder holds notes.txt")
 
@@ -190,8 +231,8 @@ def test_checkpoint_problems_are_one_line_and_name_the_fix(weights, tmp_path):
         "foreign.pt": r"foreign.pt: not a PyTorch checkpoint",
         "other_net.pt": r"other_net.pt: not a weight file of this network",
         "wide.pt": r"wide.pt: checkpoint does not fit the network: channels \[8,16,32,64,128\] in the checkpoint vs "
-                   r"\[4,8,16,32\] in the network; num_layers 4 in the checkpoint vs 1 in the network; run with "
-                   r"--channels \"\[8,16,32,64,128\]\" --num_layers 4",
+        r"\[4,8,16,32\] in the network; num_layers 4 in the checkpoint vs 1 in the network; run with "
+        r"--channels \"\[8,16,32,64,128\]\" --num_layers 4",
         "nan.pt": r"nan.pt: 1 of \d+ tensors hold NaN/inf values",
     }
     for name, message in cases.items():
@@ -204,10 +245,19 @@ def test_evaluate_config_loads_a_training_checkpoint(weights, tmp_path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([os.path.join(BUNDLE, "configs", "train.json"),
-                        os.path.join(BUNDLE, "configs", "evaluate.json")])
-    parser.update({"ckpt_path": str(weights / "checkpoint_final.pt"), "device": "$torch.device('cpu')",
-                   "channels": list(NET["channels"]), "num_layers": 1, "num_heads": 2, "bundle_root": str(tmp_path)})
+    parser.read_config(
+        [os.path.join(BUNDLE, "configs", "train.json"), os.path.join(BUNDLE, "configs", "evaluate.json")]
+    )
+    parser.update(
+        {
+            "ckpt_path": str(weights / "checkpoint_final.pt"),
+            "device": "$torch.device('cpu')",
+            "channels": list(NET["channels"]),
+            "num_layers": 1,
+            "num_heads": 2,
+            "bundle_root": str(tmp_path),
+        }
+    )
     parser.get_parsed_content("load_weights")
     net = parser.get_parsed_content("network")
     reference = torch.load(weights / "model.pt", weights_only=True)
@@ -222,8 +272,20 @@ def test_one_bad_study_does_not_abort_the_batch_and_the_cause_is_the_last_line(w
     _study(studies / "m_bad", {"flair": "m_bad_flair.nii.gz", "t1ce": "m_bad_t1ce.nii.gz"}, corrupt=("t1ce", np.inf))
     _study(studies / "z_good", {"flair": "z_good_FLAIR.nii.gz", "t1": "z_good_T1.nii.gz", "t2": "z_good_dwi.nii.gz"})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
-           str(studies), "--output_dir", str(out), "--checkpoint", str(weights / "checkpoint_final.pt")] + TINY
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--dataset_dir",
+        str(studies),
+        "--output_dir",
+        str(out),
+        "--checkpoint",
+        str(weights / "checkpoint_final.pt"),
+    ] + TINY
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log[-3000:]
@@ -243,8 +305,10 @@ def test_one_bad_study_does_not_abort_the_batch_and_the_cause_is_the_last_line(w
 def test_checkpoint_is_loaded_before_the_output_folder_is_created(weights, tmp_path):
     _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz"})
     torch.save(_net(channels=(8, 16, 32, 64, 128), num_layers=4).state_dict(), tmp_path / "wide.pt")
-    for checkpoint, message in ((tmp_path / "nope.pt", "nope.pt: checkpoint not found"),
-                                (tmp_path / "wide.pt", '--channels "[8,16,32,64,128]" --num_layers 4')):
+    for checkpoint, message in (
+        (tmp_path / "nope.pt", "nope.pt: checkpoint not found"),
+        (tmp_path / "wide.pt", '--channels "[8,16,32,64,128]" --num_layers 4'),
+    ):
         wf = _workflow(tmp_path / "in", tmp_path / "out", checkpoint)
         with pytest.raises(SystemExit, match=re.escape(message)):
             wf.run()
@@ -314,8 +378,15 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
 
     from dmaf_components.inference import AtomicSaveImaged
 
-    saver = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", output_dtype=np.uint8,
-                             separate_folder=False, print_log=False, overwrite=True)
+    saver = AtomicSaveImaged(
+        "pred",
+        output_dir=str(tmp_path),
+        output_postfix="seg",
+        output_dtype=np.uint8,
+        separate_folder=False,
+        print_log=False,
+        overwrite=True,
+    )
     assert isinstance(saver, SaveImaged)  # MONAI Label's monaibundle app filters it out like any SaveImaged
     pred = MetaTensor(torch.ones((1,) + SHAPE), affine=torch.as_tensor(BRATS_AFFINE))
     final = tmp_path / "s_seg.nii.gz"
@@ -335,7 +406,7 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
     saver({"pred": pred, "case": "s"})
-    (src, dst), = replaced
+    ((src, dst),) = replaced
     assert os.path.dirname(src) == str(tmp_path) and dst == str(final) and not os.path.exists(src)
     assert nib.load(str(final)).shape == SHAPE
     keep = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", print_log=False)
@@ -376,9 +447,11 @@ def test_a_result_never_replaces_an_input_and_bad_data_entries_are_one_line(weig
     with pytest.raises(DMAFDataError, match=rf"p1_flair.nii.gz: would overwrite the input {flair}"):
         plan_outputs(studies, str(out), overwrite=True, output_postfix="flair", separate_folder=True)
     assert (out / "p1" / "p1_flair.nii.gz").read_bytes() == before
-    for entry, message in (({"image": {"flair": flair}}, r"^data\[0\]: no 'case' name"),
-                           ({"case": "p1", "image": [flair, flair]}, r"^data\[0\] \(p1\): 'image' must be a path"),
-                           ("p1", r"^data\[0\]: expected \{'case'")):
+    for entry, message in (
+        ({"image": {"flair": flair}}, r"^data\[0\]: no 'case' name"),
+        ({"case": "p1", "image": [flair, flair]}, r"^data\[0\] \(p1\): 'image' must be a path"),
+        ("p1", r"^data\[0\]: expected \{'case'"),
+    ):
         with pytest.raises(DMAFDataError, match=message):
             plan_outputs([entry], str(tmp_path / "o2"))
 
@@ -396,14 +469,18 @@ def test_inference_refuses_a_non_zero_background_and_a_single_slice(tmp_path):
     config = ConfigParser()
     config.read_config(INFERENCE)
     args = next(t for t in config["preprocessing"]["transforms"] if t["_target_"].endswith("LoadModalitiesd"))
-    loader = LoadModalitiesd("image", BRATS_MODALITIES, min_background=args["min_background"],
-                             min_axis_size=args["min_axis_size"])
+    loader = LoadModalitiesd(
+        "image", BRATS_MODALITIES, min_background=args["min_background"], min_axis_size=args["min_axis_size"]
+    )
     flair = _volume()["flair"].astype(np.float32)
     for name, data in (("offset", flair - 1000.0), ("intercept", flair + 10.0)):
         path = str(tmp_path / f"{name}_flair.nii.gz")
         nib.save(nib.Nifti1Image(data, BRATS_AFFINE), path)
-        with pytest.raises(DMAFDataError, match=rf"^{path}: only 0.0% of the voxels are 0, expected at least 5%: "
-                                                 "the model expects skull-stripped images with a zero background"):
+        with pytest.raises(
+            DMAFDataError,
+            match=rf"^{path}: only 0.0% of the voxels are 0, expected at least 5%: "
+            "the model expects skull-stripped images with a zero background",
+        ):
             loader({"image": {"flair": path}})
     good, empty = str(tmp_path / "s_flair.nii.gz"), str(tmp_path / "s_t2.nii.gz")
     nib.save(nib.Nifti1Image(flair, BRATS_AFFINE), good)
@@ -459,8 +536,11 @@ def test_a_label_map_or_an_out_of_range_file_is_not_taken_for_an_image(tmp_path)
     assert len(values) >= 3  # background, edema and more: a real label map
     loader = LoadModalitiesd("image", BRATS_MODALITIES, label_keys="label")
     shown = re.escape(", ".join(str(v) for v in values))
-    with pytest.raises(DMAFDataError, match=rf"^{mixed}: holds only {len(values)} distinct whole-number values "
-                                            rf"\({shown}\): a label map or mask, not an MR image$"):
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"^{mixed}: holds only {len(values)} distinct whole-number values "
+        rf"\({shown}\): a label map or mask, not an MR image$",
+    ):
         loader({"image": {"t1ce": mixed}})
     big = str(tmp_path / "big_t1ce.nii.gz")  # over 2 x 65536 voxels: a strided sample decides first, then all
     nib.save(nib.Nifti1Image(np.tile(label, (2, 2, 2)).astype(np.int16), BRATS_AFFINE), big)
@@ -473,8 +553,11 @@ def test_a_label_map_or_an_out_of_range_file_is_not_taken_for_an_image(tmp_path)
     huge[4, 4, 4] = 1e300
     path = str(tmp_path / "s_t2.nii.gz")
     nib.save(nib.Nifti1Image(huge, BRATS_AFFINE), path)
-    with pytest.raises(DMAFDataError, match=rf"^{path}: contains inf voxels \(or beyond float32's range, in this "
-                                            r"float64 file\) \(1 of "):
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"^{path}: contains inf voxels \(or beyond float32's range, in this "
+        r"float64 file\) \(1 of ",
+    ):
         loader({"image": {"t2": path}})
 
 
@@ -494,15 +577,26 @@ def test_myops_inference_segments_the_release_layout_with_myops_label_values(tmp
     torch.save(DMAFNet(2, 3, 4, **NET).state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
     wf = ConfigWorkflow(
-        config_file=[INFERENCE, os.path.join(BUNDLE, "configs", "inference_myops.json")], workflow_type="infer",
-        logging_file=False, bundle_root=BUNDLE, dataset_dir=str(tmp_path / "train25"), output_dir=str(out),
-        checkpoint=str(tmp_path / "model.pt"), roi_size=[32, 32], channels=list(NET["channels"]), num_layers=1,
-        num_heads=2, num_workers=0, save_weights="true")
+        config_file=[INFERENCE, os.path.join(BUNDLE, "configs", "inference_myops.json")],
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(tmp_path / "train25"),
+        output_dir=str(out),
+        checkpoint=str(tmp_path / "model.pt"),
+        roi_size=[32, 32],
+        channels=list(NET["channels"]),
+        num_layers=1,
+        num_heads=2,
+        num_workers=0,
+        save_weights="true",
+    )
     wf.initialize()
     wf.run()
     cases = ("myops_training_101", "myops_training_102")
-    assert sorted(os.listdir(out)) == sorted(f"{c}_{s}" for c in cases for s in (
-        "seg.nii.gz", "modality_weights.nii.gz", "modality_weights.json"))
+    assert sorted(os.listdir(out)) == sorted(
+        f"{c}_{s}" for c in cases for s in ("seg.nii.gz", "modality_weights.nii.gz", "modality_weights.json")
+    )
     source = nib.load(str(tmp_path / "train25" / "myops_training_101_C0.nii.gz"))
     seg = nib.load(str(out / "myops_training_101_seg.nii.gz"))
     assert seg.shape == source.shape == (40, 44, 3) and np.allclose(seg.affine, source.affine, atol=1e-4)
@@ -521,8 +615,12 @@ def test_a_flat_folder_of_modality_files_is_grouped_into_studies(tmp_path):
     studies and fail with 'has 1 channel(s)'; they are grouped by the rest of their name, a duplicate fails its
     study in one line, and a 4-D file without a modality name is still a 4-D study."""
     images = _volume()
-    for name, modality in (("p1_flair.nii.gz", "flair"), ("p1_T1.nii.gz", "t1"), ("p2_FLAIR.nii.gz", "flair"),
-                           ("p2_flair.nii", "flair")):
+    for name, modality in (
+        ("p1_flair.nii.gz", "flair"),
+        ("p1_T1.nii.gz", "t1"),
+        ("p2_FLAIR.nii.gz", "flair"),
+        ("p2_flair.nii", "flair"),
+    ):
         nib.save(nib.Nifti1Image(images[modality].astype(np.float32), BRATS_AFFINE), str(tmp_path / name))
     nib.save(nib.Nifti1Image(images["t2"].astype(np.float32), BRATS_AFFINE), str(tmp_path / "p1_dwi.nii.gz"))
     four = np.stack([images[m] for m in BRATS_MODALITIES], -1).astype(np.float32)
@@ -530,10 +628,12 @@ def test_a_flat_folder_of_modality_files_is_grouped_into_studies(tmp_path):
     studies = {s["case"]: s for s in find_studies(str(tmp_path), BRATS_MODALITIES)}
     assert sorted(studies) == ["BRATS_003", "p1", "p2"]  # p1_dwi is another sequence of p1, not a 4-D study
     assert studies["p1"]["image"] == {"flair": str(tmp_path / "p1_flair.nii.gz"), "t1": str(tmp_path / "p1_T1.nii.gz")}
-    assert studies["p1"]["notes"] == [f"{tmp_path / 'p1_dwi.nii.gz'}: ignored (no modality name; modality files end "
-                                      "with _flair/t1/t1ce/t2, any case)"]
-    assert studies["p2"]["error"] == (f"{tmp_path / 'p2_flair.nii'}: a second file for flair (also "
-                                      f"{tmp_path / 'p2_FLAIR.nii.gz'})")
+    assert studies["p1"]["notes"] == [
+        f"{tmp_path / 'p1_dwi.nii.gz'}: ignored (no modality name; modality files end with _flair/t1/t1ce/t2, any case)"
+    ]
+    assert studies["p2"]["error"] == (
+        f"{tmp_path / 'p2_flair.nii'}: a second file for flair (also {tmp_path / 'p2_FLAIR.nii.gz'})"
+    )
     assert studies["BRATS_003"]["image"] == str(tmp_path / "BRATS_003.nii.gz")
 
 
@@ -594,8 +694,15 @@ def test_a_writer_that_truncates_without_raising_is_caught_by_reading_the_file_b
 
     from dmaf_components.inference import AtomicSaveImaged
 
-    saver = AtomicSaveImaged("pred", output_dir=str(tmp_path), output_postfix="seg", output_ext=ext,
-                             output_dtype=np.uint8, print_log=False, overwrite=True)
+    saver = AtomicSaveImaged(
+        "pred",
+        output_dir=str(tmp_path),
+        output_postfix="seg",
+        output_ext=ext,
+        output_dtype=np.uint8,
+        print_log=False,
+        overwrite=True,
+    )
     pred = MetaTensor(torch.randint(0, 5, (1,) + SHAPE).float(), affine=torch.as_tensor(BRATS_AFFINE))
     final = tmp_path / f"s_seg{ext}"
     final.write_bytes(b"earlier result")
@@ -608,8 +715,11 @@ def test_a_writer_that_truncates_without_raising_is_caught_by_reading_the_file_b
             f.truncate(os.path.getsize(filename) // 2)
 
     monkeypatch.setattr(module, name, truncating)
-    with pytest.raises(DMAFDataError, match=rf"^{re.escape(str(final))}: cannot write the result \(the file written "
-                                            r"does not read back: .+\)$"):
+    with pytest.raises(
+        DMAFDataError,
+        match=rf"^{re.escape(str(final))}: cannot write the result \(the file written "
+        r"does not read back: .+\)$",
+    ):
         saver({"pred": pred, "case": "s"})
     assert final.read_bytes() == b"earlier result" and os.listdir(tmp_path) == [final.name]
     monkeypatch.undo()
@@ -630,19 +740,33 @@ def test_a_real_full_tmpfs_fails_the_study_and_keeps_the_earlier_result(tmp_path
 
     disk = tmp_path / "tiny"
     disk.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         for ext in (".nii.gz", ".nrrd"):
             final = disk / f"s_seg{ext}"
             final.write_bytes(b"earlier result")
-            saver = AtomicSaveImaged("pred", output_dir=str(disk), output_postfix="seg", output_ext=ext,
-                                     output_dtype=np.uint8, print_log=False, overwrite=True)
+            saver = AtomicSaveImaged(
+                "pred",
+                output_dir=str(disk),
+                output_postfix="seg",
+                output_ext=ext,
+                output_dtype=np.uint8,
+                print_log=False,
+                overwrite=True,
+            )
             pred = MetaTensor(torch.randint(0, 5, (1, 64, 64, 48)).float(), affine=torch.as_tensor(BRATS_AFFINE))
-            with pytest.raises(DMAFDataError, match=rf"^{re.escape(str(final))}: cannot write the result \(.*"
-                                                    r"(No space left on device|fwrite wrote only)"):
+            with pytest.raises(
+                DMAFDataError,
+                match=rf"^{re.escape(str(final))}: cannot write the result \(.*"
+                r"(No space left on device|fwrite wrote only)",
+            ):
                 saver({"pred": pred, "case": "s"})
             assert final.read_bytes() == b"earlier result" and os.listdir(disk) == [final.name]
             final.unlink()
@@ -665,15 +789,19 @@ def test_dangling_links_and_link_loops_are_failed_studies_naming_the_link(weight
     os.symlink(studies / "cycle" / "cycle_t1.nii.gz", studies / "cycle" / "cycle_t1.nii.gz")
     os.symlink(tmp_path / "gone.txt", studies / "good" / "report.txt")  # no modality: noted, the study goes on
     found = {s["case"]: s for s in find_studies(str(studies), log=False)}
-    assert found["moved"]["error"] == (f"{studies / 'moved'}: a dangling symbolic link (its target "
-                                       f"{tmp_path / 'gone'} does not exist)")
+    assert found["moved"]["error"] == (
+        f"{studies / 'moved'}: a dangling symbolic link (its target {tmp_path / 'gone'} does not exist)"
+    )
     assert found["loop"]["error"] == f"{studies / 'loop'}: a symbolic link loop (-> {studies / 'loop'})"
-    assert found["part"]["error"] == (f"{studies / 'part' / 'part_t2.nii.gz'}: a dangling symbolic link (its target "
-                                      f"{tmp_path / 'gone_t2.nii.gz'} does not exist); it names t2")
+    assert found["part"]["error"] == (
+        f"{studies / 'part' / 'part_t2.nii.gz'}: a dangling symbolic link (its target "
+        f"{tmp_path / 'gone_t2.nii.gz'} does not exist); it names t2"
+    )
     assert found["cycle"]["error"].startswith(f"{studies / 'cycle' / 'cycle_t1.nii.gz'}: a symbolic link loop")
     assert "error" not in found["good"] and found["good"]["notes"] == [
         f"{studies / 'good' / 'report.txt'}: a dangling symbolic link (its target {tmp_path / 'gone.txt'} does not "
-        "exist): ignored"]
+        "exist): ignored"
+    ]
     with pytest.raises(SystemExit) as err:
         _workflow(studies, tmp_path / "out", weights / "model.pt").run()
     lines = str(err.value).splitlines()
@@ -713,26 +841,35 @@ def test_bids_names_with_a_contrast_entity(tmp_path):
     from dmaf_components.data.names import case_of, modality_of
 
     expected = {
-        "sub-01_T1w.nii.gz": ("t1", "sub-01"), "sub-01_T2w.nii.gz": ("t2", "sub-01"),
+        "sub-01_T1w.nii.gz": ("t1", "sub-01"),
+        "sub-01_T2w.nii.gz": ("t2", "sub-01"),
         "sub-01_FLAIR.nii.gz": ("flair", "sub-01"),
-        "sub-01_ce-gadolinium_T1w.nii.gz": ("t1ce", "sub-01"), "sub-01_ce-Gd_T2w.nii.gz": ("t2", "sub-01"),
+        "sub-01_ce-gadolinium_T1w.nii.gz": ("t1ce", "sub-01"),
+        "sub-01_ce-Gd_T2w.nii.gz": ("t2", "sub-01"),
         "sub-01_ce-gadolinium_FLAIR.nii.gz": ("flair", "sub-01"),
         "sub-01_ses-1_acq-mprage_ce-gd_run-1_T1w.nii.gz": ("t1ce", "sub-01_ses-1_acq-mprage_run-1"),
         "sub-01_acq-ce_T1w.nii.gz": ("t1", "sub-01_acq-ce"),  # acq-ce is an acquisition label, not the ce entity
-        "s1_t1-ce.nii.gz": ("t1ce", "s1"), "s1_T1.nii.gz": ("t1", "s1"), "x_ce-t1.nii.gz": ("t1", "x_ce"),
+        "s1_t1-ce.nii.gz": ("t1ce", "s1"),
+        "s1_T1.nii.gz": ("t1", "s1"),
+        "x_ce-t1.nii.gz": ("t1", "x_ce"),
     }
     assert {n: (modality_of(n, BRATS_MODALITIES), case_of(n, BRATS_MODALITIES)) for n in expected} == expected
     # a model without T1ce never takes a contrast-enhanced T1 for a native one
     assert modality_of("sub-01_ce-gd_T1w.nii.gz", ("flair", "t1", "t2")) is None
     # a flat BIDS anat folder is one study with T1 and T1ce
     images = _volume()
-    for name, modality in (("sub-01_T1w.nii.gz", "t1"), ("sub-01_ce-gadolinium_T1w.nii.gz", "t1ce"),
-                           ("sub-01_FLAIR.nii.gz", "flair")):
+    for name, modality in (
+        ("sub-01_T1w.nii.gz", "t1"),
+        ("sub-01_ce-gadolinium_T1w.nii.gz", "t1ce"),
+        ("sub-01_FLAIR.nii.gz", "flair"),
+    ):
         nib.save(nib.Nifti1Image(images[modality].astype(np.float32), BRATS_AFFINE), str(tmp_path / name))
     (study,) = find_studies(str(tmp_path), log=False)
     assert study["case"] == "sub-01" and study["image"] == {
-        "t1": str(tmp_path / "sub-01_T1w.nii.gz"), "t1ce": str(tmp_path / "sub-01_ce-gadolinium_T1w.nii.gz"),
-        "flair": str(tmp_path / "sub-01_FLAIR.nii.gz")}
+        "t1": str(tmp_path / "sub-01_T1w.nii.gz"),
+        "t1ce": str(tmp_path / "sub-01_ce-gadolinium_T1w.nii.gz"),
+        "flair": str(tmp_path / "sub-01_FLAIR.nii.gz"),
+    }
 
 
 def test_a_modality_never_trained_is_refused_alone_and_not_used_beside_others(weights, tmp_path, caplog):
@@ -740,8 +877,12 @@ def test_a_modality_never_trained_is_refused_alone_and_not_used_beside_others(we
     from dmaf_components.inference import untrained_modalities
 
     state = torch.load(weights / "model.pt", weights_only=True)
-    dtm = {"ema_relation": torch.zeros(4, dtype=torch.float64), "ema_prototype": torch.zeros(4, dtype=torch.float64),
-           "seen": torch.tensor([True, True, True, False]), "prev_grads": [None] * 4}
+    dtm = {
+        "ema_relation": torch.zeros(4, dtype=torch.float64),
+        "ema_prototype": torch.zeros(4, dtype=torch.float64),
+        "seen": torch.tensor([True, True, True, False]),
+        "prev_grads": [None] * 4,
+    }
     torch.save({"model": state, "dtm": dtm, "trainer": {"iteration": 4}}, tmp_path / "no_t2.pt")
     assert untrained_modalities(str(tmp_path / "no_t2.pt"), BRATS_MODALITIES) == ["t2"]
     assert untrained_modalities(str(weights / "model.pt"), BRATS_MODALITIES) is None  # a plain state dict
@@ -762,7 +903,8 @@ def test_a_modality_never_trained_is_refused_alone_and_not_used_beside_others(we
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w for w in warnings if w.startswith("study mixed:")] == [
         f"study mixed: t2 never seen in training (the checkpoint {tmp_path / 'no_t2.pt'} records no training "
-        "iteration with it): not used"]
+        "iteration with it): not used"
+    ]
     mixed = np.asarray(nib.load(str(out / "mixed_seg.nii.gz")).dataobj)
     assert np.array_equal(mixed, np.asarray(nib.load(str(out / "flair_only_seg.nii.gz")).dataobj))
     assert sorted(os.listdir(out)) == ["flair_only_seg.nii.gz", "mixed_seg.nii.gz"]

@@ -47,8 +47,14 @@ def test_slices_pass_through_the_predicted_foreground_centre_and_the_volume_cent
     assert all(v.plane(_label()).any() for v in views)
     # radiological display of an LPS grid: axial rows run A->P (y grows towards P: no flip), columns R->L
     axial = views[0]
-    assert (axial.rows, axial.cols, axial.flip_rows, axial.flip_cols, axial.top, axial.left) == (1, 0, False, False,
-                                                                                                 "A", "R")
+    assert (axial.rows, axial.cols, axial.flip_rows, axial.flip_cols, axial.top, axial.left) == (
+        1,
+        0,
+        False,
+        False,
+        "A",
+        "R",
+    )
     assert (views[1].top, views[1].left, views[1].flip_rows) == ("S", "R", True)  # z grows towards S: flipped
     assert (views[2].top, views[2].left) == ("S", "A")
     empty, none = snapshot_views(np.zeros(SHAPE), AFFINE)
@@ -68,13 +74,22 @@ def test_panel_layout_title_legend_and_display_orientation():
     fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, label_values=[0, 1, 2, 4], case="s1")
     assert len(fig.axes) == 3 * 2  # three views x (flair, t1ce)
     assert [a.get_label() for a in fig.axes] == [
-        "flair/axial", "flair/coronal", "flair/sagittal", "t1ce/axial", "t1ce/coronal", "t1ce/sagittal"]
+        "flair/axial",
+        "flair/coronal",
+        "flair/sagittal",
+        "t1ce/axial",
+        "t1ce/coronal",
+        "t1ce/sagittal",
+    ]
     assert [a.get_title() for a in fig.axes[:3]] == ["axial 6/23", "coronal 20/31", "sagittal 10/31"]
     title = fig._suptitle.get_text()
     assert "s1: segmented from flair, t1ce; missing: t1, t2" in title and "no tumour predicted" not in title
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["1 necrotic/non-enhancing core (0 voxels)", "2 edema (320 voxels)",
-                      "4 enhancing tumour (64 voxels)"]
+    assert legend == [
+        "1 necrotic/non-enhancing core (0 voxels)",
+        "2 edema (320 voxels)",
+        "4 enhancing tumour (64 voxels)",
+    ]
     # the overlay of the axial panel covers the label's plane, in display orientation, with the voxel spacing's aspect
     axial = fig.axes[0]
     overlay = axial.images[1].get_array()
@@ -87,7 +102,10 @@ def test_panel_layout_title_legend_and_display_orientation():
     weights[0], weights[2] = 0.25, 0.75
     fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, weights=weights, label_values=[0, 1, 2, 4])
     assert len(fig.axes) == 3 * 3 and [a.get_label() for a in fig.axes[6:]] == [
-        "weights/axial", "weights/coronal", "weights/sagittal"]
+        "weights/axial",
+        "weights/coronal",
+        "weights/sagittal",
+    ]
     shown = fig.axes[0].images[0].get_array()
     assert shown[2:4, 2:4].min() == 1.0 and shown[-4:-2, -4:-2].max() < 1.0  # window clips the marker at white
     assert [t.get_text() for t in fig.legends[1].get_texts()] == ["flair 0.25", "t1ce 0.75"]
@@ -95,17 +113,29 @@ def test_panel_layout_title_legend_and_display_orientation():
     uncertainty = np.zeros((1,) + SHAPE, np.float32)
     uncertainty[0, 10:14, 10:14, :] = 0.8  # 4 x 4 x 24 = 384 voxels at or above 0.5
     uncertainty[0, 20, 20, 3] = 0.3
-    fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, weights=weights, label_values=[0, 1, 2, 4],
-                          uncertainty=uncertainty, uncertainty_threshold=0.5, uncertainty_measure="entropy")
+    fig = snapshot_figure(
+        img,
+        _label(),
+        AFFINE,
+        MODALITIES,
+        present,
+        weights=weights,
+        label_values=[0, 1, 2, 4],
+        uncertainty=uncertainty,
+        uncertainty_threshold=0.5,
+        uncertainty_measure="entropy",
+    )
     assert len(fig.axes) == 3 * 4 and [a.get_label() for a in fig.axes[9:]] == [
-        "uncertainty/axial", "uncertainty/coronal", "uncertainty/sagittal"]
+        "uncertainty/axial",
+        "uncertainty/coronal",
+        "uncertainty/sagittal",
+    ]
     assert fig.axes[9].get_ylabel() == "uncertainty (entropy)" and fig.axes[6].get_ylabel() == "DMAF weights a_m"
     shown = fig.axes[9].images[0].get_array()
     assert shown.max() == pytest.approx(0.8) and shown.min() == 0.0
     assert [t.get_text() for t in fig.legends[2].get_texts()] == [">= 0.5: 384 voxels"]
     fig = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, uncertainty=uncertainty[0])  # no weights
-    assert [a.get_label() for a in fig.axes[6:]] == ["uncertainty/axial", "uncertainty/coronal",
-                                                     "uncertainty/sagittal"]
+    assert [a.get_label() for a in fig.axes[6:]] == ["uncertainty/axial", "uncertainty/coronal", "uncertainty/sagittal"]
     fig = snapshot_figure(img, np.zeros(SHAPE, np.uint8), AFFINE, MODALITIES, present, label_values=[0, 1, 2, 4])
     assert "no tumour predicted" in fig._suptitle.get_text()
     assert [a.get_title() for a in fig.axes[:3]] == ["axial 12/23", "coronal 16/31", "sagittal 16/31"]
@@ -121,8 +151,9 @@ def test_planes_of_the_network_input_are_sampled_back_onto_the_input_grid():
     pre = CropForeground()(Orientation(axcodes="RAS")(MetaTensor(torch.as_tensor(img), affine=torch.as_tensor(AFFINE))))
     assert tuple(pre.shape[1:]) == (28, 28, 22)
     direct = snapshot_figure(img, _label(), AFFINE, MODALITIES, present, label_values=[0, 1, 2, 4])
-    sampled = snapshot_figure(pre, _label(), AFFINE, MODALITIES, present, image_affine=pre.affine,
-                              label_values=[0, 1, 2, 4])
+    sampled = snapshot_figure(
+        pre, _label(), AFFINE, MODALITIES, present, image_affine=pre.affine, label_values=[0, 1, 2, 4]
+    )
     for a, b in zip(direct.axes, sampled.axes):
         # the panels are cropped to the box the network saw plus 2 voxels: here the whole grid
         assert np.allclose(a.images[0].get_array(), b.images[0].get_array(), atol=1e-4)
@@ -166,18 +197,35 @@ def test_bundle_inference_writes_the_snapshot_beside_the_label_map(tmp_path):
     out = tmp_path / "out"
 
     def run(**override):
-        wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                            dataset_dir=str(tmp_path / "in"), output_dir=str(out),
-                            checkpoint=str(tmp_path / "model.pt"), roi_size=[32, 32, 32],
-                            channels=list(NET["channels"]), num_layers=1, num_heads=2, num_workers=0, **override)
+        wf = ConfigWorkflow(
+            config_file=INFERENCE,
+            workflow_type="infer",
+            logging_file=False,
+            bundle_root=BUNDLE,
+            dataset_dir=str(tmp_path / "in"),
+            output_dir=str(out),
+            checkpoint=str(tmp_path / "model.pt"),
+            roi_size=[32, 32, 32],
+            channels=list(NET["channels"]),
+            num_layers=1,
+            num_heads=2,
+            num_workers=0,
+            **override,
+        )
         wf.initialize()
         wf.run()
 
     run()  # off by default
     assert sorted(os.listdir(out)) == ["s1_seg.nii.gz"]
     run(save_snapshot="true", save_weights=True, save_uncertainty=True, overwrite=True)
-    assert sorted(os.listdir(out)) == ["s1_modality_weights.json", "s1_modality_weights.nii.gz", "s1_report.json",
-                                       "s1_seg.nii.gz", "s1_snapshot.png", "s1_uncertainty.nii.gz"]
+    assert sorted(os.listdir(out)) == [
+        "s1_modality_weights.json",
+        "s1_modality_weights.nii.gz",
+        "s1_report.json",
+        "s1_seg.nii.gz",
+        "s1_snapshot.png",
+        "s1_uncertainty.nii.gz",
+    ]
     png = mpimg.imread(str(out / "s1_snapshot.png"))
     assert png.ndim == 3 and png.shape[2] in (3, 4)
     assert 1000 <= png.shape[0] <= 2000 and 500 <= png.shape[1] <= 1500  # 4 rows of 3 panels, a title, legends
@@ -198,10 +246,20 @@ def test_myops_inference_writes_the_picture_of_the_segmented_slice(tmp_path):
     torch.save(DMAFNet(2, 3, 4, **NET).state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
     wf = ConfigWorkflow(
-        config_file=[INFERENCE, os.path.join(BUNDLE, "configs", "inference_myops.json")], workflow_type="infer",
-        logging_file=False, bundle_root=BUNDLE, dataset_dir=str(tmp_path / "train25"), output_dir=str(out),
-        checkpoint=str(tmp_path / "model.pt"), roi_size=[32, 32], channels=list(NET["channels"]), num_layers=1,
-        num_heads=2, num_workers=0, save_snapshot=True)
+        config_file=[INFERENCE, os.path.join(BUNDLE, "configs", "inference_myops.json")],
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(tmp_path / "train25"),
+        output_dir=str(out),
+        checkpoint=str(tmp_path / "model.pt"),
+        roi_size=[32, 32],
+        channels=list(NET["channels"]),
+        num_layers=1,
+        num_heads=2,
+        num_workers=0,
+        save_snapshot=True,
+    )
     wf.initialize()
     wf.run()
     assert sorted(os.listdir(out)) == ["myops_training_101_seg.nii.gz", "myops_training_101_snapshot.png"]

@@ -81,8 +81,10 @@ def test_power_analysis_is_consistent_and_matches_the_normal_limit():
 
 @pytest.mark.parametrize(
     "sd_seed, sd_case, sd_cell",
-    [(1.3, 0.3, 0.85),  # study 1 (MyoPS, full - baseline): the seed term dominates
-     (4.0, 0.5, 4.7)],  # study 2 (BraTS 3-D): large seed and cell spread
+    [
+        (1.3, 0.3, 0.85),  # study 1 (MyoPS, full - baseline): the seed term dominates
+        (4.0, 0.5, 4.7),
+    ],  # study 2 (BraTS 3-D): large seed and cell spread
 )
 def test_coverage_in_simulated_studies(sd_seed, sd_case, sd_cell):
     """2000 simulated studies per number of seeds, with a known effect and variance components fitted to studies 1
@@ -93,8 +95,12 @@ def test_coverage_in_simulated_studies(sd_seed, sd_case, sd_cell):
     for seeds in (3, 5):
         hit = hit_boot = 0
         for i in range(n):
-            d = (effect + rng.normal(0, sd_seed, (seeds, 1)) + rng.normal(0, sd_case, (1, cases))
-                 + rng.normal(0, sd_cell, (seeds, cases)))
+            d = (
+                effect
+                + rng.normal(0, sd_seed, (seeds, 1))
+                + rng.normal(0, sd_case, (1, cases))
+                + rng.normal(0, sd_cell, (seeds, cases))
+            )
             iv = seed_interval(d, power_analysis=False)
             hit += iv.low <= effect <= iv.high
             _, low, high = paired_bootstrap(d, n_boot=400, seed=i)

@@ -32,8 +32,13 @@ def data3(tiny_brats, tmp_path_factory):
 def _workflow(data, root, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=os.path.join(BUNDLE, "configs", "train.json"), workflow_type="train",
-                        dataset_dir=str(data), bundle_root=str(root), **{**OVERRIDES, **overrides})
+    wf = ConfigWorkflow(
+        config_file=os.path.join(BUNDLE, "configs", "train.json"),
+        workflow_type="train",
+        dataset_dir=str(data),
+        bundle_root=str(root),
+        **{**OVERRIDES, **overrides},
+    )
     wf.initialize()
     return wf
 
@@ -93,18 +98,36 @@ def _load(path):
 @pytest.mark.slow
 def test_inf_in_a_training_image_stops_training_with_one_line_and_saves_nothing_non_finite(data3, tmp_path):
     # the 4th training sample (2nd iteration of epoch 2) gets inf voxels, after the loader's checks
-    inject = ("$@load_transforms + @train#augmentation + [monai.transforms.Lambdad('image', "
-              "lambda x, n=[]: x + (float('inf') if n.append(0) or len(n) == 4 else 0.0))]")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-           "--dataset_dir", str(data3), "--bundle_root", str(tmp_path), "--max_epochs", "3", "--val_interval", "1",
-           "--train#preprocessing#transforms", inject] + SMALL
+    inject = (
+        "$@load_transforms + @train#augmentation + [monai.transforms.Lambdad('image', "
+        "lambda x, n=[]: x + (float('inf') if n.append(0) or len(n) == 4 else 0.0))]"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "configs/train.json",
+        "--dataset_dir",
+        str(data3),
+        "--bundle_root",
+        str(tmp_path),
+        "--max_epochs",
+        "3",
+        "--val_interval",
+        "1",
+        "--train#preprocessing#transforms",
+        inject,
+    ] + SMALL
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-3000:]
     lines = [line for line in log.splitlines() if "Non-finite loss at iteration 4 (epoch 2): loss/total=" in line]
     assert lines and "Training stopped before the optimizer step" in lines[0], log[-3000:]
     assert "Traceback" not in log, log[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].endswith(lines[0][lines[0].index("Non-finite"):])  # the last line
+    assert proc.stderr.strip().splitlines()[-1].endswith(lines[0][lines[0].index("Non-finite") :])  # the last line
     saved = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "models" / "*.pt")))
     assert saved == ["checkpoint_epoch=1.pt", "model.pt"], saved  # no final checkpoint of the failed iteration
     from dmaf_components.handlers import non_finite_entries
@@ -119,8 +142,9 @@ def test_savers_refuse_non_finite_weights_even_on_an_exception(tmp_path):
     from dmaf_components.handlers import FiniteCheckpointSaver, NonFiniteError
 
     net = torch.nn.Linear(2, 2)
-    saver = FiniteCheckpointSaver(str(tmp_path), {"model": net}, save_final=True, final_filename="final.pt",
-                                  save_interval=1)
+    saver = FiniteCheckpointSaver(
+        str(tmp_path), {"model": net}, save_final=True, final_filename="final.pt", save_interval=1
+    )
     engine = Engine(lambda e, b: None)
     saver.attach(engine)
 
@@ -209,8 +233,9 @@ def _refused(data3, root, **overrides):
     return str(info.value.code)
 
 
-def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_non_zero_rate(data3, finished,
-                                                                                              tmp_path):
+def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_non_zero_rate(
+    data3, finished, tmp_path
+):
     root = tmp_path / "root"
     shutil.copytree(finished / "models", root / "models")
     before = _load(root / "models" / "model.pt")
@@ -218,9 +243,12 @@ def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_
     assert float(_load(ckpt)["optimizer"]["param_groups"][0]["lr"]) == 0.0  # where the 1-epoch schedule ended
     log = _train(data3, root, resume_from=ckpt, max_epochs=2, learning_rate=1e-3)
     rate = 1e-3 * (1 - 1 / 2) ** 0.9  # PolynomialLR at epoch 1 of 2 from the new rate: 0.0005359
-    assert any(f"Resume: max_epochs 1 in the checkpoint, 2 now; learning_rate 0.0002 in the checkpoint, 0.001 now: "
-               f"the learning-rate schedule (PolynomialLR) follows the new settings; learning rate {rate:.4g} from "
-               "epoch 2." in line for line in log), log
+    assert any(
+        f"Resume: max_epochs 1 in the checkpoint, 2 now; learning_rate 0.0002 in the checkpoint, 0.001 now: "
+        f"the learning-rate schedule (PolynomialLR) follows the new settings; learning rate {rate:.4g} from "
+        "epoch 2." in line
+        for line in log
+    ), log
     final = _load(root / "models" / "checkpoint_final.pt")
     assert final["trainer"]["iteration"] == 4
     assert final["lr_scheduler"]["total_iters"] == 2 and final["lr_scheduler"]["base_lrs"] == [1e-3]
@@ -230,8 +258,10 @@ def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_
     # an unchanged resume stays exact: the settings equal the checkpoint's, nothing is recomputed
     digests = _digests(root / "models")
     line = _refused(data3, root, resume_from=str(root / "models" / "checkpoint_final.pt"), max_epochs=1)
-    assert line == (f"{root / 'models' / 'checkpoint_final.pt'}: max_epochs 1 is below the 2 epochs the checkpoint has "
-                    "trained (max_epochs 2 when it was saved); pass --max_epochs 3 or more to train on")
+    assert line == (
+        f"{root / 'models' / 'checkpoint_final.pt'}: max_epochs 1 is below the 2 epochs the checkpoint has "
+        "trained (max_epochs 2 when it was saved); pass --max_epochs 3 or more to train on"
+    )
     assert _digests(root / "models") == digests  # no final checkpoint of the refused run
 
 
@@ -241,17 +271,22 @@ def test_resume_from_a_checkpoint_that_does_not_fit_is_one_line_and_writes_nothi
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     digests = _digests(finished / "models")
     cases = {
-        "channels": ({"resume_from": str(ckpt), "channels": [8, 16, 32, 64]},
-                     f"{ckpt}: checkpoint does not fit the network: channels [4,8,16,32] in the checkpoint vs "
-                     '[8,16,32,64] in the network; run with --channels "[4,8,16,32]"'),
+        "channels": (
+            {"resume_from": str(ckpt), "channels": [8, 16, 32, 64]},
+            f"{ckpt}: checkpoint does not fit the network: channels [4,8,16,32] in the checkpoint vs "
+            '[8,16,32,64] in the network; run with --channels "[4,8,16,32]"',
+        ),
         "truncated": ({"resume_from": str(truncated)}, f"{truncated}: checkpoint is truncated or corrupt ("),
-        "weights only": ({"resume_from": str(plain)},
-                         f"{plain}: not a training checkpoint: it holds network weights only (362 tensors, as "
-                         "models/model.pt); --resume_from takes a models/checkpoint_*.pt, which holds model, loss, "
-                         "optimizer, lr_scheduler, trainer, dtm, random_state, model_saver"),
-        "batch size": ({"resume_from": str(ckpt), "batch_size": 2},
-                       f"{ckpt}: its epochs have 2 iterations, this run's 1 (another datalist, batch_size or number "
-                       "of processes)"),
+        "weights only": (
+            {"resume_from": str(plain)},
+            f"{plain}: not a training checkpoint: it holds network weights only (362 tensors, as "
+            "models/model.pt); --resume_from takes a models/checkpoint_*.pt, which holds model, loss, "
+            "optimizer, lr_scheduler, trainer, dtm, random_state, model_saver",
+        ),
+        "batch size": (
+            {"resume_from": str(ckpt), "batch_size": 2},
+            f"{ckpt}: its epochs have 2 iterations, this run's 1 (another datalist, batch_size or number of processes)",
+        ),
     }
     for name, (overrides, message) in cases.items():
         root = tmp_path / name.replace(" ", "_")
@@ -267,10 +302,12 @@ def test_training_into_a_folder_of_an_earlier_training_is_refused_unless_overwri
     digests = _digests(root / "models")
     models = root / "models"
     line = _refused(data3, root, max_epochs=1)
-    assert line == (f"ckpt_dir {models}: holds 3 file(s) of an earlier training (checkpoint_epoch=1.pt, "
-                    "checkpoint_final.pt, model.pt); they are kept: pass --overwrite true to replace them, "
-                    f"--resume_from {models}/checkpoint_final.pt to continue that training, or choose another "
-                    "--bundle_root")
+    assert line == (
+        f"ckpt_dir {models}: holds 3 file(s) of an earlier training (checkpoint_epoch=1.pt, "
+        "checkpoint_final.pt, model.pt); they are kept: pass --overwrite true to replace them, "
+        f"--resume_from {models}/checkpoint_final.pt to continue that training, or choose another "
+        "--bundle_root"
+    )
     assert _digests(models) == digests
     log = _train(data3, root, max_epochs=1, seed=1, overwrite="true")
     assert any("model.pt holds the final weights" in line for line in log)
@@ -335,8 +372,10 @@ def test_a_data_error_in_training_ends_with_its_one_line_other_errors_keep_their
     OneLineExit().attach(alone)
     with pytest.raises(ZeroDivisionError):
         alone.run([0], max_epochs=1)
-    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                          "last):\n...\ndmaf_components.data.constants.DMAFDataError: c2: f.nii.gz: file not found\n")
+    worker = RuntimeError(
+        "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+        "last):\n...\ndmaf_components.data.constants.DMAFDataError: c2: f.nii.gz: file not found\n"
+    )
     assert one_line_message(worker) == "c2: f.nii.gz: file not found"
     assert one_line_message(ValueError("x")) is None
 
@@ -348,11 +387,15 @@ def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
     import json
 
     cases = {
-        "max_epochs 0": (["--max_epochs", "0"], "max_epochs: expected a whole number of epochs >= 1 (--max_epochs, "
-                                                 "or the model zoo's --epochs), got 0"),
+        "max_epochs 0": (
+            ["--max_epochs", "0"],
+            "max_epochs: expected a whole number of epochs >= 1 (--max_epochs, or the model zoo's --epochs), got 0",
+        ),
         "max_epochs -3": (["--max_epochs", "-3"], "max_epochs: expected a whole number of epochs >= 1"),
-        "earlier training": (["--bundle_root", str(finished)], f"ckpt_dir {finished / 'models'}: holds 3 file(s) "
-                                                               "of an earlier training"),
+        "earlier training": (
+            ["--bundle_root", str(finished)],
+            f"ckpt_dir {finished / 'models'}: holds 3 file(s) of an earlier training",
+        ),
     }
     datalist = json.loads((data3 / "datalist.json").read_text())
     datalist["training"][0]["modality_mask"] = [1, 0, 1]
@@ -367,13 +410,30 @@ def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
     img = nib.load(str(label))
     nib.save(nib.Nifti1Image(img.get_fdata()[:-1].astype("uint8"), img.affine), str(label))
     case = label.name[: -len("_seg.nii.gz")]
-    cases["label 1 voxel short"] = (["--dataset_dir", str(tmp_path / "data")],
-                                    f"{case}: {label}: shape (47, 48, 32) differs from {case}_flair.nii.gz "
-                                    "(48, 48, 32)")
+    cases["label 1 voxel short"] = (
+        ["--dataset_dir", str(tmp_path / "data")],
+        f"{case}: {label}: shape (47, 48, 32) differs from {case}_flair.nii.gz (48, 48, 32)",
+    )
     for name, (args, message) in cases.items():
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-               "--dataset_dir", str(data3), "--bundle_root", str(tmp_path / name.replace(" ", "_")), "--max_epochs",
-               "1"] + SMALL + args
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "monai.bundle",
+                "run",
+                "training",
+                "--config_file",
+                "configs/train.json",
+                "--dataset_dir",
+                str(data3),
+                "--bundle_root",
+                str(tmp_path / name.replace(" ", "_")),
+                "--max_epochs",
+                "1",
+            ]
+            + SMALL
+            + args
+        )
         proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 1, (name, log[-3000:])
@@ -393,8 +453,9 @@ def test_a_refused_or_failed_start_writes_no_final_checkpoint(tmp_path):
 
     for exc in (DMAFDataError("ckpt.pt: checkpoint is truncated or corrupt"), BundleExit("refused")):
         engine = Engine(lambda e, b: None)
-        FiniteCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True,
-                              final_filename="final.pt").attach(engine)
+        FiniteCheckpointSaver(
+            str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True, final_filename="final.pt"
+        ).attach(engine)
 
         def refuse(_, exc=exc):
             raise exc
@@ -404,8 +465,9 @@ def test_a_refused_or_failed_start_writes_no_final_checkpoint(tmp_path):
             engine.run([0], max_epochs=1)
         assert os.listdir(tmp_path) == [], type(exc)
     engine = Engine(lambda e, b: 1 / 0)  # any other failure still leaves its final checkpoint, as MONAI's saver does
-    FiniteCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True,
-                          final_filename="final.pt").attach(engine)
+    FiniteCheckpointSaver(
+        str(tmp_path), {"model": torch.nn.Linear(2, 2)}, save_final=True, final_filename="final.pt"
+    ).attach(engine)
     with pytest.raises(ZeroDivisionError):
         engine.run([0], max_epochs=1)
     assert os.listdir(tmp_path) == ["final.pt"]

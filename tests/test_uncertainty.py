@@ -47,8 +47,10 @@ def test_the_uni_modal_decoders_at_inference_leave_the_output_and_the_export_unc
     the eager output."""
     net = _net(spatial_dims)
     x = torch.randn((2, 4) + (24,) * spatial_dims)
-    for mask in (torch.tensor([[True, False, True, True]] * 2), torch.tensor([[True, False, True, True],
-                                                                              [False, True, False, False]])):
+    for mask in (
+        torch.tensor([[True, False, True, True]] * 2),
+        torch.tensor([[True, False, True, True], [False, True, False, False]]),
+    ):
         with torch.no_grad():
             ref = net(x, mask)
             pred = net.forward_with_modality_logits(x, mask)
@@ -135,8 +137,13 @@ def test_summary_matches_a_hand_count():
     assert s["uncertain"] == {"voxels": 4, "volume_mm3": 24.0}
     assert s["background"] == {"uncertain_voxels": 1, "uncertain_volume_mm3": 6.0}
     assert s["regions"]["WT"] == {
-        "voxels": 6, "volume_mm3": 36.0, "uncertain_voxels": 3, "uncertain_volume_mm3": 18.0,
-        "uncertain_fraction": 0.5, "mean_uncertainty": pytest.approx((0.5 + 0.49 + 0.9 + 0.7) / 6)}
+        "voxels": 6,
+        "volume_mm3": 36.0,
+        "uncertain_voxels": 3,
+        "uncertain_volume_mm3": 18.0,
+        "uncertain_fraction": 0.5,
+        "mean_uncertainty": pytest.approx((0.5 + 0.49 + 0.9 + 0.7) / 6),
+    }
     assert s["regions"]["TC"]["voxels"] == 3 and s["regions"]["TC"]["uncertain_voxels"] == 2
     assert s["regions"]["ET"]["voxels"] == 1 and s["regions"]["ET"]["uncertain_fraction"] == 1.0
     empty = uncertainty_summary(u, np.zeros_like(label), affine, regions, 0.5)
@@ -156,10 +163,21 @@ def _study(tmp_path, modalities=("flair", "t1ce"), affine=None):
 def _run(tmp_path, config=INFERENCE, roi=(32, 32, 32), **override):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=config, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                        dataset_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
-                        checkpoint=str(tmp_path / "model.pt"), roi_size=list(roi), channels=list(NET["channels"]),
-                        num_layers=1, num_heads=2, num_workers=0, **override)
+    wf = ConfigWorkflow(
+        config_file=config,
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(tmp_path / "in"),
+        output_dir=str(tmp_path / "out"),
+        checkpoint=str(tmp_path / "model.pt"),
+        roi_size=list(roi),
+        channels=list(NET["channels"]),
+        num_layers=1,
+        num_heads=2,
+        num_workers=0,
+        **override,
+    )
     wf.initialize()
     return wf.run()
 
@@ -193,8 +211,7 @@ def test_bundle_writes_the_map_on_the_input_grid_and_the_reports_summary(tmp_pat
         _run(tmp_path, save_uncertainty="true", uncertainty_threshold=0.3, overwrite=True)
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["s1_report.json", "s1_seg.nii.gz", "s1_uncertainty.nii.gz"]
-    u, seg, report = _check_map_and_report(out, "s1", [0, 1, 2, 4], {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
-                                           0.3)
+    u, seg, report = _check_map_and_report(out, "s1", [0, 1, 2, 4], {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}, 0.3)
     assert report["uncertainty"]["measure"] == "margin" and report["uncertainty"]["threshold"] == 0.3
     assert np.allclose(nib.load(str(out / "s1_uncertainty.nii.gz")).affine, affine, atol=1e-4)
     lines = [r.getMessage() for r in caplog.records if "uncertainty (margin >= 0.3)" in r.getMessage()]
@@ -214,10 +231,21 @@ def test_a_single_modality_study_gets_its_report_with_the_modality_measure(tmp_p
     _study(tmp_path, modalities=("t2",), affine=BRATS_AFFINE)
     _run(tmp_path, save_uncertainty=True, uncertainty="modalities", save_weights=True)
     out = tmp_path / "out"
-    assert sorted(os.listdir(out)) == ["s1_modality_weights.json", "s1_modality_weights.nii.gz", "s1_report.json",
-                                       "s1_seg.nii.gz", "s1_uncertainty.nii.gz"]
-    _, _, report = _check_map_and_report(out, "s1", [0, 1, 2, 4], {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
-                                         DEFAULT_THRESHOLDS["modalities"], "modalities")
+    assert sorted(os.listdir(out)) == [
+        "s1_modality_weights.json",
+        "s1_modality_weights.nii.gz",
+        "s1_report.json",
+        "s1_seg.nii.gz",
+        "s1_uncertainty.nii.gz",
+    ]
+    _, _, report = _check_map_and_report(
+        out,
+        "s1",
+        [0, 1, 2, 4],
+        {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)},
+        DEFAULT_THRESHOLDS["modalities"],
+        "modalities",
+    )
     assert report["modalities_used"] == ["t2"]
     weights = np.asarray(nib.load(str(out / "s1_modality_weights.nii.gz")).dataobj)
     assert set(np.unique(weights[..., 3]).tolist()) <= {0.0, 1.0}  # the one modality's weight: the weights follow
@@ -231,14 +259,23 @@ def test_myops_inference_writes_the_map_on_the_input_grid(tmp_path):
     synthesize_myops(str(tmp_path), cases=1, shape=(40, 44, 3))
     torch.save(_net(2, 3).state_dict(), tmp_path / "model.pt")
     os.rename(tmp_path / "train25", tmp_path / "in")
-    _run(tmp_path, config=[INFERENCE, INFERENCE_MYOPS], roi=(32, 32), crop_size=[36, 36, -1],
-         save_uncertainty=True, uncertainty="flips", save_snapshot=True)
+    _run(
+        tmp_path,
+        config=[INFERENCE, INFERENCE_MYOPS],
+        roi=(32, 32),
+        crop_size=[36, 36, -1],
+        save_uncertainty=True,
+        uncertainty="flips",
+        save_snapshot=True,
+    )
     out = tmp_path / "out"
     case = "myops_training_101"
-    assert sorted(os.listdir(out)) == [f"{case}_{p}" for p in ("report.json", "seg.nii.gz", "snapshot.png",
-                                                                 "uncertainty.nii.gz")]
-    u, _, report = _check_map_and_report(out, case, [0, 500, 600, 200], {"LVB": (1,), "RVB": (2,), "MYO": (3,)},
-                                         DEFAULT_THRESHOLDS["flips"], "flips")
+    assert sorted(os.listdir(out)) == [
+        f"{case}_{p}" for p in ("report.json", "seg.nii.gz", "snapshot.png", "uncertainty.nii.gz")
+    ]
+    u, _, report = _check_map_and_report(
+        out, case, [0, 500, 600, 200], {"LVB": (1,), "RVB": (2,), "MYO": (3,)}, DEFAULT_THRESHOLDS["flips"], "flips"
+    )
     assert u.shape == (40, 44, 3)
     assert np.all(u[:2] == 0) and np.all(u[-2:] == 0)  # outside the 36 x 36 centre crop the network never saw
 

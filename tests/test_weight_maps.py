@@ -83,10 +83,21 @@ def test_bundle_writes_weight_maps_on_the_input_grid_and_a_region_summary(tmp_pa
         nib.save(nib.Nifti1Image(images[m].astype(np.float32), affine), str(study / name))
     torch.save(_net().state_dict(), tmp_path / "model.pt")
     out = tmp_path / "out"
-    wf = ConfigWorkflow(config_file=INFERENCE, workflow_type="infer", logging_file=False, bundle_root=BUNDLE,
-                        dataset_dir=str(tmp_path / "in"), output_dir=str(out), checkpoint=str(tmp_path / "model.pt"),
-                        roi_size=[32, 32, 32], channels=list(NET["channels"]), num_layers=1, num_heads=2,
-                        num_workers=0, save_weights="true")
+    wf = ConfigWorkflow(
+        config_file=INFERENCE,
+        workflow_type="infer",
+        logging_file=False,
+        bundle_root=BUNDLE,
+        dataset_dir=str(tmp_path / "in"),
+        output_dir=str(out),
+        checkpoint=str(tmp_path / "model.pt"),
+        roi_size=[32, 32, 32],
+        channels=list(NET["channels"]),
+        num_layers=1,
+        num_heads=2,
+        num_workers=0,
+        save_weights="true",
+    )
     wf.initialize()
     wf.run()
     assert sorted(os.listdir(out)) == ["s1_modality_weights.json", "s1_modality_weights.nii.gz", "s1_seg.nii.gz"]

@@ -100,9 +100,14 @@ def test_zoo_full_mode_checks_offline(tmp_path):
     torch.save(net.state_dict(), root / "models" / "model.pt")
 
     verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=str(root))
-    ckpt_export(net_id="network_def", filepath=str(root / "models" / "verify_model.ts"),
-                ckpt_file=str(root / "models" / "model.pt"), meta_file=meta_file, config_file=config_file,
-                bundle_root=str(root))
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(root / "models" / "verify_model.ts"),
+        ckpt_file=str(root / "models" / "model.pt"),
+        meta_file=meta_file,
+        config_file=config_file,
+        bundle_root=str(root),
+    )
     ts = torch.jit.load(str(root / "models" / "verify_model.ts"))
     net.eval()
     x = torch.randn(1, 4, 32, 48, 40)  # not the 32^3 of verify_net_in_out
@@ -129,8 +134,10 @@ def test_zoo_key_names_and_aliases():
     assert parsed({"datalist": "/b.json"}, "datalist") == ["/b.json"]
     with open(os.path.join(BUNDLE, "configs", "train.json")) as f:
         train = json.load(f)
-    assert (train["train"]["trainer"]["max_epochs"] == "@max_epochs"
-            and train["lr_scheduler"]["total_iters"] == "@max_epochs")
+    assert (
+        train["train"]["trainer"]["max_epochs"] == "@max_epochs"
+        and train["lr_scheduler"]["total_iters"] == "@max_epochs"
+    )
     assert "checkpointloader" in train and train["checkpoint_loader"] == "@checkpointloader"
 
 
@@ -142,9 +149,29 @@ def test_unknown_override_keys_warn(tmp_path):
     cwd = os.getcwd()
     os.chdir(BUNDLE)
     try:
-        assert unknown_overrides(train + ["--epochs", "1", "--max_epochs", "2", "--datalist", "d.json",
-                                          "--data_list_file_path=d.json", "--bundle_root", ".", "--meta_file", "m",
-                                          "--train#trainer#max_epochs", "3", "--_meta_#version", "9"]) == []
+        assert (
+            unknown_overrides(
+                train
+                + [
+                    "--epochs",
+                    "1",
+                    "--max_epochs",
+                    "2",
+                    "--datalist",
+                    "d.json",
+                    "--data_list_file_path=d.json",
+                    "--bundle_root",
+                    ".",
+                    "--meta_file",
+                    "m",
+                    "--train#trainer#max_epochs",
+                    "3",
+                    "--_meta_#version",
+                    "9",
+                ]
+            )
+            == []
+        )
         evaluate = ["run", "--config_file", "['configs/train.json','configs/evaluate.json']"]
         assert unknown_overrides(evaluate + ["--ckpt_path", "m.pt"]) == []
         (msg,) = unknown_overrides(evaluate + ["--ckpt_pth", "m.pt"])
@@ -156,9 +183,28 @@ def test_unknown_override_keys_warn(tmp_path):
     assert warn_unknown_overrides() == []  # not a `python -m monai.bundle` process: nothing to check
 
     # the real command line: `monai.bundle run` accepts the typo, the bundle warns about it
-    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json",
-                           "--run_id", "network_def", "--bundle_root", str(tmp_path), "--epoch", "1",
-                           "--max_epochs", "1"], cwd=BUNDLE, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            "configs/train.json",
+            "--run_id",
+            "network_def",
+            "--bundle_root",
+            str(tmp_path),
+            "--epoch",
+            "1",
+            "--max_epochs",
+            "1",
+        ],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--epoch: no config of this run defines this key (did you mean --epochs?)" in proc.stderr
     assert "--max_epochs:" not in proc.stderr
@@ -169,8 +215,22 @@ def test_make_wheel_serves_the_required_package_version(tmp_path):
     """`make wheel` builds the wheel that metadata.json's required_packages_version names, and pip resolves that
     requirement from it without an index (as the zoo's install step does with PIP_FIND_LINKS)."""
     venv = sys.prefix
-    proc = subprocess.run(["make", "-s", "-C", REPO, "wheel", f"VENV={venv}", f"WHEEL_DIR={tmp_path}",
-                           "-o", os.path.join(venv, ".dmaf-installed")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            REPO,
+            "wheel",
+            f"VENV={venv}",
+            f"WHEEL_DIR={tmp_path}",
+            "-o",
+            os.path.join(venv, ".dmaf-installed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(os.path.join(BUNDLE, "configs", "metadata.json")) as f:
         version = json.load(f)["required_packages_version"]["dmaf-components"]
@@ -178,7 +238,23 @@ def test_make_wheel_serves_the_required_package_version(tmp_path):
     assert wheel.is_file(), os.listdir(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "dmaf_components/networks/dmafnet.py" in names and "dmaf_components/bundle_args.py" in names
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-deps",
-                           "--ignore-installed", "--disable-pip-version-check", "--find-links", str(tmp_path),
-                           f"dmaf-components=={version}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-deps",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            "--find-links",
+            str(tmp_path),
+            f"dmaf-components=={version}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and f"dmaf-components-{version}" in proc.stdout, proc.stdout + proc.stderr

@@ -86,8 +86,13 @@ def write_json(path: str, content: Any) -> None:
 def run_identity(setting: str, seed: int, dataset: str, datalist_sha256: str, overrides: Mapping) -> dict:
     """What makes a run a study's run: its setting, seed, dataset, datalist (hash) and every bundle override
     (:func:`~dmaf_components.ablation.settings.run_overrides`), as JSON values."""
-    return {"setting": setting, "seed": seed, "dataset": dataset, "datalist_sha256": datalist_sha256,
-            "overrides": json.loads(json.dumps(dict(overrides)))}
+    return {
+        "setting": setting,
+        "seed": seed,
+        "dataset": dataset,
+        "datalist_sha256": datalist_sha256,
+        "overrides": json.loads(json.dumps(dict(overrides))),
+    }
 
 
 def check_identity(found: Mapping, want: Mapping, path: str, advice: str, compare_overrides: bool = True) -> None:
@@ -115,31 +120,41 @@ def _same(a: Any, b: Any) -> bool:
 def override_diff(had: Mapping, asked: Mapping) -> str:
     """``--key had (now asked)`` for every override that differs, or ''."""
     show = lambda v: v if v is _UNSET else repr(v)  # noqa: E731
-    return ", ".join(f"--{k} {show(had.get(k, _UNSET))} (now {show(asked.get(k, _UNSET))})"
-                     for k in sorted(set(had) | set(asked)) if not _same(had.get(k, _UNSET), asked.get(k, _UNSET)))
+    return ", ".join(
+        f"--{k} {show(had.get(k, _UNSET))} (now {show(asked.get(k, _UNSET))})"
+        for k in sorted(set(had) | set(asked))
+        if not _same(had.get(k, _UNSET), asked.get(k, _UNSET))
+    )
 
 
-def check_one_budget(records: Sequence[Mapping], record_path: Callable[[str, int], str],
-                     log: Callable[[str], None]) -> None:
+def check_one_budget(
+    records: Sequence[Mapping], record_path: Callable[[str, int], str], log: Callable[[str], None]
+) -> None:
     """The records of a summary rebuilt without naming any override must agree with each other in their overrides
     beyond what their settings set (one study, one budget); the overrides they share are logged."""
     common: dict[str, Any] = {}
     for record in records:
-        own = {k: v for k, v in (record.get("overrides") or {}).items()
-               if k not in setting_overrides(record["setting"])}
+        own = {
+            k: v for k, v in (record.get("overrides") or {}).items() if k not in setting_overrides(record["setting"])
+        }
         if not common:
             common = {"path": record_path(record["setting"], record["seed"]), "overrides": own}
         elif override_diff(own, common["overrides"]):
-            raise DMAFDataError(f"{record_path(record['setting'], record['seed'])}: made with other "
-                                f"overrides than {common['path']}: {override_diff(own, common['overrides'])}"
-                                "; the folder mixes studies")
+            raise DMAFDataError(
+                f"{record_path(record['setting'], record['seed'])}: made with other "
+                f"overrides than {common['path']}: {override_diff(own, common['overrides'])}"
+                "; the folder mixes studies"
+            )
     if common and common["overrides"]:
-        log("ablation: the runs were made with " + " ".join(
-            f"--{k} {json.dumps(v)}" for k, v in sorted(common["overrides"].items())))
+        log(
+            "ablation: the runs were made with "
+            + " ".join(f"--{k} {json.dumps(v)}" for k, v in sorted(common["overrides"].items()))
+        )
 
 
-def reference_records(reference: str, settings: Sequence[str], seeds: Sequence[int], datalist: str,
-                      datalist_sha256: str) -> list[dict]:
+def reference_records(
+    reference: str, settings: Sequence[str], seeds: Sequence[int], datalist: str, datalist_sha256: str
+) -> list[dict]:
     """A reference study's records of these settings and seeds; refused when they were made on another datalist
     than ``datalist`` (their test cases would not pair)."""
     out = []
@@ -148,8 +163,10 @@ def reference_records(reference: str, settings: Sequence[str], seeds: Sequence[i
         if record.get("setting") not in settings or record.get("seed") not in seeds:
             continue
         if record.get("datalist_sha256") != datalist_sha256:
-            raise DMAFDataError(f"{path}: datalist_sha256 differs from {datalist}'s; the reference study was "
-                                "made on other data and cannot be paired")
+            raise DMAFDataError(
+                f"{path}: datalist_sha256 differs from {datalist}'s; the reference study was "
+                "made on other data and cannot be paired"
+            )
         out.append(record)
     return out
 
@@ -182,13 +199,25 @@ def validation_curve(run_dir: str) -> dict[str, Any]:
             per_epoch = int(trainer["epoch_length"]) if "epoch_length" in trainer else None
         except Exception:  # an unreadable checkpoint costs the iteration column, not the record
             per_epoch = None
-    return {"epoch": epochs, "iteration": [e * per_epoch if per_epoch else None for e in epochs],
-            "val_mean_dice": [dice[e] for e in epochs]}
+    return {
+        "epoch": epochs,
+        "iteration": [e * per_epoch if per_epoch else None for e in epochs],
+        "val_mean_dice": [dice[e] for e in epochs],
+    }
 
 
-def make_record(identity: Mapping, overrides: Mapping, data_dir: str, datalist: str, train_command: list[str],
-                bundle_dir: str, environment: Mapping[str, str], times: Mapping[str, Any], run_dir: str,
-                evaluation: Any) -> dict:
+def make_record(
+    identity: Mapping,
+    overrides: Mapping,
+    data_dir: str,
+    datalist: str,
+    train_command: list[str],
+    bundle_dir: str,
+    environment: Mapping[str, str],
+    times: Mapping[str, Any],
+    run_dir: str,
+    evaluation: Any,
+) -> dict:
     """A finished run's record: its ``identity`` (:func:`run_identity`) with its ``overrides`` as given, the data,
     the command that trained it, its provenance (package versions, code commit, ``environment`` of its bundle
     processes), its ``times`` (``train_seconds``, ``train_resumed``, ``evaluate_seconds``), its learning curve and
@@ -219,8 +248,13 @@ def _git_commit(path: str) -> str | None:
     """The commit of the checkout that holds the bundle, with ``+dirty`` when it has uncommitted changes."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -232,5 +266,9 @@ def _versions() -> dict[str, str]:
 
     from .. import __version__
 
-    return {"dmaf_components": __version__, "monai": monai.__version__, "torch": torch.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "dmaf_components": __version__,
+        "monai": monai.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }

@@ -70,9 +70,11 @@ def summarize_records(
         base = by_setting.get("baseline", {}) if reference is None else ref_by_setting.get(setting, {})
         runs = by_setting[setting]
         seeds = sorted(runs)
-        row: dict[str, Any] = {"setting": setting,
-                               **dict(zip(COMPONENT_KEYS, components(runs[seeds[0]], setting))),
-                               "seeds": len(seeds)}
+        row: dict[str, Any] = {
+            "setting": setting,
+            **dict(zip(COMPONENT_KEYS, components(runs[seeds[0]], setting))),
+            "seeds": len(seeds),
+        }
         if setting != "baseline" or reference is not None:
             row["paired_seeds"] = sum(s in base for s in seeds)
             unpaired += [f"{setting} seed {s}" for s in seeds if s not in base]
@@ -96,8 +98,12 @@ def summarize_records(
             for c, combo in enumerate(combos):
                 if metric != "dice":
                     continue
-                crow: dict[str, Any] = {"setting": setting, "combination": combo,
-                                        "DSC_avg": float(np.nanmean(vals[:, c])), "seeds": len(seeds)}
+                crow: dict[str, Any] = {
+                    "setting": setting,
+                    "combination": combo,
+                    "DSC_avg": float(np.nanmean(vals[:, c])),
+                    "seeds": len(seeds),
+                }
                 for r, region in enumerate(regions):
                     crow[f"DSC_{region}"] = float(np.nanmean(vals[:, c, :, r]))
                     if (setting != "baseline" or reference is not None) and paired:
@@ -109,9 +115,16 @@ def summarize_records(
                 combo_rows.append(crow)
         rows.append(row)
     compared_to = "baseline" if reference is None else f"reference {reference_name or 'study'}"
-    return {"rows": rows, "combinations": combo_rows, "regions": regions, "n_records": len(records),
-            "compared_to": compared_to, "unpaired": unpaired, "effects": component_effects(by_setting),
-            "changes": _override_changes(pairs) if reference is not None else {}}
+    return {
+        "rows": rows,
+        "combinations": combo_rows,
+        "regions": regions,
+        "n_records": len(records),
+        "compared_to": compared_to,
+        "unpaired": unpaired,
+        "effects": component_effects(by_setting),
+        "changes": _override_changes(pairs) if reference is not None else {},
+    }
 
 
 def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict]:
@@ -133,8 +146,9 @@ def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict
     name_of = {flags: name for name, flags in SETTINGS.items()}
 
     def cell(setting: str) -> np.ndarray:  # (seeds, cases): average DSC over combinations and regions
-        return np.stack([np.nanmean(np.nanmean(_case_values(by_setting[setting][s], "dice"), axis=2), axis=0)
-                         for s in seeds])
+        return np.stack(
+            [np.nanmean(np.nanmean(_case_values(by_setting[setting][s], "dice"), axis=2), axis=0) for s in seeds]
+        )
 
     out = []
     for c, component in enumerate(COMPONENTS):
@@ -144,8 +158,14 @@ def component_effects(by_setting: Mapping[str, Mapping[int, dict]]) -> list[dict
                 without = tuple(False if i == c else f for i, f in enumerate(flags))
                 contexts.append(cell(name_of[flags]) - cell(name_of[without]))
         in_full = cell("full") - cell(name_of[tuple(i != c for i in range(len(COMPONENTS)))])
-        out.append({"component": component, "averaged": seed_interval(np.mean(contexts, axis=0)),
-                    "in_full": seed_interval(in_full), "seeds": len(seeds)})
+        out.append(
+            {
+                "component": component,
+                "averaged": seed_interval(np.mean(contexts, axis=0)),
+                "in_full": seed_interval(in_full),
+                "seeds": len(seeds),
+            }
+        )
     return out
 
 
@@ -194,12 +214,25 @@ def write_summary(summary: dict, out: str) -> None:
     if summary.get("effects"):
         with open(os.path.join(out, "effects.csv"), "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["component", "averaged", "averaged_low", "averaged_high", "averaged_p", "in_full",
-                             "in_full_low", "in_full_high", "in_full_p", "seeds"])
+            writer.writerow(
+                [
+                    "component",
+                    "averaged",
+                    "averaged_low",
+                    "averaged_high",
+                    "averaged_p",
+                    "in_full",
+                    "in_full_low",
+                    "in_full_high",
+                    "in_full_p",
+                    "seeds",
+                ]
+            )
             for e in summary["effects"]:
                 a, f_ = e["averaged"], e["in_full"]
-                writer.writerow([e["component"], a.mean, a.low, a.high, a.p, f_.mean, f_.low, f_.high, f_.p,
-                                 e["seeds"]])
+                writer.writerow(
+                    [e["component"], a.mean, a.low, a.high, a.p, f_.mean, f_.low, f_.high, f_.p, e["seeds"]]
+                )
     with open(os.path.join(out, "combinations.csv"), "w", newline="") as f:
         fields = list(dict.fromkeys(k for c in summary["combinations"] for k in c))
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -221,9 +254,13 @@ def write_summary(summary: dict, out: str) -> None:
     compared_to = summary.get("compared_to", "baseline")
     vs = "baseline" if compared_to == "baseline" else "reference"
     tick = lambda v: "•" if v else "–"  # noqa: E731
-    head = (["DMAF", "Distillation", "DTM"] + [f"DSC {r}" for r in regions] + ["DSC Avg."]
-            + [f"HD95 {r}" for r in regions] + ["HD95 Avg.", f"Δ DSC Avg. vs {vs} [95% CI over seeds]",
-                                                 "Δ HD95 Avg. [95% CI over seeds]", "seeds"])
+    head = (
+        ["DMAF", "Distillation", "DTM"]
+        + [f"DSC {r}" for r in regions]
+        + ["DSC Avg."]
+        + [f"HD95 {r}" for r in regions]
+        + ["HD95 Avg.", f"Δ DSC Avg. vs {vs} [95% CI over seeds]", "Δ HD95 Avg. [95% CI over seeds]", "seeds"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [tick(row["dmaf"]), tick(row["distillation"]), tick(row["dtm"])]
@@ -234,46 +271,76 @@ def write_summary(summary: dict, out: str) -> None:
     combos = list(dict.fromkeys(c["combination"] for c in summary["combinations"]))
     settings = [r["setting"] for r in rows]
     value = {(c["setting"], c["combination"]): c["DSC_avg"] for c in summary["combinations"]}
-    lines += ["", "Average DSC [%] per modality combination (mean over seeds):", "",
-              "| combination | " + " | ".join(settings) + " |", "|" + "---|" * (len(settings) + 1)]
+    lines += [
+        "",
+        "Average DSC [%] per modality combination (mean over seeds):",
+        "",
+        "| combination | " + " | ".join(settings) + " |",
+        "|" + "---|" * (len(settings) + 1),
+    ]
     for combo in combos:
         lines.append(f"| {combo} | " + " | ".join(f"{value[(s, combo)]:.2f}" for s in settings) + " |")
     seeds = sorted({int(k.rsplit("seed", 1)[1]) for r in rows for k in r if k.startswith("DSC_avg_diff_seed")})
     tested = [r for r in rows if "DSC_avg_diff" in r]
     if tested:
-        lines += ["", f"Δ DSC Avg. vs {vs}: the evidence behind each interval:", "",
-                  "| setting | Δ [95% CI over seeds] | p (sign-flip) | detectable (80% power) | seeds for Δ "
-                  "| case bootstrap [95%] (too narrow) |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Δ DSC Avg. vs {vs}: the evidence behind each interval:",
+            "",
+            "| setting | Δ [95% CI over seeds] | p (sign-flip) | detectable (80% power) | seeds for Δ "
+            "| case bootstrap [95%] (too narrow) |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in tested:
             k = "DSC_avg_diff"
             need = row[f"{k}_needs_seeds"]
             need_text = "–" if math.isnan(need) else ("> 1000" if math.isinf(need) else f"{need:.0f}")
-            lines.append(f"| {row['setting']} | {row[k]:+.2f} {_ci(row[f'{k}_low'], row[f'{k}_high'])} | "
-                         f"{row[f'{k}_p']:.3g} | {row[f'{k}_detectable']:.2f} | {need_text} | "
-                         f"{_ci(row[f'{k}_boot_low'], row[f'{k}_boot_high'])} |")
+            lines.append(
+                f"| {row['setting']} | {row[k]:+.2f} {_ci(row[f'{k}_low'], row[f'{k}_high'])} | "
+                f"{row[f'{k}_p']:.3g} | {row[f'{k}_detectable']:.2f} | {need_text} | "
+                f"{_ci(row[f'{k}_boot_low'], row[f'{k}_boot_high'])} |"
+            )
     if seeds:
-        lines += ["", f"Paired difference of the average DSC to the {vs}, seed by seed:", "",
-                  "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+        lines += [
+            "",
+            f"Paired difference of the average DSC to the {vs}, seed by seed:",
+            "",
+            "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|" + "---|" * (len(seeds) + 1),
+        ]
         for row in [r for r in rows if "DSC_avg_diff" in r]:
-            lines.append(f"| {row['setting']} | " + " | ".join(
-                f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds)
-                + " |")
+            lines.append(
+                f"| {row['setting']} | "
+                + " | ".join(
+                    f"{row[f'DSC_avg_diff_seed{s}']:+.2f}" if f"DSC_avg_diff_seed{s}" in row else "–" for s in seeds
+                )
+                + " |"
+            )
     effects = summary.get("effects") or []
     if effects:
         ci = lambda e: f"{e.mean:+.2f} {_ci(e.low, e.high)} (p {e.p:.3g})"  # noqa: E731
-        lines += ["", f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; "
-                  "paired differences with "
-                  "a 95 % interval over seeds and the sign-flip p): averaged over the four combinations of the other "
-                  "two components, and in the full model (full minus full without it):", "",
-                  "| component | averaged over the other two | in the full model |", "|---|---|---|"]
+        lines += [
+            "",
+            f"Each component's effect on the average DSC ({effects[0]['seeds']} seeds; "
+            "paired differences with "
+            "a 95 % interval over seeds and the sign-flip p): averaged over the four combinations of the other "
+            "two components, and in the full model (full minus full without it):",
+            "",
+            "| component | averaged over the other two | in the full model |",
+            "|---|---|---|",
+        ]
         lines += [f"| {e['component']} | {ci(e['averaged'])} | {ci(e['in_full'])} |" for e in effects]
-    against = ("the baseline" if compared_to == "baseline"
-               else f"the same setting of the {compared_to}")
-    note = ("Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
-            f"Table 3), compared with {against}. " + INTERVAL_NOTE)
+    against = "the baseline" if compared_to == "baseline" else f"the same setting of the {compared_to}"
+    note = (
+        "Mean ± std over seeds of the average over every modality combination of the test split (as the paper's "
+        f"Table 3), compared with {against}. " + INTERVAL_NOTE
+    )
     if summary.get("changes"):
-        note += " The runs differ from the reference in: " + ", ".join(
-            f"{key} = {value}" for key, value in summary["changes"].items()) + "."
+        note += (
+            " The runs differ from the reference in: "
+            + ", ".join(f"{key} = {value}" for key, value in summary["changes"].items())
+            + "."
+        )
     if summary.get("unpaired"):
         note += " Without a counterpart (left out of Δ): " + ", ".join(summary["unpaired"]) + "."
     with open(os.path.join(out, "table3.md"), "w") as f:

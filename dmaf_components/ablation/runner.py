@@ -48,8 +48,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
     models = os.path.join(run_dir, "models")
     if not os.path.isdir(models):
         return None
-    found = [os.path.join(models, f) for f in os.listdir(models)
-             if re.fullmatch(r"checkpoint_(epoch|iteration)=\d+\.pt", f)]
+    found = [
+        os.path.join(models, f) for f in os.listdir(models) if re.fullmatch(r"checkpoint_(epoch|iteration)=\d+\.pt", f)
+    ]
     return max(found, key=os.path.getmtime) if found else None
 
 
@@ -65,16 +66,17 @@ class BundleRunner:
         log: where progress lines go.
     """
 
-    def __init__(self, python: str, bundle_dir: str, dataset: str, data_dir: str, datalist: str,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self, python: str, bundle_dir: str, dataset: str, data_dir: str, datalist: str, log: Callable[[str], None]
+    ) -> None:
         self.python, self.bundle_dir, self.log = python, bundle_dir, log
         self.dataset, self.data_dir, self.datalist = dataset, data_dir, datalist
 
-    def train_command(self, run_dir: str, seed: int, overrides: Mapping[str, Any],
-                      resume_from: str | None = None) -> list[str]:
+    def train_command(
+        self, run_dir: str, seed: int, overrides: Mapping[str, Any], resume_from: str | None = None
+    ) -> list[str]:
         """The command that trains a run (with every override of :func:`~.settings.run_overrides`)."""
-        cmd = [self.python, "-m", "monai.bundle", "run", "training", "--config_file",
-               config_files(self.dataset, False)]
+        cmd = [self.python, "-m", "monai.bundle", "run", "training", "--config_file", config_files(self.dataset, False)]
         return cmd + self._args(run_dir, seed, overrides) + (["--resume_from", resume_from] if resume_from else [])
 
     def evaluate_command(self, run_dir: str, seed: int, overrides: Mapping[str, Any]) -> list[str]:
@@ -103,8 +105,9 @@ class BundleRunner:
         """Whether a run's training has finished (it is evaluated next)."""
         return os.path.exists(os.path.join(run_dir, "training.done"))
 
-    def train_and_evaluate(self, run_dir: str, seed: int, overrides: Mapping[str, Any], label: str,
-                           env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], Any]:
+    def train_and_evaluate(
+        self, run_dir: str, seed: int, overrides: Mapping[str, Any], label: str, env: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, Any], Any]:
         """Train a run (or continue it from its last checkpoint), then evaluate it; ``env``: extra environment of
         its bundle processes.
 
@@ -123,8 +126,16 @@ class BundleRunner:
             resumed = resume is not None
             before = _read_seconds(seconds_path) if resumed else 0.0
             self.log(f"{label}: training" + (f" (continuing from {os.path.basename(resume)})" if resume else ""))
-            self.stream(self.train_command(run_dir, seed, overrides, resume), log_path, label,
-                        self.max_epochs(overrides), start, env, seconds_path, before)
+            self.stream(
+                self.train_command(run_dir, seed, overrides, resume),
+                log_path,
+                label,
+                self.max_epochs(overrides),
+                start,
+                env,
+                seconds_path,
+                before,
+            )
             with open(done_marker, "w") as f:
                 f.write(f"{before + time.time() - start:.1f}\n")
         else:
@@ -141,16 +152,30 @@ class BundleRunner:
         return times, evaluation
 
     def stream(
-        self, cmd: list[str], log_path: str, label: str, max_epochs: int | None, started: float,
-        env: Mapping[str, str] | None = None, seconds_path: str | None = None, seconds_before: float = 0.0,
+        self,
+        cmd: list[str],
+        log_path: str,
+        label: str,
+        max_epochs: int | None,
+        started: float,
+        env: Mapping[str, str] | None = None,
+        seconds_path: str | None = None,
+        seconds_before: float = 0.0,
     ) -> None:
         """Run a bundle command, its output to ``log_path``; one progress line per finished epoch, and at each the
         run's training seconds so far (``seconds_before`` plus this process's) written to ``seconds_path``."""
         with open(log_path, "a", buffering=1) as log:  # line by line: a killed runner loses no output
             log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, cwd=self.bundle_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                cmd,
+                cwd=self.bundle_dir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                env={**os.environ, **(env or {})},
+            )
             epoch_done = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
             first_epoch = None  # the first epoch this process finished (a resumed run starts after its checkpoint)
             for line in proc.stdout:
@@ -272,7 +297,7 @@ def _cause(log_path: str) -> str:
     except OSError:
         return "(no log)"
     starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]  # each process's command line
-    lines = lines[starts[-1] + 1:] if starts else lines  # the failed process is the last one
+    lines = lines[starts[-1] + 1 :] if starts else lines  # the failed process is the last one
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line)]
     own = [line for line in errors if "DMAFDataError" in line]
     return (own or errors or lines or ["(no output)"])[-1]
@@ -305,5 +330,6 @@ def _read_seconds(path: str) -> float:
 
 def _hms(seconds: float) -> str:
     seconds = max(0, int(seconds))
-    return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
-            else f"{seconds // 60}m{seconds % 60:02d}s")
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

@@ -105,8 +105,10 @@ def parse_seeds(seeds: Any) -> list[int]:
         if seeds < 1:
             raise DMAFDataError(f"--seeds: need at least one seed, got {seeds} (seed 0 alone: --seeds [0])")
         return list(range(seeds))
-    if isinstance(seeds, (list, tuple)) and seeds and all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
+    if (
+        isinstance(seeds, (list, tuple))
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         if len(set(seeds)) != len(seeds):
             raise DMAFDataError(f"--seeds: seed given twice in {list(seeds)}")
@@ -157,8 +159,10 @@ def check_reserved_overrides(overrides: Mapping[str, Any], variant: bool) -> Non
     reserved = _STUDY_KEYS | (set() if variant else _SETTING_KEYS)
     clash = sorted(reserved & set(overrides))
     if clash:
-        raise DMAFDataError(f"overrides {clash}: set by the study itself (settings, seeds, paths)"
-                            + ("" if variant else "; a variant study with --reference may set the settings' keys"))
+        raise DMAFDataError(
+            f"overrides {clash}: set by the study itself (settings, seeds, paths)"
+            + ("" if variant else "; a variant study with --reference may set the settings' keys")
+        )
 
 
 def check_override_keys(bundle_dir: str, dataset: str, overrides: Mapping[str, Any]) -> None:

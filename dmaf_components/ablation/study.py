@@ -130,12 +130,17 @@ class AblationStudy:
         """The datalist is read before anything runs: every run would otherwise start a bundle process only to fail
         (or, with an empty test split, to evaluate nothing). Its cases' files are ``dmaf check``'s business."""
         content = read_datalist(self.datalist)
-        for section, role in (("training", "trains"), ("validation", "picks the best model on"),
-                              ("testing", "evaluates on")):
+        for section, role in (
+            ("training", "trains"),
+            ("validation", "picks the best model on"),
+            ("testing", "evaluates on"),
+        ):
             entries = content.get(section)
             if not isinstance(entries, list) or not entries:
-                raise DMAFDataError(f"{self.datalist}: no case in {section!r}; each run {role} it (give every "
-                                    "section cases, e.g. `dmaf datalist ... --split 36,6,18`)")
+                raise DMAFDataError(
+                    f"{self.datalist}: no case in {section!r}; each run {role} it (give every "
+                    "section cases, e.g. `dmaf datalist ... --split 36,6,18`)"
+                )
         family = str(content.get("dataset", "")).lower()
         if family and (family == "myops") != (self.dataset == "myops"):
             raise DMAFDataError(f"{self.datalist}: a {family} datalist, but the study's dataset is {self.dataset}")
@@ -152,8 +157,9 @@ class AblationStudy:
         return os.path.join(self.run_dir(setting, seed), rec.RECORD)
 
     def train_command(self, setting: str, seed: int, resume_from: str | None = None) -> list[str]:
-        return self.runner.train_command(self.run_dir(setting, seed), seed, run_overrides(setting, self.overrides),
-                                         resume_from)
+        return self.runner.train_command(
+            self.run_dir(setting, seed), seed, run_overrides(setting, self.overrides), resume_from
+        )
 
     def evaluate_command(self, setting: str, seed: int) -> list[str]:
         return self.runner.evaluate_command(self.run_dir(setting, seed), seed, run_overrides(setting, self.overrides))
@@ -161,8 +167,9 @@ class AblationStudy:
     def identity(self, setting: str, seed: int) -> dict:
         """What makes a run this study's run: its setting, seed, dataset, datalist (hash) and every bundle override.
         A finished run's record carries the same fields; an unfinished one's are in ``run.json``."""
-        return rec.run_identity(setting, seed, self.dataset, self.datalist_sha256,
-                                run_overrides(setting, self.overrides))
+        return rec.run_identity(
+            setting, seed, self.dataset, self.datalist_sha256, run_overrides(setting, self.overrides)
+        )
 
     def check_identity(self, setting: str, seed: int, found: Mapping, path: str, summarizing: bool = False) -> None:
         """Refuse a run made for another study: a record (or an unfinished run's ``run.json``) whose dataset,
@@ -172,11 +179,19 @@ class AblationStudy:
         ``summarizing``: only the summary is rebuilt (nothing trains), so the advice is to name the study's overrides,
         never to delete a finished run; a summary without any override given checks the runs' overrides against
         each other instead (:meth:`records`)."""
-        advice = ("; name the overrides the study was run with (the records hold them)" if summarizing else
-                  f"; give the study another --out, or delete {os.path.dirname(path)} to redo the run with these "
-                  "settings")
-        rec.check_identity(found, self.identity(setting, seed), path, advice,
-                           compare_overrides=not (summarizing and not self.overrides))
+        advice = (
+            "; name the overrides the study was run with (the records hold them)"
+            if summarizing
+            else f"; give the study another --out, or delete {os.path.dirname(path)} to redo the run with these "
+            "settings"
+        )
+        rec.check_identity(
+            found,
+            self.identity(setting, seed),
+            path,
+            advice,
+            compare_overrides=not (summarizing and not self.overrides),
+        )
 
     def check_existing_runs(self) -> None:
         """Every finished or started run of this study's settings and seeds was made for this study (see
@@ -189,8 +204,10 @@ class AblationStudy:
             elif os.path.exists(started):
                 self.check_identity(setting, seed, rec.read_json(started, "run description"), started)
             elif self.latest_checkpoint(run_dir) or self.runner.trained(run_dir):
-                self.log(f"{run_dir}: started by a version that wrote no run.json; its overrides cannot be checked "
-                         "and are taken to be this study's")
+                self.log(
+                    f"{run_dir}: started by a version that wrote no run.json; its overrides cannot be checked "
+                    "and are taken to be this study's"
+                )
 
     def run_one(self, setting: str, seed: int, label: str = "", env: Mapping[str, str] | None = None) -> dict:
         """Train (or continue) and evaluate one run, write its record and return it (``env``: extra environment
@@ -201,10 +218,21 @@ class AblationStudy:
         if not self.runner.trained(run_dir):  # what the run is for (check_identity), before it trains
             rec.write_json(os.path.join(run_dir, rec.STARTED), identity)
         overrides = run_overrides(setting, self.overrides)
-        times, evaluation = self.runner.train_and_evaluate(run_dir, seed, overrides, label or f"{setting} seed {seed}",
-                                                           env)
-        record = rec.make_record(identity, overrides, self.data_dir, self.datalist, self.train_command(setting, seed),
-                                 self.bundle_dir, env or {}, times, run_dir, evaluation)
+        times, evaluation = self.runner.train_and_evaluate(
+            run_dir, seed, overrides, label or f"{setting} seed {seed}", env
+        )
+        record = rec.make_record(
+            identity,
+            overrides,
+            self.data_dir,
+            self.datalist,
+            self.train_command(setting, seed),
+            self.bundle_dir,
+            env or {},
+            times,
+            run_dir,
+            evaluation,
+        )
         rec.write_json(self.record_path(setting, seed), record)  # a record exists only when complete
         return record
 
@@ -222,9 +250,12 @@ class AblationStudy:
             self.check_bundle_package()
         total = len(self.runs())
         jobs = min(self.jobs, max(len(todo), 1))
-        self.log(f"ablation: {total} runs ({len(self.settings)} settings x {len(self.seeds)} seeds), "
-                 f"{total - len(todo)} already recorded, {len(todo)} to do"
-                 + (f", {jobs} at a time" if jobs > 1 else "") + f"; study folder {self.out}")
+        self.log(
+            f"ablation: {total} runs ({len(self.settings)} settings x {len(self.seeds)} seeds), "
+            f"{total - len(todo)} already recorded, {len(todo)} to do"
+            + (f", {jobs} at a time" if jobs > 1 else "")
+            + f"; study folder {self.out}"
+        )
         failures = run_in_slots(todo, self.run_one, jobs, total, self.log)
         summary = self.summarize(summarizing=False) if len(failures) < len(self.runs()) else {}
         if failures:
@@ -262,19 +293,24 @@ class AblationStudy:
             self.log(f"ablation: the reference {self.reference} has no finished run of these settings and seeds")
         records = self.records(summarizing)
         if not records:
-            raise DMAFDataError(f"{self.out}: no finished run of settings {','.join(self.settings)} and seeds "
-                                f"{','.join(map(str, self.seeds))} to summarize")
+            raise DMAFDataError(
+                f"{self.out}: no finished run of settings {','.join(self.settings)} and seeds "
+                f"{','.join(map(str, self.seeds))} to summarize"
+            )
         done = {(r["setting"], r["seed"]) for r in records}
         missing = [f"{setting} seed {seed}" for setting, seed in self.runs() if (setting, seed) not in done]
         if missing:
             self.log(f"ablation: not finished yet, left out of the summary: {', '.join(missing)}")
-        summary = summarize_records(records, reference=reference,
-                                    reference_name=self.reference and os.path.relpath(self.reference, self.out))
+        summary = summarize_records(
+            records, reference=reference, reference_name=self.reference and os.path.relpath(self.reference, self.out)
+        )
         if summary["rows"]:
             if summary["unpaired"]:
-                self.log(f"ablation: no counterpart in the {summary['compared_to']} "
-                         f"for {', '.join(summary['unpaired'])}"
-                         "; their differences are left out")
+                self.log(
+                    f"ablation: no counterpart in the {summary['compared_to']} "
+                    f"for {', '.join(summary['unpaired'])}"
+                    "; their differences are left out"
+                )
             write_summary(summary, self.out)
             self.log(f"ablation: summary of {summary['n_records']} runs in {os.path.join(self.out, 'table3.md')}")
         return summary

@@ -173,8 +173,9 @@ def find_template_dir(template_dir: str | None = None) -> str:
     missing = [f for f in TEMPLATE_FILES.values() if not os.path.isfile(os.path.join(template_dir, f))]
     if missing:
         found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(template_dir, "mni_icbm152_*")))
-        raise DMAFDataError(f"{template_dir}: missing template file(s) {', '.join(missing)} (found: "
-                            f"{', '.join(found) or 'none'})")
+        raise DMAFDataError(
+            f"{template_dir}: missing template file(s) {', '.join(missing)} (found: {', '.join(found) or 'none'})"
+        )
     return template_dir
 
 
@@ -252,14 +253,14 @@ def _deform(template: AnatomyTemplate, rng: np.random.Generator) -> tuple[np.nda
     for axis in range(3):
         disp = amp * _smooth_noise(rng, shape, 20.0 / template.spacing)
         coords.append(centre[axis] + (grid[axis] - centre[axis]) / scale[axis] + disp)
-    warped = [ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0)
-              for f in (template.wm, template.gm, template.csf)]
+    warped = [
+        ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0)
+        for f in (template.wm, template.gm, template.csf)
+    ]
     return warped[0], warped[1], warped[2]
 
 
-def _tumour(
-    wm: np.ndarray, brain_frac: np.ndarray, spacing: float, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
+def _tumour(wm: np.ndarray, brain_frac: np.ndarray, spacing: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Fractions of the tumour's compartments (``edema``, ``rim``, ``core``, ``necrosis``) in [0, 1], each voxel's
     sum at most 1: an irregular core (radius 10-25 mm; rim 3-6 mm thick; necrosis in 80 % of the cases) centred in
     white matter away from the brain's edge, edema reaching 8-25 mm beyond it, farther along white matter."""
@@ -315,8 +316,14 @@ def anatomy_case(
     tum = _tumour(wm, brain_frac, template.spacing, rng)
     tumour_total = np.clip(sum(tum.values()), 0.0, 1.0)
     keep = np.clip(1.0 - tumour_total, 0.0, 1.0)  # the tumour displaces normal tissue
-    fractions = {"wm": wm * keep, "gm": gm * keep, "csf": csf * keep, "edema": tum["edema"],
-                 "tumour": tum["core"] + tum["rim"], "necrosis": tum["necrosis"]}
+    fractions = {
+        "wm": wm * keep,
+        "gm": gm * keep,
+        "csf": csf * keep,
+        "edema": tum["edema"],
+        "tumour": tum["core"] + tum["rim"],
+        "necrosis": tum["necrosis"],
+    }
     label = np.zeros(wm.shape, dtype=np.uint8)
     stack = np.stack([tum["necrosis"] + tum["core"], tum["edema"], tum["rim"]])  # labels 1, 2, 4
     best = stack.argmax(0)

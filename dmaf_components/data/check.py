@@ -112,7 +112,8 @@ class CheckReport:
         whole = sum(p.scope != "case" for p in self.problems)
         return (
             f"checked {self.cases} cases ({self.files} files): {len(self.errors)} error(s), "
-            f"{len(self.warnings)} warning(s)" + (f" in {bad} case(s)" if bad else "")
+            f"{len(self.warnings)} warning(s)"
+            + (f" in {bad} case(s)" if bad else "")
             + (f" ({whole} about the datalist as a whole)" if whole else "")
         )
 
@@ -155,7 +156,7 @@ class _Case:
     def add(self, path: str, message: str, severity: str = "error") -> None:
         prefix = f"{path}: "
         if message.startswith(prefix):  # the reader's messages start with the path: show it once, relative
-            message = message[len(prefix):]
+            message = message[len(prefix) :]
         self.problems.append(CheckProblem(self.name, self.show(path), message, severity))
 
 
@@ -267,9 +268,12 @@ def _check_file(reader: ImageReader, case: _Case, role: str, path: str, modaliti
                 what = "is all zero" if role != "image" else f"channel {modalities.index(name)} ({name}) is all zero"
                 case.add(path, f"{what}: the modality is treated as missing", "warning")
             elif not myops and (zero := 1.0 - int(torch.count_nonzero(channel)) / channel.numel()) < MIN_BACKGROUND:
-                case.add(path, f"{which}only {zero:.1%} of the voxels are 0: the BraTS pipeline expects skull-stripped "
-                         f"images with a zero background (inference refuses fewer than {MIN_BACKGROUND:.0%})",
-                         "warning")
+                case.add(
+                    path,
+                    f"{which}only {zero:.1%} of the voxels are 0: the BraTS pipeline expects skull-stripped "
+                    f"images with a zero background (inference refuses fewer than {MIN_BACKGROUND:.0%})",
+                    "warning",
+                )
     return spatial, np.asarray(header.affine, dtype=np.float64)
 
 
@@ -302,9 +306,10 @@ def check_entries(
     report = CheckReport(cases=len(todo))
     modalities = MYOPS_MODALITIES if dataset == "myops" else BRATS_MODALITIES
     report.files = sum(len(_case_files(entry, modalities)) for entry in todo)
-    with ThreadPoolExecutor(workers) as pool, tqdm(
-        total=len(todo), desc="dmaf check", unit="case", disable=None if progress else True
-    ) as bar:
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(todo), desc="dmaf check", unit="case", disable=None if progress else True) as bar,
+    ):
         futures = [pool.submit(check_case, entry, dataset, labels, base_dir) for entry in todo]
         for future in futures:
             future.add_done_callback(lambda _: bar.update())
@@ -335,8 +340,11 @@ def untrained_modalities(datalist: Mapping, modalities: Sequence[str] | None = N
         elif isinstance(image, (list, tuple)) and len(image) == len(modalities):
             has &= np.array([bool(p) for p in image])
         present |= has
-    return [f"{m} is missing from every training case (realised missing rate 1.000): the model is never trained on "
-            f"{m}" for m, seen in zip(modalities, present) if not seen]
+    return [
+        f"{m} is missing from every training case (realised missing rate 1.000): the model is never trained on {m}"
+        for m, seen in zip(modalities, present)
+        if not seen
+    ]
 
 
 def check_datalist(
@@ -376,8 +384,11 @@ def check_datalist(
     for section in _SECTIONS:
         items = content.get(section)
         if section in content and not isinstance(items, list):
-            problems.append(CheckProblem(section, name, f"{section} is {type(items).__name__}; expected a list of "
-                                         "cases", scope="datalist"))
+            problems.append(
+                CheckProblem(
+                    section, name, f"{section} is {type(items).__name__}; expected a list of cases", scope="datalist"
+                )
+            )
             continue
         for i, entry in enumerate(items or []):
             listed += 1
@@ -393,8 +404,10 @@ def check_datalist(
     if not listed:
         raise DMAFDataError(f"{name}: no case in {list(_SECTIONS)}")
     problems += [CheckProblem(case, name, message) for case, message in duplicate_cases(content)]
-    problems += [CheckProblem("training", name, message, "warning", "datalist")
-                 for message in untrained_modalities(content, modalities)]
+    problems += [
+        CheckProblem("training", name, message, "warning", "datalist")
+        for message in untrained_modalities(content, modalities)
+    ]
     if entries:
         report = check_entries(entries, dataset, labels, base, workers, progress)
     else:

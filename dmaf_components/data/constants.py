@@ -56,4 +56,3 @@ BRATS_LABELS = {0: "background", 1: "necrotic/non-enhancing core", 2: "edema", 4
 #: trained MyoPS classes; edema and scar merge into myocardium, as the paper (raw values: myocardium 200,
 #: LV 500, RV 600, edema 1220, scar 2221; the mapping is in bundle/configs/train_myops.json)
 MYOPS_LABELS = {0: "background", 1: "LV blood pool", 2: "RV blood pool", 3: "myocardium"}
-

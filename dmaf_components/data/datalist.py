@@ -81,8 +81,11 @@ def find_brats_cases(data_dir: str, require_label: bool = True) -> list[dict]:
     cases = []
     for folder in folders:
         case = os.path.basename(folder)
-        files = [os.path.join(folder, f) for f in os.listdir(folder)
-                 if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))]  # (hidden: partial files)
+        files = [
+            os.path.join(folder, f)
+            for f in os.listdir(folder)
+            if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
+        ]  # (hidden: partial files)
         image, notes, errors = classify_files(files, BRATS_MODALITIES, report_labels=False)  # aliases, any case
         if errors:
             raise DMAFDataError(errors[0])
@@ -172,9 +175,7 @@ def _detect_layout(data_dir: str) -> str:
     )
 
 
-def split_cases(
-    n: int, split: Sequence[float], seed: int = 0
-) -> tuple[list[int], list[int], list[int]]:
+def split_cases(n: int, split: Sequence[float], seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     """Seeded split of n cases into (training, validation, testing) indices.
 
     ``split`` holds three counts (used as they are when they add up to n, scaled to n otherwise) or three fractions.
@@ -205,9 +206,7 @@ def conditional_rates(rates: np.ndarray, iterations: int = 200) -> np.ndarray:
     return q
 
 
-def idt_masks(
-    n: int, missing_rates: Sequence[float], seed: int = 0, exact: bool = False
-) -> np.ndarray:
+def idt_masks(n: int, missing_rates: Sequence[float], seed: int = 0, exact: bool = False) -> np.ndarray:
     """Persistent modality-presence vectors for imperfect data training (IDT).
 
     Args:
@@ -284,8 +283,23 @@ SPLIT_FILE_MODALITIES = {"brats": ("flair", "t1ce", "t1", "t2"), "myops": ("bssf
 #: ``mask_id`` -> present modalities in the split file's order (1 = present): the numbering of the masks in both
 #: repositories. Their IDT training reads ``mask_id``, not ``mask``, so the two must agree.
 _SPLIT_MASK_IDS = {
-    "brats": ("0001", "0100", "0010", "1000", "0101", "0110", "1010", "0011", "1001", "1100", "1110", "1011", "1101",
-              "0111", "1111"),
+    "brats": (
+        "0001",
+        "0100",
+        "0010",
+        "1000",
+        "0101",
+        "0110",
+        "1010",
+        "0011",
+        "1001",
+        "1100",
+        "1110",
+        "1011",
+        "1101",
+        "0111",
+        "1111",
+    ),
     "myops": ("001", "010", "100", "011", "110", "101", "111"),
 }
 _GRADE_PREFIX = re.compile(r"^(?:HG|LG)_")
@@ -364,8 +378,10 @@ def read_split_file(path: str, dataset: str) -> dict[str, tuple[list[int], int]]
             raise DMAFDataError(f"{where}: no data_name")
         flags = _flags(text, len(order))
         if flags is None:
-            raise DMAFDataError(f"{where}: {name}: mask {text!r} is not a list of {len(order)} flags (True/False or "
-                                f"1/0) in the order {', '.join(order)}")
+            raise DMAFDataError(
+                f"{where}: {name}: mask {text!r} is not a list of {len(order)} flags (True/False or "
+                f"1/0) in the order {', '.join(order)}"
+            )
         if not any(flags):
             raise DMAFDataError(f"{where}: {name}: mask {text!r} has no modality present")
         table = _SPLIT_MASK_IDS[family]
@@ -373,8 +389,10 @@ def read_split_file(path: str, dataset: str) -> dict[str, tuple[list[int], int]]
             raise DMAFDataError(f"{where}: {name}: mask_id {mask_id!r} is not a mask number 0..{len(table) - 1}")
         if table[int(mask_id)] != "".join(map(str, flags)):
             meant = [bool(int(c)) for c in table[int(mask_id)]]
-            raise DMAFDataError(f"{where}: {name}: mask_id {mask_id} stands for {meant} but mask is {text}; the "
-                                "training code of PASSION reads mask_id, so the two must agree")
+            raise DMAFDataError(
+                f"{where}: {name}: mask_id {mask_id} stands for {meant} but mask is {text}; the "
+                "training code of PASSION reads mask_id, so the two must agree"
+            )
         key = _GRADE_PREFIX.sub("", name)
         if key in names:
             raise DMAFDataError(f"{where}: {name} is listed twice (also line {names[key]})")
@@ -382,8 +400,10 @@ def read_split_file(path: str, dataset: str) -> dict[str, tuple[list[int], int]]
         case = _split_case(key, family)
         mask = [flags[order.index(m)] for m in ours]
         if case in cases and cases[case][0] != mask:
-            raise DMAFDataError(f"{where}: {name} has mask {text} but line {cases[case][1]} gives {case} another; "
-                                "a case has one mask for all its slices")
+            raise DMAFDataError(
+                f"{where}: {name} has mask {text} but line {cases[case][1]} gives {case} another; "
+                "a case has one mask for all its slices"
+            )
         cases.setdefault(case, (mask, line))
     if not cases:
         raise DMAFDataError(f"{path}: no case listed under the header {header}")
@@ -454,9 +474,11 @@ def _masks_from_file(
         val = [i for i in rest if i not in set(test)]
     else:
         if len(split) != 3 or min(split) < 0 or split[1] + split[2] <= 0:
-            raise DMAFDataError(f"split: with masks_from, the validation and testing sizes share out the cases that "
-                                f"are not in {masks_from}; expected (train, val, test) with val + test > 0, got "
-                                f"{list(split)}")
+            raise DMAFDataError(
+                f"split: with masks_from, the validation and testing sizes share out the cases that "
+                f"are not in {masks_from}; expected (train, val, test) with val + test > 0, got "
+                f"{list(split)}"
+            )
         _, v, t = split_cases(len(rest), (0, split[1], split[2]), seed)
         val, test = [rest[i] for i in v], [rest[i] for i in t]
     return train, [by_index[i] for i in train], val, test
@@ -562,6 +584,8 @@ def write_datalist(datalist: dict, path: str, overwrite: bool = False) -> str:
     try:
         atomic_replace(path, lambda f: json.dump(datalist, f, indent=2))
     except OSError as exc:
-        raise DMAFDataError(f"{path}: cannot write the datalist ({type(exc).__name__}: {exc.strerror or exc}); "
-                            "an earlier datalist there is unchanged") from None
+        raise DMAFDataError(
+            f"{path}: cannot write the datalist ({type(exc).__name__}: {exc.strerror or exc}); "
+            "an earlier datalist there is unchanged"
+        ) from None
     return path

@@ -143,18 +143,24 @@ def check_image(
     low, high = torch.aminmax(flat, dim=1)  # one pass per channel
     big = max(-float(low.min()), float(high.max()))
     if img.dtype == torch.float64 and big > _FLOAT32_MAX:  # training and inference compute in float32: inf there
-        raise DMAFDataError(f"{path}: values up to {big:.3g} in magnitude exceed float32's range "
-                            f"({_FLOAT32_MAX:.3g}); the pipeline computes in float32")
+        raise DMAFDataError(
+            f"{path}: values up to {big:.3g} in magnitude exceed float32's range "
+            f"({_FLOAT32_MAX:.3g}); the pipeline computes in float32"
+        )
     for c in range(flat.shape[0] if image else 0):
         where = f"{path}" + (f" (channel {c})" if flat.shape[0] > 1 else "")
         if low[c] == high[c] != 0:  # all zero is an absent modality; another constant is no image
-            raise DMAFDataError(f"{where}: every voxel is {float(high[c]):g}: not an image (an all-zero file "
-                                "means a missing modality; remove the file to segment without it)")
+            raise DMAFDataError(
+                f"{where}: every voxel is {float(high[c]):g}: not an image (an all-zero file "
+                "means a missing modality; remove the file to segment without it)"
+            )
         levels = _few_whole_levels(flat[c])
         if levels is not None and low[c] != high[c]:
             shown = ", ".join(f"{v:g}" for v in levels[:8]) + (", ..." if len(levels) > 8 else "")
-            raise DMAFDataError(f"{where}: holds only {len(levels)} distinct whole-number values ({shown}): a "
-                                "label map or mask, not an MR image")
+            raise DMAFDataError(
+                f"{where}: holds only {len(levels)} distinct whole-number values ({shown}): a "
+                "label map or mask, not an MR image"
+            )
         if min_background is not None and (low[c] != 0 or high[c] != 0):  # (all zero: absent)
             zero = 1.0 - int(torch.count_nonzero(flat[c])) / flat.shape[1]  # no full-size temporary
             if zero < min_background:
@@ -164,8 +170,10 @@ def check_image(
                     "and set the background to 0 first)"
                 )
     if min_axis_size > 1 and min(img.shape[1:]) < min_axis_size:
-        raise DMAFDataError(f"{path}: shape {tuple(img.shape[1:])} has an axis shorter than "
-                            f"{min_axis_size}: a slice or slab, expected a 3-D volume")
+        raise DMAFDataError(
+            f"{path}: shape {tuple(img.shape[1:])} has an axis shorter than "
+            f"{min_axis_size}: a slice or slab, expected a 3-D volume"
+        )
     if anisotropy_ratio is not None:
         spacing = [abs(float(v)) for v in np.asarray(img.pixdim).ravel()[: img.ndim - 1]]
         if spacing and min(spacing) > 0 and max(spacing) / min(spacing) > anisotropy_ratio:

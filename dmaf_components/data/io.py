@@ -78,13 +78,19 @@ def entry_problems(entry, modalities: Sequence[str] | None = None) -> list[str]:
     if "image" not in entry:
         problems.append("no 'image' field")
     elif isinstance(image, Mapping):
-        problems += [f"image[{key!r}] is {_describe(path)}; expected a path" for key, path in image.items()
-                     if not isinstance(key, str) or not (path in (None, "") or _is_path(path))]
+        problems += [
+            f"image[{key!r}] is {_describe(path)}; expected a path"
+            for key, path in image.items()
+            if not isinstance(key, str) or not (path in (None, "") or _is_path(path))
+        ]
         if image and not any(_is_path(p) for p in image.values()):
             problems.append("image lists no path")
     elif isinstance(image, (list, tuple)):
-        problems += [f"image[{i}] is {_describe(path)}; expected a path" for i, path in enumerate(image)
-                     if not (path in (None, "") or _is_path(path))]
+        problems += [
+            f"image[{i}] is {_describe(path)}; expected a path"
+            for i, path in enumerate(image)
+            if not (path in (None, "") or _is_path(path))
+        ]
     elif not _is_path(image):
         problems.append(f"image is {_describe(image)}; {expected}")
     if "label" in entry and entry["label"] is not None and not _is_path(entry["label"]):
@@ -94,9 +100,7 @@ def entry_problems(entry, modalities: Sequence[str] | None = None) -> list[str]:
     if "modality_mask" in entry:
         mask = entry["modality_mask"]
         names = f" ({', '.join(modalities)})" if modalities else ""
-        if not isinstance(mask, (list, tuple)) or not all(
-            isinstance(v, (bool, int)) and v in (0, 1) for v in mask
-        ):
+        if not isinstance(mask, (list, tuple)) or not all(isinstance(v, (bool, int)) and v in (0, 1) for v in mask):
             problems.append(
                 f"modality_mask is {_describe(mask)}; expected a list of 0/1 flags, one per modality{names}"
             )
@@ -137,8 +141,13 @@ def duplicate_cases(datalist: Mapping) -> list[tuple[str, str]]:
                 first = seen[key]
                 same = first.split("[")[0] == section
                 what = f"listed twice in {section}" if same else "listed in two sections"
-                found.append((entry_name(entry) or key, f"{what}: {first} and {where} (a case belongs to one "
-                              "section, once: a case both trained and evaluated on inflates the results)"))
+                found.append(
+                    (
+                        entry_name(entry) or key,
+                        f"{what}: {first} and {where} (a case belongs to one "
+                        "section, once: a case both trained and evaluated on inflates the results)",
+                    )
+                )
             else:
                 seen[key] = where
     return found
@@ -160,8 +169,10 @@ def resolve_path(path, base: str | None, where: str = "") -> str:
     full = os.path.join(base, path)
     if os.path.commonpath([os.path.normpath(full), base]) != base:
         prefix = f"{where}: " if where else ""
-        raise DMAFDataError(f"{prefix}path {path!r} leaves the data folder {base}; relative paths must stay inside "
-                            "it (give an absolute path to use a file elsewhere)")
+        raise DMAFDataError(
+            f"{prefix}path {path!r} leaves the data folder {base}; relative paths must stay inside "
+            "it (give an absolute path to use a file elsewhere)"
+        )
     return full
 
 

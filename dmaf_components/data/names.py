@@ -20,7 +20,14 @@ from functools import lru_cache
 from .constants import LABEL_FILE_MARKERS, MODALITY_ALIASES
 
 __all__ = [
-    "is_nifti", "nifti_stem", "is_image_file", "image_stem", "modality_of", "case_of", "is_label_file", "classify_files"
+    "is_nifti",
+    "nifti_stem",
+    "is_image_file",
+    "image_stem",
+    "modality_of",
+    "case_of",
+    "is_label_file",
+    "classify_files",
 ]
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)

@@ -85,7 +85,8 @@ def _dicom_candidates(
     description); ``modality_map`` comes first. Series and sub-folders that name no modality go to ``notes``."""
     found: list[tuple[str, DicomSeries]] = []
     subs = sorted(
-        os.path.join(folder, n) for n in os.listdir(folder)
+        os.path.join(folder, n)
+        for n in os.listdir(folder)
         if not n.startswith(".") and os.path.isdir(os.path.join(folder, n))
     )
     for where in [folder] + subs:

@@ -139,7 +139,11 @@ def brats_case(
     label[brain & (t < necrotic_frac)] = 1
 
     regions = {
-        "wm": tissue == 1, "gm": tissue == 2, "csf": tissue == 3, "edema": label == 2, "et": label == 4,
+        "wm": tissue == 1,
+        "gm": tissue == 2,
+        "csf": tissue == 3,
+        "edema": label == 2,
+        "et": label == 4,
         "ncr": label == 1,
     }
     if profile == "study":
@@ -334,8 +338,10 @@ def _recorded(out_dir: str) -> set[str] | None:
             files = json.load(f)["files"]
         return {os.path.normpath(str(name)) for name in files}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DMAFDataError(f"{path}: cannot read the record of the synthetic files ({type(exc).__name__}: {exc}); "
-                            "delete the folder to regenerate the dataset") from None
+        raise DMAFDataError(
+            f"{path}: cannot read the record of the synthetic files ({type(exc).__name__}: {exc}); "
+            "delete the folder to regenerate the dataset"
+        ) from None
 
 
 def _record(out_dir: str, recorded: set[str] | None, names: Iterable[str]) -> None:
@@ -448,8 +454,15 @@ def _run_jobs(jobs: list[tuple], fn, workers: int) -> None:
 
 
 def synthesize_brats(
-    out_dir: str, cases: int = 12, shape: Sequence[int] = (240, 240, 155), seed: int = 0, overwrite: bool = False,
-    profile: str = "demo", workers: int = 1, spacing: float = 2.0, template_dir: str | None = None,
+    out_dir: str,
+    cases: int = 12,
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    overwrite: bool = False,
+    profile: str = "demo",
+    workers: int = 1,
+    spacing: float = 2.0,
+    template_dir: str | None = None,
 ) -> list[str]:
     """Write ``out_dir/MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{mod,seg}.nii.gz``.
 
@@ -492,8 +505,13 @@ def synthesize_brats(
 
 
 def synthesize_myops(
-    out_dir: str, cases: int = 10, shape: Sequence[int] = (256, 256, 5), seed: int = 0, overwrite: bool = False,
-    profile: str = "demo", workers: int = 1,
+    out_dir: str,
+    cases: int = 10,
+    shape: Sequence[int] = (256, 256, 5),
+    seed: int = 0,
+    overwrite: bool = False,
+    profile: str = "demo",
+    workers: int = 1,
 ) -> list[str]:
     """Write ``out_dir/train25/myops_training_1XX_{C0,DE,T2}.nii.gz`` and ``train25_myops_gd/..._gd.nii.gz``
     (``profile``: see :func:`myops_case`; ``workers``: as :func:`synthesize_brats`).
@@ -524,8 +542,14 @@ def synthesize_myops(
     if jobs:
         for rel_dir, pattern in (("train25", _MYOPS_IMAGE), ("train25_myops_gd", _MYOPS_LABEL)):
             folder = os.path.join(out_dir, rel_dir)
-            _refuse_foreign(folder, [n for n in _visible(folder) if not pattern.fullmatch(n)
-                                     and os.path.join(rel_dir, n) not in (recorded or set())])
+            _refuse_foreign(
+                folder,
+                [
+                    n
+                    for n in _visible(folder)
+                    if not pattern.fullmatch(n) and os.path.join(rel_dir, n) not in (recorded or set())
+                ],
+            )
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(gd_dir, exist_ok=True)
         _record(out_dir, recorded, files)

@@ -92,8 +92,9 @@ class DynamicTrainingMonitor:
         if scaling_mode not in SCALING_MODES:
             raise ValueError(f"scaling_mode must be one of {SCALING_MODES}, got {scaling_mode!r}.")
         if reweight_norm not in REWEIGHT_NORMS:
-            raise ValueError(f"reweight_norm (dtm_reweight_norm) must be one of {REWEIGHT_NORMS}, "
-                             f"got {reweight_norm!r}.")
+            raise ValueError(
+                f"reweight_norm (dtm_reweight_norm) must be one of {REWEIGHT_NORMS}, got {reweight_norm!r}."
+            )
         m = getattr(loss, "module", loss).num_modalities
         self.loss = getattr(loss, "module", loss)  # a DDP-wrapped loss (multi-GPU config)
         self.network = network
@@ -101,8 +102,9 @@ class DynamicTrainingMonitor:
         if len(self.names) != m:
             raise ValueError(f"modality_names has {len(self.names)} names but the loss has {m} modalities.")
         if not isinstance(reweight, bool):  # "false" from a command line would silently mean True
-            raise TypeError(f"reweight (dtm_reweight) must be True or False, got {reweight!r} "
-                            "(on the command line: False).")
+            raise TypeError(
+                f"reweight (dtm_reweight) must be True or False, got {reweight!r} (on the command line: False)."
+            )
         self.reweight = reweight
         self.reweight_norm = reweight_norm
         self.scaling_mode = scaling_mode
@@ -202,8 +204,11 @@ class DynamicTrainingMonitor:
         for m, flat in flats.items():
             prev = self.prev_grads[m]
             compared[m] = prev is not None and prev.numel() == flat.numel()
-            cosine = (torch.nn.functional.cosine_similarity(flat, prev.to(flat.device), dim=0) if compared[m]
-                      else flat.new_full((), float("nan")))
+            cosine = (
+                torch.nn.functional.cosine_similarity(flat, prev.to(flat.device), dim=0)
+                if compared[m]
+                else flat.new_full((), float("nan"))
+            )
             stats.append(torch.stack([torch.isfinite(flat).all().to(flat.dtype), cosine]))
         host = torch.stack(stats).tolist()  # the one synchronisation: [finite, cosine] per encoder, float32 values
         scaled: list[torch.Tensor] = []
@@ -289,8 +294,9 @@ class DynamicTrainingMonitor:
         self.ema_relation = torch.as_tensor(state["ema_relation"]).to("cpu", torch.float64).clone()
         self.ema_prototype = torch.as_tensor(state["ema_prototype"]).to("cpu", torch.float64).clone()
         self.seen = torch.as_tensor(state["seen"]).to("cpu", torch.bool).clone()
-        self.prev_grads = [None if g is None else torch.as_tensor(g).detach().cpu().clone()
-                           for g in state["prev_grads"]]
+        self.prev_grads = [
+            None if g is None else torch.as_tensor(g).detach().cpu().clone() for g in state["prev_grads"]
+        ]
         if len(self.prev_grads) != len(self.names) or self.seen.numel() != len(self.names):
             raise ValueError(f"DTM state is for {self.seen.numel()} modalities, this monitor has {len(self.names)}.")
         self._apply_weights()

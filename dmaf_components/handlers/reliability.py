@@ -420,8 +420,10 @@ class TrainingPreflight:
                 "as this training writes its own; those it does not write stay."
             )
             return
-        checkpoints = sorted((f for f in found if f.startswith("checkpoint_")), key=lambda f: os.path.getmtime(
-            os.path.join(self.ckpt_dir, f)))
+        checkpoints = sorted(
+            (f for f in found if f.startswith("checkpoint_")),
+            key=lambda f: os.path.getmtime(os.path.join(self.ckpt_dir, f)),
+        )
         resume = ""
         if checkpoints:
             resume = f", --resume_from {os.path.join(self.ckpt_dir, checkpoints[-1])} to continue that training"
@@ -430,4 +432,3 @@ class TrainingPreflight:
             f"ckpt_dir {self.ckpt_dir}: holds {len(found)} file(s) of an earlier training ({shown}); they are kept: "
             f"pass --overwrite true to replace them{resume}, or choose another --bundle_root"
         )
-

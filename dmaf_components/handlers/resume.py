@@ -275,8 +275,10 @@ class ResumeCheckpointLoader(CheckpointLoader):
         """Refuse, with one line, a checkpoint that does not fit the run (before anything is restored)."""
         path, full = self.load_path, self.load_dict
         if not isinstance(checkpoint, Mapping) or not any(k in checkpoint for k in full):
-            if isinstance(checkpoint, Mapping) and checkpoint and all(
-                isinstance(v, torch.Tensor) for v in checkpoint.values()
+            if (
+                isinstance(checkpoint, Mapping)
+                and checkpoint
+                and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
             ):
                 what = f"network weights only ({len(checkpoint)} tensors, as models/model.pt)"
             elif isinstance(checkpoint, Mapping):
@@ -310,8 +312,10 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 "train on"
             )
         if max_epochs is not None and epoch == max_epochs and length and iteration % int(length) == 0:
-            self.logger.warning(f"{path} has trained all {max_epochs} epochs: nothing is left to train (pass a larger "
-                                "--max_epochs to train on).")
+            self.logger.warning(
+                f"{path} has trained all {max_epochs} epochs: nothing is left to train (pass a larger "
+                "--max_epochs to train on)."
+            )
 
     def _settings(self) -> dict[str, Any]:
         """The run's schedule settings held by the objects of ``load_dict`` (before the checkpoint replaces them)."""
@@ -331,8 +335,10 @@ class ResumeCheckpointLoader(CheckpointLoader):
             if isinstance(obj, Optimizer):
                 for group, decay in zip(obj.param_groups, old["weight_decay"]):
                     if decay is not None and group.get("weight_decay") != decay:
-                        self.logger.info(f"Resume: weight_decay {group.get('weight_decay')} in the checkpoint, {decay} "
-                                         "now: training continues with the new value.")
+                        self.logger.info(
+                            f"Resume: weight_decay {group.get('weight_decay')} in the checkpoint, {decay} "
+                            "now: training continues with the new value."
+                        )
                         group["weight_decay"] = decay
                 continue
             changes = []
@@ -389,9 +395,11 @@ class ResumeCheckpointLoader(CheckpointLoader):
         self._follow(before)
         state = engine.state
         length = state.epoch_length or 0
-        mid = f", {state.iteration - state.epoch * length} iterations into epoch {state.epoch + 1}" if length and (
-            state.iteration % length
-        ) else ""
+        mid = (
+            f", {state.iteration - state.epoch * length} iterations into epoch {state.epoch + 1}"
+            if length and (state.iteration % length)
+            else ""
+        )
         self.logger.info(
             f"Resumed from checkpoint {self.load_path} at epoch {state.epoch}, iteration {state.iteration}{mid}: "
             f"training continues with iteration {state.iteration + 1} until epoch {state.max_epochs}."

@@ -119,9 +119,7 @@ class DMAFLoss(nn.Module):
         self.distillation = distillation
         self.num_modalities = num_modalities
         weight = None if ce_weight is None else torch.as_tensor(ce_weight, dtype=torch.float32)
-        self.seg_loss = DiceCELoss(
-            include_background=include_background, to_onehot_y=True, softmax=True, weight=weight
-        )
+        self.seg_loss = DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True, weight=weight)
         self.relation = RelationDistillationLoss(
             feature_channels, num_modalities, attention_heads, alpha1, learn_alpha1, detach_teacher
         )

@@ -132,8 +132,10 @@ def compile_network(
     """
     missing = [a for a in ("encoders", "shared_decoder", "fusion_decoder", "fusions") if not hasattr(net, a)]
     if missing:
-        raise TypeError(f"compile_network needs a DMAFNet (compile before wrapping it in DDP); {type(net).__name__} "
-                        f"has no {', '.join(missing)}.")
+        raise TypeError(
+            f"compile_network needs a DMAFNet (compile before wrapping it in DDP); {type(net).__name__} "
+            f"has no {', '.join(missing)}."
+        )
     if isinstance(recompile_limit, bool) or not isinstance(recompile_limit, int) or recompile_limit < 1:
         raise ValueError(f"recompile_limit must be a positive integer, got {recompile_limit!r}.")
     kwargs = _compile_kwargs(mode, dynamic, backend, recompile_limit)

@@ -174,8 +174,16 @@ class _OneDNNConvFunction(torch.autograd.Function):
         if pad:
             grad, xc = torch.cat([grad, torch.zeros_like(grad)]), torch.cat([xc, torch.zeros_like(xc)])
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, xc, weight.to(dtype), [weight.shape[0]] if has_bias else None, stride, padding,
-            dilation, False, [0] * len(stride), groups,
+            grad,
+            xc,
+            weight.to(dtype),
+            [weight.shape[0]] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]],
         )
         if pad and gx is not None:
@@ -206,7 +214,13 @@ class _CPUConv:
             return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
         if self.use_private_ops:
             return _OneDNNConvFunction.apply(
-                x, weight, bias, self.stride, self.padding, self.dilation, self.groups,  # type: ignore[attr-defined]
+                x,
+                weight,
+                bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,  # type: ignore[attr-defined]
                 self.pad_backward,
             )
         return to_channels_last(self._conv_forward(to_channels_last(x), weight, bias))  # type: ignore[attr-defined]
@@ -255,8 +269,9 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).to(a.dtype)
 
 
-def _leaky_relu_grad(grad: torch.Tensor, at: torch.Tensor, slope: float, private: bool,
-                     is_result: bool) -> torch.Tensor:
+def _leaky_relu_grad(
+    grad: torch.Tensor, at: torch.Tensor, slope: float, private: bool, is_result: bool
+) -> torch.Tensor:
     """The gradient through LeakyReLU(``slope``) at its input, or (``is_result``) its output ``at`` (the same sign
     for a slope > 0). With private ops: ATen's own kernel, written into ``at``'s memory unless ``is_result``."""
     if private:
@@ -462,8 +477,11 @@ def apply_cpu_kernels(
     if private_ops is None:
         private_ops = private_ops_supported()
     elif private_ops and not private_ops_supported():
-        warnings.warn(f"CPU kernels: private ops forced on PyTorch {torch.__version__}, which they were not tested "
-                      f"on (tested: {PRIVATE_OPS_TESTED}).", stacklevel=2)
+        warnings.warn(
+            f"CPU kernels: private ops forced on PyTorch {torch.__version__}, which they were not tested "
+            f"on (tested: {PRIVATE_OPS_TESTED}).",
+            stacklevel=2,
+        )
     if private_ops:
         _register_flop_formula()
     remove_cpu_kernels(net)  # a second call reconfigures: every module starts from its plain class
@@ -500,8 +518,14 @@ def _fusable(adn: ADN) -> bool:
 def remove_cpu_kernels(net: nn.Module) -> nn.Module:
     """Give every re-classed module of ``net`` its plain class back (in place; parameters untouched); returns
     ``net``."""
-    plain = {CPUConv3d: nn.Conv3d, CPUConv2d: nn.Conv2d, CPUNormAct: ADN, CPUUNetDecoder: UNetDecoder,
-             CPUConcatFusion: ConcatFusion, CPUPaddedHeadAttention: SABlock}
+    plain = {
+        CPUConv3d: nn.Conv3d,
+        CPUConv2d: nn.Conv2d,
+        CPUNormAct: ADN,
+        CPUUNetDecoder: UNetDecoder,
+        CPUConcatFusion: ConcatFusion,
+        CPUPaddedHeadAttention: SABlock,
+    }
     for module in net.modules():
         if type(module) in plain:
             module.__class__ = plain[type(module)]
@@ -512,6 +536,10 @@ def remove_cpu_kernels(net: nn.Module) -> nn.Module:
 
 def cpu_kernels_applied(net: nn.Module) -> dict[str, int]:
     """How many modules of ``net`` run each CPU kernel (an empty count: the plain network)."""
-    kinds = {"convolutions": _CPUConv, "norm": CPUNormAct, "split_concat": (CPUUNetDecoder, CPUConcatFusion),
-             "padded_heads": CPUPaddedHeadAttention}
+    kinds = {
+        "convolutions": _CPUConv,
+        "norm": CPUNormAct,
+        "split_concat": (CPUUNetDecoder, CPUConcatFusion),
+        "padded_heads": CPUPaddedHeadAttention,
+    }
     return {k: sum(isinstance(m, cls) for m in net.modules()) for k, cls in kinds.items()}

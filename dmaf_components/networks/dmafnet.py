@@ -168,7 +168,10 @@ class DMAFNet(nn.Module):
             fusions = [MeanFusion() for _ in self.channels]
         self.fusions = nn.ModuleList(fusions)
         self.shared_decoder = UNetDecoder(
-            spatial_dims, self.channels, out_channels, deep_supervision=False,
+            spatial_dims,
+            self.channels,
+            out_channels,
+            deep_supervision=False,
             gradient_checkpointing=gradient_checkpointing,
         )
         self.fusion_decoder = UNetDecoder(

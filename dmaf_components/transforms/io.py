@@ -110,8 +110,9 @@ class LoadModalitiesd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.modalities = tuple(modalities)
-        self.label_keys = () if label_keys is None else (
-            (label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
+        self.label_keys = (
+            () if label_keys is None else ((label_keys,) if isinstance(label_keys, str) else tuple(label_keys))
+        )
         self.base_dir = base_dir
         self.affine_atol = affine_atol
         self.spatial_ndim = spatial_ndim
@@ -131,7 +132,12 @@ class LoadModalitiesd(MapTransform):
         """Read one file or DICOM series folder (``series``: its identifier when the folder holds several) and check
         it, with one-line errors; ``image=False`` (a label) skips the checks that only make sense for an MR image."""
         return check_image(
-            path, self.reader(path, series), image, self.spatial_ndim, self.min_background, self.min_axis_size,
+            path,
+            self.reader(path, series),
+            image,
+            self.spatial_ndim,
+            self.min_background,
+            self.min_axis_size,
             self.anisotropy_ratio,
         )
 

@@ -169,7 +169,10 @@ class RandFlipRotated(RandomizableTransform, MapTransform):
             array = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
             if grid is not None:
                 out = F.grid_sample(
-                    array.to(self.dtype)[None], grid.to(array.device), mode=mode, padding_mode=padding_mode,
+                    array.to(self.dtype)[None],
+                    grid.to(array.device),
+                    mode=mode,
+                    padding_mode=padding_mode,
                     align_corners=False,
                 )[0].to(torch.float32)
             else:  # float32 as MONAI's RandRotated (no copy for float32 input that is not flipped)
