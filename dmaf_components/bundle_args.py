@@ -8,8 +8,8 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Command-line runs of ``python -m monai.bundle run``: warn about keys that no config defines; end with one line on
-a data error.
+"""Command-line runs of ``python -m monai.bundle run``: warn about keys that no config defines and about the old
+names of keys; end with one line on a data error.
 
 ``monai.bundle run`` adds every ``--key value`` to the config, so a mistyped key (``--epoch 1``, ``--max_epoch 1``)
 is silently ignored and the run goes on with the default. The bundle's ``initialize`` sections call
@@ -17,6 +17,11 @@ is silently ignored and the run goes on with the default. The bundle's ``initial
 warns, with the closest key, about every ``--key`` that names nothing. The training's ``initialize`` also calls
 :func:`exit_on_data_errors`, so that a data error raised while the configuration is being built (a case that fails
 to load while the training set is cached) ends the process with its one line instead of a chain of tracebacks.
+
+Three keys have an old name beside the model zoo's (:data:`DEPRECATED_KEYS`): ``max_epochs`` for ``epochs``,
+``datalist`` for ``data_list_file_path`` and ``checkpoint_loader`` for ``checkpointloader``. In the configs the old
+name is a reference to the new one and the engines read the old name, so an override of either takes effect; on a
+command line the old name warns (``FutureWarning``), and both names with different values are an error.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "DEPRECATED_KEYS",
+    "canonical_key",
+    "deprecated_overrides",
     "override_keys",
     "config_ids",
     "unknown_overrides",
@@ -42,6 +50,46 @@ __all__ = [
     "fraction",
     "switch",
 ]
+
+
+DEPRECATED_KEYS: dict[str, str] = {
+    "max_epochs": "epochs",
+    "datalist": "data_list_file_path",
+    "checkpoint_loader": "checkpointloader",
+}
+"""Old config key -> the model zoo's name for it; both work as overrides, the old one warns."""
+
+
+def canonical_key(key: str) -> str:
+    """The model zoo's name of a config key (``max_epochs`` -> ``epochs``); other keys unchanged."""
+    return DEPRECATED_KEYS.get(key, key)
+
+
+def deprecated_overrides(overrides: Mapping[str, Any]) -> list[str]:
+    """One message per old key name among ``overrides`` (``--max_epochs``: use ``--epochs``).
+
+    Args:
+        overrides: override keys and their values, from a command line (:func:`override_keys`) or a program.
+
+    Returns:
+        messages such as ``"--max_epochs is the old name of --epochs; it still works, but use --epochs"``.
+
+    Raises:
+        DMAFDataError: an old name and its new name given with different values (the run would use the old one's).
+    """
+    from .data.constants import DMAFDataError
+
+    messages = []
+    for old, new in DEPRECATED_KEYS.items():
+        if old not in overrides:
+            continue
+        if new in overrides and str(overrides[new]) != str(overrides[old]):
+            raise DMAFDataError(
+                f"--{old} {overrides[old]} and --{new} {overrides[new]} set the same key ({old} is the old name of "
+                f"{new}): give only --{new}"
+            )
+        messages.append(f"--{old} is the old name of --{new}; it still works, but use --{new}")
+    return messages
 
 
 def _run_arguments() -> set[str]:
@@ -127,7 +175,8 @@ def _is_bundle_command_line(argv: Sequence[str]) -> bool:
 
 
 def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
-    """Warn (``UserWarning``) about every command-line key that no config of the run defines.
+    """Warn about every command-line key that no config of the run defines (``UserWarning``) and about every old
+    key name (``FutureWarning``, :func:`deprecated_overrides`).
 
     Called from the bundle's ``initialize`` sections; does nothing unless the process is ``python -m monai.bundle``
     (or ``argv`` is given).
@@ -137,18 +186,24 @@ def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
 
     Returns:
         the messages warned.
+
+    Raises:
+        DMAFDataError: an old key name and its new name with different values.
     """
     if argv is None:
         argv = sys.argv
         if not _is_bundle_command_line(argv):
             return []
+    old_names = deprecated_overrides(override_keys(list(argv)[1:]))
     try:
         messages = unknown_overrides(list(argv)[1:])
     except Exception as e:  # a command line this check cannot read must not stop the run: monai.bundle decides
-        return [f"command-line keys not checked: {e}"]
+        messages = [f"command-line keys not checked: {e}"]
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=2)
-    return messages
+    for message in old_names:
+        warnings.warn(message, FutureWarning, stacklevel=2)
+    return messages + old_names
 
 
 def is_bundle_command_line(argv: Sequence[str] | None = None) -> bool:

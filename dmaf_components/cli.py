@@ -276,7 +276,7 @@ class DMAF:
             reference: a finished study folder on the same datalist: differences are then taken against its same
                 setting and seeds (a variant, e.g. --reference studies/ref --settings full --learn_alpha1 False),
                 and the baseline is run only when named.
-            overrides: bundle overrides for every run, e.g. --max_epochs 50 --batch_size 8 --roi_size [96,96].
+            overrides: bundle overrides for every run, e.g. --epochs 50 --batch_size 8 --roi_size [96,96].
         """
         from .ablation import AblationStudy
 

@@ -105,7 +105,7 @@ def run_demo(data_dir: str = "data/demo_brats", work_dir: str = "runs/demo", epo
             "training",
             "--config_file",
             "configs/train.json",
-            "--max_epochs",
+            "--epochs",
             str(epochs),
             "--val_interval",
             str(max(1, epochs // 5)),

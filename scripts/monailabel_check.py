@@ -160,7 +160,16 @@ def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
         for n in names
     ]
     datalist = os.path.join(bundle_dir, "check_datalist.json")
-    common = ["--dataset_dir", studies, "--datalist", datalist, "--bundle_root", bundle_dir, "--num_workers", "0"]
+    common = [
+        "--dataset_dir",
+        studies,
+        "--data_list_file_path",
+        datalist,
+        "--bundle_root",
+        bundle_dir,
+        "--num_workers",
+        "0",
+    ]
     json.dump({"training": data[:3], "validation": data[3:], "testing": []}, open(datalist, "w"))
     cmd = [
         sys.executable,
@@ -171,7 +180,7 @@ def train_small_model(bundle_dir: str, studies: str, names: list[str]) -> None:
         "--config_file",
         "configs/train.json",
         *common,
-        "--max_epochs",
+        "--epochs",
         "2",
         "--val_interval",
         "1",

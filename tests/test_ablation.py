@@ -121,7 +121,7 @@ def test_study_through_the_bundle_resumes_and_skips_finished_runs(tiny_myops, tm
         "channels": [8, 16, 32],
         "num_layers": 1,
         "num_workers": 0,
-        "max_epochs": 2,
+        "epochs": 2,
         "val_interval": 1,
     }
     study = AblationStudy("myops", str(data), str(tmp_path / "study"), "full", 1, overrides=small, log=lines.append)
@@ -408,6 +408,8 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
         raise AssertionError("a bundle process was started")
 
     assert study().summarize()["n_records"] == 2  # the same study: its records are used
+    # records of older versions hold the old key name (max_epochs): the model zoo's name (epochs) matches them
+    assert study(overrides={"epochs": 2, "roi_size": [48, 48]}).summarize()["n_records"] == 2
     # rebuilding the summary without naming the overrides: the records must agree with each other
     lines = []
     assert (
@@ -416,12 +418,12 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
         ]
         == 2
     )
-    assert "ablation: the runs were made with --max_epochs 2 --roi_size [48, 48]" in lines
-    with pytest.raises(ValueError, match=r"made with other overrides: --max_epochs 2 \(now 50\); name the overrides"):
+    assert "ablation: the runs were made with --epochs 2 --roi_size [48, 48]" in lines
+    with pytest.raises(ValueError, match=r"made with other overrides: --epochs 2 \(now 50\); name the overrides"):
         study(overrides={**small, "max_epochs": 50}).summarize()
     # another budget, another datalist or another dataset family: refused, naming the record and what differs
     record = out / "runs" / "baseline" / "seed0" / "record.json"
-    with pytest.raises(ValueError, match=rf"{record}: made with other overrides: --max_epochs 2 \(now 50\)"):
+    with pytest.raises(ValueError, match=rf"{record}: made with other overrides: --epochs 2 \(now 50\)"):
         study(overrides={**small, "max_epochs": 50}).run()
     other = tmp_path / "other.json"
     write_datalist(build_datalist(str(tiny_myops), "myops", split=(2, 1, 2), seed=0), str(other))
@@ -437,7 +439,7 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
     )
     with pytest.raises(
         ValueError,
-        match=rf"{started}: made with other overrides: --max_epochs 9 \(now 2\), "
+        match=rf"{started}: made with other overrides: --epochs 9 \(now 2\), "
         r"--roi_size \(not set\) \(now \[48, 48\]\)",
     ):
         AblationStudy("myops", str(tiny_myops), str(out), "full", 2, datalist=str(dl), overrides=small).run()
@@ -461,9 +463,9 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
         ({"seeds": "abc"}, r"--seeds: need a count"),
         ({"seeds": 2.5}, r"--seeds: need a count"),
         ({"seeds": [0, 0]}, r"--seeds: seed given twice"),
-        ({"overrides": {"max_epochs": "abc"}}, r"--max_epochs: expected a whole number .*got 'abc'"),
+        ({"overrides": {"max_epochs": "abc"}}, r"--epochs: expected a whole number .*got 'abc'"),
         ({"overrides": {"roi_size": 48}}, r"--roi_size: expected a list"),
-        ({"overrides": {"max_epochs": 2.5}}, r"--max_epochs: expected a whole number"),
+        ({"overrides": {"max_epochs": 2.5}}, r"--epochs: expected a whole number"),
         ({"overrides": {"learn_alpha1": 1}}, r"--learn_alpha1: expected True or False"),
         ({"out": str(dl)}, r"--out .*dl.json: is a file"),
     ]
@@ -471,7 +473,7 @@ def test_a_study_refuses_runs_made_for_another_study_and_bad_input_in_one_line(
         args = {"settings": "full", "seeds": 1, "datalist": str(dl), **kw}
         with pytest.raises(ValueError, match=message):
             AblationStudy("myops", str(tiny_myops), args.pop("out", str(out)), **args)
-    for fine in ({"max_epochs": "$@epochs // 2"}, {"roi_size": (48, 48)}, {"learning_rate": 1}):  # not refused
+    for fine in ({"epochs": "$@val_interval * 2"}, {"roi_size": (48, 48)}, {"learning_rate": 1}):  # not refused
         AblationStudy("myops", str(tiny_myops), str(out), "full", 1, datalist=str(dl), overrides=fine)
     content = json.load(open(dl))
     for name, change, message in (

@@ -56,7 +56,7 @@ def trained(data_dir, tmp_path_factory):
             str(data_dir),
             "--bundle_root",
             str(root),
-            "--max_epochs",
+            "--epochs",
             "1",
             "--val_interval",
             "1",
@@ -302,11 +302,11 @@ def test_torchrun_two_processes_gloo(data_dir, tmp_path):
         "['configs/train.json','configs/multi_gpu_train.json']",
         "--dataset_dir",
         str(data_dir),
-        "--datalist",
+        "--data_list_file_path",
         str(data_dir / "datalist_ddp.json"),
         "--bundle_root",
         str(tmp_path),
-        "--max_epochs",
+        "--epochs",
         "1",
         "--val_interval",
         "1",
@@ -403,7 +403,7 @@ def test_myops_2d_trains_and_evaluates_its_7_combinations(tiny_myops, tmp_path):
         "--bundle_root",
         str(tmp_path / "root"),
     ]
-    log = _bundle(["run", "training", "--config_file", configs, "--max_epochs", "1", "--val_interval", "1"] + small)
+    log = _bundle(["run", "training", "--config_file", configs, "--epochs", "1", "--val_interval", "1"] + small)
     assert "val_mean_dice" in log
     net_state = torch.load(tmp_path / "root" / "models" / "model.pt", weights_only=True)
     assert net_state["encoders.0.stages.0.entry.conv.weight"].ndim == 4  # a 2-D network

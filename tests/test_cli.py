@@ -133,8 +133,8 @@ def test_kwargs_command_accepts_any_flag(monkeypatch, capsys):
     code, out, _ = _run([], capsys)
     listed = [line.split() for line in out.splitlines()]
     assert ["ablation", "Run", "an", "ablation", "with", "bundle", "overrides."] in listed
-    main(["ablation", "no_dtm", "--max_epochs", "5", "--roi-size=[8,8,8]"])
-    assert seen == {"name": "no_dtm", "max_epochs": 5, "roi_size": [8, 8, 8]}
+    main(["ablation", "no_dtm", "--epochs", "5", "--roi-size=[8,8,8]"])
+    assert seen == {"name": "no_dtm", "epochs": 5, "roi_size": [8, 8, 8]}
     code, _, err = _run(["ablation"], capsys)
     assert code == 2 and "missing argument NAME" in err
 

@@ -114,7 +114,7 @@ def test_inf_in_a_training_image_stops_training_with_one_line_and_saves_nothing_
         str(data3),
         "--bundle_root",
         str(tmp_path),
-        "--max_epochs",
+        "--epochs",
         "3",
         "--val_interval",
         "1",
@@ -244,7 +244,7 @@ def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_
     log = _train(data3, root, resume_from=ckpt, max_epochs=2, learning_rate=1e-3)
     rate = 1e-3 * (1 - 1 / 2) ** 0.9  # PolynomialLR at epoch 1 of 2 from the new rate: 0.0005359
     assert any(
-        f"Resume: max_epochs 1 in the checkpoint, 2 now; learning_rate 0.0002 in the checkpoint, 0.001 now: "
+        f"Resume: epochs 1 in the checkpoint, 2 now; learning_rate 0.0002 in the checkpoint, 0.001 now: "
         f"the learning-rate schedule (PolynomialLR) follows the new settings; learning rate {rate:.4g} from "
         "epoch 2." in line
         for line in log
@@ -259,8 +259,8 @@ def test_resume_with_a_larger_max_epochs_and_a_new_learning_rate_trains_on_at_a_
     digests = _digests(root / "models")
     line = _refused(data3, root, resume_from=str(root / "models" / "checkpoint_final.pt"), max_epochs=1)
     assert line == (
-        f"{root / 'models' / 'checkpoint_final.pt'}: max_epochs 1 is below the 2 epochs the checkpoint has "
-        "trained (max_epochs 2 when it was saved); pass --max_epochs 3 or more to train on"
+        f"{root / 'models' / 'checkpoint_final.pt'}: epochs 1 is below the 2 epochs the checkpoint has "
+        "trained (epochs 2 when it was saved); pass --epochs 3 or more to train on"
     )
     assert _digests(root / "models") == digests  # no final checkpoint of the refused run
 
@@ -332,7 +332,7 @@ def test_a_checkpoint_loader_of_another_program_may_train_into_the_folder_it_loa
         preflight.attach(Engine(lambda e, b: None))
     preflight.check()  # in initialize: the folder is checked only in a `python -m monai.bundle` process
     for bad in (0, -1, 2.5, "abc", True):
-        with pytest.raises(SystemExit, match=f"^max_epochs: expected a whole number of epochs >= 1 .*got {bad!r}$"):
+        with pytest.raises(SystemExit, match=f"^epochs: expected a whole number of epochs >= 1 .*got {bad!r}$"):
             TrainingPreflight(str(tmp_path / "new"), "", False, bad).check()
     with pytest.raises(SystemExit, match="^overwrite: expected true or false, got 'maybe'$"):
         TrainingPreflight(str(tmp_path / "models"), "", "maybe", 2).check()
@@ -387,11 +387,16 @@ def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
     import json
 
     cases = {
-        "max_epochs 0": (
-            ["--max_epochs", "0"],
-            "max_epochs: expected a whole number of epochs >= 1 (--max_epochs, or the model zoo's --epochs), got 0",
+        "epochs 0": (
+            ["--epochs", "0"],
+            "epochs: expected a whole number of epochs >= 1 (--epochs; --max_epochs is its old name), got 0",
         ),
-        "max_epochs -3": (["--max_epochs", "-3"], "max_epochs: expected a whole number of epochs >= 1"),
+        "epochs -3": (["--epochs", "-3"], "epochs: expected a whole number of epochs >= 1"),
+        "old and new name": (
+            ["--max_epochs", "-3"],
+            "--max_epochs -3 and --epochs 1 set the same key (max_epochs is the old name of epochs): "
+            "give only --epochs",
+        ),
         "earlier training": (
             ["--bundle_root", str(finished)],
             f"ckpt_dir {finished / 'models'}: holds 3 file(s) of an earlier training",
@@ -400,7 +405,7 @@ def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
     datalist = json.loads((data3 / "datalist.json").read_text())
     datalist["training"][0]["modality_mask"] = [1, 0, 1]
     (tmp_path / "short_mask.json").write_text(json.dumps(datalist))
-    cases["modality_mask of 3"] = (["--datalist", str(tmp_path / "short_mask.json")], "modality_mask")
+    cases["modality_mask of 3"] = (["--data_list_file_path", str(tmp_path / "short_mask.json")], "modality_mask")
     shutil.copytree(data3, tmp_path / "data")
     import nibabel as nib
 
@@ -428,7 +433,7 @@ def test_command_line_refusals_end_with_one_line(data3, finished, tmp_path):
                 str(data3),
                 "--bundle_root",
                 str(tmp_path / name.replace(" ", "_")),
-                "--max_epochs",
+                "--epochs",
                 "1",
             ]
             + SMALL

@@ -117,8 +117,8 @@ def test_zoo_full_mode_checks_offline(tmp_path):
 
 
 def test_zoo_key_names_and_aliases():
-    """The zoo's names are the primary keys; the old names still work as overrides (a study and `dmaf ablation` use
-    --max_epochs and --datalist)."""
+    """The zoo's names are the primary keys; the old names still work as overrides because the engines read the old
+    name, which refers to the new one."""
     from monai.bundle import ConfigParser
 
     def parsed(overrides, *ids):
@@ -139,6 +139,8 @@ def test_zoo_key_names_and_aliases():
         and train["lr_scheduler"]["total_iters"] == "@max_epochs"
     )
     assert "checkpointloader" in train and train["checkpoint_loader"] == "@checkpointloader"
+    assert "$@checkpoint_loader.attach(@train#trainer) if @resume_from else None" in train["run"]
+    assert "@checkpointloader" not in json.dumps(train["run"])  # else --checkpoint_loader would be ignored
 
 
 @pytest.mark.slow
@@ -207,7 +209,32 @@ def test_unknown_override_keys_warn(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--epoch: no config of this run defines this key (did you mean --epochs?)" in proc.stderr
-    assert "--max_epochs:" not in proc.stderr
+    assert "--max_epochs is the old name of --epochs; it still works, but use --epochs" in proc.stderr
+    assert "--max_epochs:" not in proc.stderr  # an old name is not an unknown key
+
+
+def test_old_key_names_warn_and_refuse_a_clash():
+    """The old names (max_epochs, datalist, checkpoint_loader) still reach the engines, warn, and are refused when the
+    new name is given too with another value, since the run would silently use the old one's."""
+    import json
+
+    from dmaf_components.bundle_args import DEPRECATED_KEYS, deprecated_overrides, warn_unknown_overrides
+    from dmaf_components.data import DMAFDataError
+
+    train = json.load(open(os.path.join(BUNDLE, "configs", "train.json")))
+    for old, new in DEPRECATED_KEYS.items():  # the old name refers to the new one, so an override of either counts
+        assert train[old] == f"@{new}", old
+    assert deprecated_overrides({"epochs": 3}) == []
+    assert deprecated_overrides({"max_epochs": 3, "epochs": "3"}) == [
+        "--max_epochs is the old name of --epochs; it still works, but use --epochs"
+    ]
+    with pytest.raises(DMAFDataError, match=r"^--max_epochs 5 and --epochs 3 set the same key .*give only --epochs$"):
+        deprecated_overrides({"max_epochs": 5, "epochs": 3})
+    argv = ["python", "run", "--config_file", os.path.join(BUNDLE, "configs", "train.json"), "--datalist", "d.json"]
+    with pytest.warns(FutureWarning, match="--datalist is the old name of --data_list_file_path"):
+        assert warn_unknown_overrides(argv) == [
+            "--datalist is the old name of --data_list_file_path; it still works, but use --data_list_file_path"
+        ]
 
 
 @pytest.mark.slow

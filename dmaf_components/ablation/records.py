@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..bundle_args import canonical_key
 from ..data.atomic import atomic_replace
 from ..data.constants import DMAFDataError
 from .settings import COMPONENT_KEYS, SETTINGS, setting_overrides
@@ -108,6 +109,10 @@ def check_identity(found: Mapping, want: Mapping, path: str, advice: str, compar
             raise DMAFDataError(f"{path}: made with other overrides: {diff}{advice}")
 
 
+def _canonical(overrides: Mapping) -> dict:
+    return {canonical_key(str(k)): v for k, v in overrides.items()}
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal as JSON values, with True not equal to 1 (a bool override is not a number override)."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -118,8 +123,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def override_diff(had: Mapping, asked: Mapping) -> str:
-    """``--key had (now asked)`` for every override that differs, or ''."""
+    """``--key had (now asked)`` for every override that differs, or ''; a key's old name (``max_epochs``, in records
+    of older versions) counts as its model-zoo name (``epochs``)."""
     show = lambda v: v if v is _UNSET else repr(v)  # noqa: E731
+    had, asked = _canonical(had), _canonical(asked)
     return ", ".join(
         f"--{k} {show(had.get(k, _UNSET))} (now {show(asked.get(k, _UNSET))})"
         for k in sorted(set(had) | set(asked))
@@ -135,7 +142,9 @@ def check_one_budget(
     common: dict[str, Any] = {}
     for record in records:
         own = {
-            k: v for k, v in (record.get("overrides") or {}).items() if k not in setting_overrides(record["setting"])
+            k: v
+            for k, v in _canonical(record.get("overrides") or {}).items()
+            if k not in setting_overrides(record["setting"])
         }
         if not common:
             common = {"path": record_path(record["setting"], record["seed"]), "overrides": own}

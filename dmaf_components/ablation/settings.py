@@ -142,7 +142,7 @@ def config_files(dataset: str, evaluate: bool) -> str:
 def bundle_args(data_dir: str, datalist: str, run_dir: str, seed: int, overrides: Mapping[str, Any]) -> list[str]:
     """The command-line arguments that make a bundle command one run: its data, its folder, its seed and every
     override (:func:`run_overrides`)."""
-    args = ["--dataset_dir", data_dir, "--datalist", datalist, "--bundle_root", run_dir, "--seed", str(seed)]
+    args = ["--dataset_dir", data_dir, "--data_list_file_path", datalist, "--bundle_root", run_dir, "--seed", str(seed)]
     for key, value in overrides.items():
         args += [f"--{key}", _cli_value(value)]
     return args
@@ -168,7 +168,7 @@ def check_reserved_overrides(overrides: Mapping[str, Any], variant: bool) -> Non
 def check_override_keys(bundle_dir: str, dataset: str, overrides: Mapping[str, Any]) -> None:
     """Every override must name a key of the bundle's configs: a typo would otherwise run the whole study with the
     default silently (``monai.bundle run`` adds unknown keys without a word). A value must be of the kind of the
-    key's literal default (a number, a bool, a list), so that ``--max_epochs abc`` is refused here rather than in
+    key's literal default (a number, a bool, a list), so that ``--epochs abc`` is refused here rather than in
     every run."""
     import difflib
 

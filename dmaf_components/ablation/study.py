@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..bundle_args import canonical_key, deprecated_overrides
 from ..data.constants import DMAFDataError
 from ..data.io import read_datalist
 from . import records as rec
@@ -57,7 +58,8 @@ class AblationStudy:
             ``reference`` is given.
         seeds: number of seeds (0 .. seeds-1) or explicit seeds.
         datalist: datalist file (default ``data_dir/datalist.json``).
-        overrides: further bundle overrides for every run, e.g. ``{"max_epochs": 50}``; they may not set the seed or
+        overrides: further bundle overrides for every run, e.g. ``{"epochs": 50}`` (an old key name, ``max_epochs``, is
+            renamed to the model zoo's); they may not set the seed or
             the paths, nor what a setting sets (fusion, distillation, dtm_reweight, dtm_scaling) unless ``reference``
             is given (a variant such as the full model with ``dtm_scaling="none"``; the record keeps the override).
         bundle_dir: the bundle (default: the one next to this package).
@@ -111,7 +113,9 @@ class AblationStudy:
         self.datalist = os.path.abspath(str(datalist) if datalist else os.path.join(self.data_dir, "datalist.json"))
         self._check_datalist()
         self.datalist_sha256 = rec.file_sha256(self.datalist)
-        self.overrides = dict(overrides or {})
+        # the model zoo's key names (--epochs for --max_epochs): records compare the same way under either name
+        old_names = deprecated_overrides(overrides or {})
+        self.overrides = {canonical_key(k): v for k, v in (overrides or {}).items()}
         # a variant study may change a component's option, e.g. --dtm_scaling none
         check_reserved_overrides(self.overrides, variant=self.reference is not None)
         self.bundle_dir = os.path.abspath(bundle_dir or BUNDLE_DIR)
@@ -121,6 +125,8 @@ class AblationStudy:
         self.reference_records()  # a reference on other data is refused now, not after the study has trained
         self.python = python or sys.executable
         self.log = log or _print_line
+        for message in old_names:
+            self.log(f"ablation: {message}")
         self.jobs = int(jobs)
         if self.jobs < 1:
             raise DMAFDataError(f"--jobs: need at least 1, got {jobs}")

@@ -401,7 +401,7 @@ class TrainingPreflight:
         epochs = self.max_epochs
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
             raise BundleExit(
-                f"max_epochs: expected a whole number of epochs >= 1 (--max_epochs, or the model zoo's --epochs), "
+                f"epochs: expected a whole number of epochs >= 1 (--epochs; --max_epochs is its old name), "
                 f"got {epochs!r}"
             )
         if output is None:

@@ -307,14 +307,13 @@ class ResumeCheckpointLoader(CheckpointLoader):
         epoch = iteration // int(length) if length else int(trainer.get("epoch", 0))
         if max_epochs is not None and epoch > max_epochs:
             raise DMAFDataError(
-                f"{path}: max_epochs {max_epochs} is below the {epoch} epochs the checkpoint has trained "
-                f"(max_epochs {trainer.get('max_epochs')} when it was saved); pass --max_epochs {epoch + 1} or more to "
-                "train on"
+                f"{path}: epochs {max_epochs} is below the {epoch} epochs the checkpoint has trained "
+                f"(epochs {trainer.get('max_epochs')} when it was saved); pass --epochs {epoch + 1} or more to train on"
             )
         if max_epochs is not None and epoch == max_epochs and length and iteration % int(length) == 0:
             self.logger.warning(
                 f"{path} has trained all {max_epochs} epochs: nothing is left to train (pass a larger "
-                "--max_epochs to train on)."
+                "--epochs to train on)."
             )
 
     def _settings(self) -> dict[str, Any]:
@@ -343,7 +342,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 continue
             changes = []
             if old["total_iters"] is not None and obj.total_iters != old["total_iters"]:  # type: ignore[attr-defined]
-                changes.append(("max_epochs", obj.total_iters, old["total_iters"]))  # type: ignore[attr-defined]
+                changes.append(("epochs", obj.total_iters, old["total_iters"]))  # type: ignore[attr-defined]
                 obj.total_iters = old["total_iters"]  # type: ignore[attr-defined]
             if list(obj.base_lrs) != old["base_lrs"]:
                 changes.append(("learning_rate", _short(obj.base_lrs), _short(old["base_lrs"])))
