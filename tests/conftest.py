@@ -8,6 +8,25 @@ import torch
 TINY_CHANNELS = (4, 8, 16, 32)
 
 
+@pytest.fixture(scope="session")
+def template_dir(tmp_path_factory):
+    """A stand-in for the MNI template (the real one needs nilearn): a 56^3 1-mm 'brain', white matter inside radius
+    14, grey matter to 22, ventricles (neither) inside radius 4, under the template's file names."""
+    import nibabel as nib
+    import numpy as np
+
+    from dmaf_components.data.anatomy import TEMPLATE_FILES
+
+    folder = tmp_path_factory.mktemp("template")
+    g = np.meshgrid(*[np.arange(56.0) - 27.5] * 3, indexing="ij")
+    r = np.sqrt(sum(a**2 for a in g))
+    wm = ((r > 4) & (r < 14)) * 255.0
+    gm = ((r >= 14) & (r < 22)) * 255.0
+    for key, arr in (("t1", wm * 0.9 + gm * 0.6), ("gm", gm), ("wm", wm)):
+        nib.save(nib.Nifti1Image(arr.astype(np.float32), np.eye(4)), str(folder / TEMPLATE_FILES[key]))
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import pytest
 
 from dmaf_components.data.anatomy import (
     SEQUENCES,
-    TEMPLATE_FILES,
     TISSUES,
     anatomy_case,
     find_template_dir,
@@ -21,20 +20,6 @@ from dmaf_components.data.anatomy import (
     signal,
 )
 from dmaf_components.data.constants import DMAFDataError
-
-
-@pytest.fixture(scope="module")
-def template_dir(tmp_path_factory):
-    """A 56^3 1-mm 'brain': white matter inside radius 14, grey matter to 22, ventricles (neither) inside radius 4."""
-    folder = tmp_path_factory.mktemp("template")
-    g = np.meshgrid(*[np.arange(56.0) - 27.5] * 3, indexing="ij")
-    r = np.sqrt(sum(a**2 for a in g))
-    wm = ((r > 4) & (r < 14)) * 255.0
-    gm = ((r >= 14) & (r < 22)) * 255.0
-    t1 = wm * 0.9 + gm * 0.6
-    for key, arr in (("t1", t1), ("gm", gm), ("wm", wm)):
-        nib.save(nib.Nifti1Image(arr.astype(np.float32), np.eye(4)), str(folder / TEMPLATE_FILES[key]))
-    return str(folder)
 
 
 def test_signal_equations_by_hand():

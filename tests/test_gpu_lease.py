@@ -4,7 +4,7 @@ with real content (the step's and the epochs' figures parse, each finished study
 keeps to the device tool's 8 files, and a too-small LEASE_S skips the later sections with one line while keeping
 what was done.
 
-The study section runs the anatomy profile's command line on a small hand-made template (as tests/test_anatomy.py),
+The study section runs the anatomy profile's command line on a small hand-made template (conftest.py's template_dir),
 so nilearn's MNI files are not needed here; without any template the dry run falls back to the demo profile."""
 
 from __future__ import annotations
@@ -16,30 +16,14 @@ import subprocess
 import sys
 import tarfile
 
-import nibabel as nib
-import numpy as np
 import pytest
 
-from dmaf_components.data.anatomy import TEMPLATE_FILES
 
 pytestmark = pytest.mark.slow  # the lease script in bash subprocesses, ~150 s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_lease.sh")
 OUT_FILES = {"machine.txt", "lease.log", "step.log", "step.json", "loader.log", "epoch.json", "study.log", "study.tgz"}
-
-
-@pytest.fixture(scope="module")
-def template_dir(tmp_path_factory):
-    """A 56^3 1-mm 'brain': white matter inside radius 14, grey matter to 22, ventricles inside radius 4."""
-    folder = tmp_path_factory.mktemp("template")
-    g = np.meshgrid(*[np.arange(56.0) - 27.5] * 3, indexing="ij")
-    r = np.sqrt(sum(a**2 for a in g))
-    wm = ((r > 4) & (r < 14)) * 255.0
-    gm = ((r >= 14) & (r < 22)) * 255.0
-    for key, arr in (("t1", wm * 0.9 + gm * 0.6), ("gm", gm), ("wm", wm)):
-        nib.save(nib.Nifti1Image(arr.astype(np.float32), np.eye(4)), str(folder / TEMPLATE_FILES[key]))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
