@@ -8,7 +8,14 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Loading network weights from a plain state dict or a training checkpoint, with one-line errors.
+"""Loading network weights from a plain state dict, a training checkpoint or an exported TorchScript file, with
+one-line errors.
+
+A TorchScript file (``models/model.ts``, written by ``monai.bundle ckpt_export``) keeps the network's parameter names,
+so its weights load into the eager network like a state dict: a bundle that ships only ``model.ts`` runs inference
+with ``--checkpoint models/model.ts``, and every inference option (weight maps, uncertainty from the modalities' own
+decoders) keeps working. :func:`weights_sha256` fingerprints the weights themselves, so that the same weights in
+either file are recognised as one model.
 
 A checkpoint that does not fit the network is described by the architecture read from its tensor shapes (number of
 modalities, channels per level, fusion, transformer layers, token grid), so that the message says which bundle
@@ -17,6 +24,7 @@ override makes the network fit, instead of listing thousands of size mismatches.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -33,6 +41,8 @@ __all__ = [
     "load_model_weights",
     "read_checkpoint",
     "read_state_dict",
+    "is_torchscript",
+    "weights_sha256",
     "check_state_fits",
     "describe_architecture",
     "MODEL_KEYS",
@@ -105,17 +115,52 @@ def read_checkpoint(path: str, map_location: Any = None, mmap: bool = False) -> 
         raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({detail})") from None
 
 
+def is_torchscript(path: str) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip file with compiled code and constants,
+    which ``torch.save`` files do not have."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _torchscript_state(path: str, map_location: Any = None) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of the TorchScript module in ``path``, under their eager names."""
+    try:
+        module = torch.jit.load(path, map_location=map_location)
+    except Exception as exc:  # a torn archive, code of another torch version
+        raise DMAFDataError(f"{path}: TorchScript file cannot be loaded ({_first_line(exc)})") from None
+    return {str(k): v.detach() for k, v in module.state_dict().items()}
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's names, dtypes, shapes and values, in name order: the same for the same weights
+    in a ``.pt`` state dict, a training checkpoint or a TorchScript export."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tensor]:
-    """The network state dict held by ``path``: a plain state dict (``models/model.pt``) or a training checkpoint.
+    """The network state dict held by ``path``: a plain state dict (``models/model.pt``), a training checkpoint, or
+    a TorchScript export (``models/model.ts``).
 
     A training checkpoint is a dict with the state dict under one of :data:`MODEL_KEYS` (the bundle's
     ``CheckpointSaver`` writes ``{"model", "optimizer", "trainer", ...}``). The file is read with
-    :func:`read_checkpoint`. A ``module.`` prefix (a DDP-wrapped network) is removed.
+    :func:`read_checkpoint`, a TorchScript file with ``torch.jit.load``. A ``module.`` prefix (a DDP-wrapped network)
+    is removed.
 
     Raises:
-        DMAFDataError: one line naming the file: as :func:`read_checkpoint`, or holding no state dict.
+        DMAFDataError: one line naming the file: as :func:`read_checkpoint`, a TorchScript file that cannot be
+            loaded, or a file holding no state dict.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) and is_torchscript(path):
+        return _torchscript_state(path, map_location)
     obj = read_checkpoint(path, map_location)
     state = obj
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
@@ -233,7 +278,8 @@ def load_model_weights(network: nn.Module, path: str, map_location: Any = None) 
 
     Args:
         network: the network (e.g. the bundle's ``@network``); a DDP/DataParallel wrapper is looked through.
-        path: ``models/model.pt`` (state dict) or ``models/checkpoint_*.pt`` (the bundle's ``CheckpointSaver``).
+        path: ``models/model.pt`` (state dict), ``models/checkpoint_*.pt`` (the bundle's ``CheckpointSaver``) or
+            ``models/model.ts`` (``ckpt_export``'s TorchScript file).
         map_location: passed to ``torch.load`` (e.g. the bundle's ``@device``).
 
     Returns:

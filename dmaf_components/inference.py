@@ -34,7 +34,7 @@ from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
 from monai.utils import CommonKeys
 
-from .checkpoints import load_model_weights
+from .checkpoints import is_torchscript, load_model_weights
 from .errors import BundleExit, as_bool, describe_failure, exit_on_data_error
 from .outputs import OUTPUT_EXTENSIONS, AtomicSaveImaged, _dotted, output_extension, output_path
 from .data.constants import DMAFDataError
@@ -245,12 +245,14 @@ def untrained_modalities(checkpoint: str, modalities: Sequence[str]) -> list[str
     :class:`~dmaf_components.handlers.DynamicTrainingMonitor` under ``"dtm"``, whose ``seen`` flags which modalities
     were present in at least one training iteration (a modality missing from every training case, e.g. with
     ``--missing_rates t2=1``, has an untrained encoder). A plain state dict (``models/model.pt``) carries no such
-    record.
+    record, nor does a TorchScript export (``models/model.ts``).
 
     Returns:
         the never-seen modalities (empty when all were seen), or None when ``checkpoint`` carries no DTM state for
         ``len(modalities)`` modalities (plain state dict, older checkpoint, unreadable file).
     """
+    if is_torchscript(checkpoint):  # an export carries the weights only
+        return None
     obj = None
     for mmap in (True, False):  # mmap: the weights are not read (only the zip format supports it)
         try:

@@ -38,6 +38,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from .checkpoints import read_state_dict, weights_sha256
 from .data.constants import DMAFDataError
 from .errors import as_bool
 from .outputs import atomic_write
@@ -125,12 +126,14 @@ def quality_table(
     Args:
         result: ``summarize``'s output (``cases``, ``modalities``, ``regions``, ``per_case``).
         dataset: the dataset name (``brats``, ``myops``).
-        model_path: the evaluated weights; their SHA-256 binds the table to them.
+        model_path: the evaluated weights; the file's SHA-256 and the weights' own
+            (:func:`~dmaf_components.checkpoints.weights_sha256`) bind the table to them.
         datalist: the datalist's path (its SHA-256 is recorded), or None / a non-path (recorded as null).
         variant: the ``per_case`` variant tabulated (``raw``: no post-processing, the labels inference writes).
 
     Returns:
-        ``{"format_version", "dataset", "datalist": {"path", "sha256"}, "model": {"path", "sha256"}, "variant",
+        ``{"format_version", "dataset", "datalist": {"path", "sha256"}, "model": {"path", "sha256",
+        "weights_sha256"}, "variant",
         "cases", "modalities", "regions", "combinations": {name: {region: {"dice": {"mean", "sd", "n"},
         "hd95": {...}}}}}``: Dice in %, HD95 in the label's units under the evaluation's empty-region rule; ``sd`` is
         the sample standard deviation over cases (None with fewer than 2), ``n`` the cases with a defined value.
@@ -157,7 +160,11 @@ def quality_table(
             "path": os.path.abspath(datalist) if is_path else None,
             "sha256": file_sha256(datalist) if is_path else None,
         },
-        "model": {"path": os.path.abspath(model_path), "sha256": file_sha256(model_path)},
+        "model": {
+            "path": os.path.abspath(model_path),
+            "sha256": file_sha256(model_path),
+            "weights_sha256": weights_sha256(read_state_dict(model_path, "cpu")),
+        },
         "variant": variant,
         "cases": int(result["cases"]),
         "modalities": list(result["modalities"]),
@@ -200,7 +207,8 @@ def load_quality_table(
 
     Raises:
         DMAFDataError: one line naming the table: unreadable, not a quality table, another format version, the
-            table of another model (SHA-256 differs from the checkpoint file's), or of other ``modalities``.
+            table of another model (neither the file's SHA-256 nor the weights' own matches the checkpoint's), or of
+            other ``modalities``.
     """
     if checkpoint is not None and not os.path.isfile(checkpoint):
         return None
@@ -224,6 +232,9 @@ def load_quality_table(
         )
     expected = (table.get("model") or {}).get("sha256")
     actual = file_sha256(checkpoint)
+    weights = (table.get("model") or {}).get("weights_sha256")
+    if expected != actual and weights is not None and weights_sha256(read_state_dict(checkpoint, "cpu")) == weights:
+        actual = expected  # the same weights in another file: the TorchScript export of the evaluated model.pt
     if expected != actual:
         raise DMAFDataError(
             f"{path}: quality table of another model (sha256 {str(expected)[:12]}, {checkpoint} has {actual[:12]}); "

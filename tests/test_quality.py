@@ -79,6 +79,9 @@ def test_evaluation_writes_the_quality_table_beside_the_weights(tiny_brats, tmp_
     assert table["format_version"] == 1 and table["dataset"] == "brats" and table["variant"] == "raw"
     assert table["cases"] == evaluation["cases"] == 2
     assert table["model"]["sha256"] == _sha256(root / "models" / "model.pt")
+    # the weights' own hash (names, dtypes, shapes, values), which a TorchScript export of them shares
+    by_hand = hashlib.sha256(b"w|torch.float32|(3,)|" + np.arange(3, dtype=np.float32).tobytes()).hexdigest()
+    assert table["model"]["weights_sha256"] == by_hand
     assert table["datalist"] == {"path": str(data / "datalist.json"), "sha256": _sha256(data / "datalist.json")}
     assert table["modalities"] == MODALITIES and table["regions"] == REGIONS
     assert list(table["combinations"]) == list(evaluation["per_case"]["raw"])  # all 15
@@ -248,6 +251,38 @@ def test_a_table_of_another_model_stops_the_run_before_any_study(studies):
         _infer(studies, save_report=True)
     _infer(studies, save_report="false")  # no report wanted: the table is not read
     assert sorted(os.listdir(studies / "out")) == ["pair_seg.nii.gz", "single_seg.nii.gz"]
+
+
+def test_model_ts_alone_runs_inference_with_its_table(studies):
+    """A bundle that ships only models/model.ts runs with --checkpoint models/model.ts: the export's weights go into
+    the eager network (the same labels as from model.pt), and the table of the evaluated model.pt matches it by the
+    weights' own hash; a table of other weights is still refused."""
+    from monai.networks.utils import convert_to_torchscript
+
+    from dmaf_components.checkpoints import read_state_dict, weights_sha256
+    from dmaf_components.networks import DMAFNet
+
+    _infer(studies, output_dir=str(studies / "from_pt"), save_report=False)
+    net = DMAFNet(3, 4, 4, **NET)
+    net.load_state_dict(torch.load(studies / "model.pt"))
+    shipped = studies / "shipped"
+    shipped.mkdir()
+    convert_to_torchscript(net.eval(), str(shipped / "model.ts"))
+    table = _table(studies / "model.pt")  # evaluated as model.pt: the file hashes differ
+    table["model"]["weights_sha256"] = weights_sha256(read_state_dict(str(studies / "model.pt")))
+    json.dump(table, open(shipped / "quality.json", "w"))
+    _infer(studies, checkpoint=str(shipped / "model.ts"))
+    out = studies / "out"
+    assert sorted(os.listdir(out)) == ["pair_report.json", "pair_seg.nii.gz", "single_report.json", "single_seg.nii.gz"]
+    for case in ("pair", "single"):
+        ts_seg = nib.load(str(out / f"{case}_seg.nii.gz")).get_fdata()
+        assert np.array_equal(ts_seg, nib.load(str(studies / "from_pt" / f"{case}_seg.nii.gz")).get_fdata())
+    report = json.load(open(out / "pair_report.json"))
+    assert report["expected"]["regions"]["WT"]["dice_mean"] == table["combinations"]["flair+t1ce"]["WT"]["dice"]["mean"]
+    table["model"]["weights_sha256"] = "cd" * 32
+    json.dump(table, open(shipped / "quality.json", "w"))
+    with pytest.raises(SystemExit, match="quality table of another model"):
+        _infer(studies, checkpoint=str(shipped / "model.ts"), output_dir=str(studies / "out2"))
 
 
 def test_no_table_is_a_note_and_expected_null(studies, caplog):
