@@ -119,3 +119,19 @@ def test_every_card_command_runs(card_bundle):
     with torch.no_grad():
         out = ts(torch.randn(1, 4, 40, 32, 24), torch.tensor([[True, False, True, False]]))
     assert out.shape == (1, 4, 40, 32, 24)
+
+
+def test_channel_def_is_keyed_by_the_label_values_inference_writes():
+    """MONAI Label reads channel_def as label value -> name: its keys must be the values of the label maps
+    (inference.json's label_values), and the names those of the network's channels in the same order."""
+    import json
+    import os
+
+    bundle = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle", "configs")
+    meta = json.load(open(os.path.join(bundle, "metadata.json")))
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    values = json.load(open(os.path.join(bundle, "inference.json")))["label_values"]
+    assert [int(k) for k in pred["channel_def"]] == values == [0, 1, 2, 4]
+    assert pred["num_channels"] == len(values)
+    names = list(pred["channel_def"].values())
+    assert names[0] == "background" and names[3] == "enhancing tumour"  # channel 3 of the network, label value 4
