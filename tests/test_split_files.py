@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dmaf_components.data import synthesize_brats, synthesize_myops
-from dmaf_components.data.datalist import read_case_list, read_split_file
+from dmaf_components.data.split_files import read_case_list, read_split_file
 
 from test_cli import _run  # the dmaf command line run in-process: (exit status, stdout, stderr)
 
