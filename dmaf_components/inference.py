@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +35,15 @@ from monai.utils import CommonKeys
 
 from .checkpoints import is_torchscript, load_model_weights
 from .errors import BundleExit, as_bool, describe_failure, exit_on_data_error
-from .outputs import OUTPUT_EXTENSIONS, AtomicSaveImaged, _dotted, output_extension, output_path
+from .outputs import (
+    OUTPUT_EXTENSIONS,
+    AtomicSaveImaged,
+    _dotted,
+    output_extension,
+    output_path,
+    plan_outputs,
+    prepare_output_dir,
+)
 from .data.constants import DMAFDataError
 from .data.studies import STUDY_ERROR_KEY, STUDY_NOTES_KEY, find_studies
 from .transforms import AVAILABLE_POSTFIX
@@ -92,126 +99,6 @@ def discover_studies(
         if not studies:
             raise BundleExit(f"{dataset_dir}: no study found besides the output folder {output_dir}")
     return studies
-
-
-def _source(study: Mapping, dataset_dir: str | None) -> str:
-    if isinstance(study["image"], dict):
-        if dataset_dir is not None and os.path.isdir(os.path.join(dataset_dir, study["case"])):
-            return os.path.join(dataset_dir, study["case"]) + os.sep
-        folder = os.path.dirname(next(iter(study["image"].values()))) if study["image"] else None
-        if folder is None and dataset_dir is not None:
-            folder = os.path.join(dataset_dir, study["case"])
-        return (folder or study["case"]) + os.sep
-    return str(study["image"])
-
-
-def plan_outputs(
-    studies: Sequence[Mapping],
-    output_dir: str,
-    dataset_dir: str | None = None,
-    overwrite: bool = False,
-    output_postfix: str = "seg",
-    output_ext: str = ".nii.gz",
-    separate_folder: bool = False,
-    extra_outputs: Sequence[tuple[str, str]] = (),
-) -> dict[str, str]:
-    """Output file of every study, checked before anything is computed or written.
-
-    Args:
-        studies: :func:`discover_studies` entries.
-        output_dir, output_postfix, output_ext, separate_folder: where results go (:func:`output_path`).
-        dataset_dir: the input folder (for messages, and refused as ``output_dir``).
-        overwrite: replace existing results.
-        extra_outputs: ``(postfix, ext)`` of further files written per study next to the segmentation (e.g. the
-            modality weight maps), checked the same way.
-
-    Returns:
-        ``{case: segmentation path}``.
-
-    Raises:
-        DMAFDataError: one line: ``output_dir`` is a file, the input folder or a folder holding input files; the
-            output format is not supported; two studies would write the same file (e.g. a folder ``case001/`` and a
-            4-D ``case001.nii.gz``; names are compared case-insensitively, as macOS and Windows do); results exist
-            already and ``overwrite`` is off (they are listed).
-    """
-    output_ext = output_extension(output_ext)
-    out = os.path.realpath(output_dir)
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise DMAFDataError(f"output_dir {output_dir}: exists and is not a folder")
-    if dataset_dir is not None and os.path.realpath(dataset_dir) == out:
-        raise DMAFDataError(f"output_dir {output_dir}: is the input folder; choose a separate output folder")
-    plan: dict[str, str] = {}
-    planned: list[str] = []
-    owners: dict[str, Mapping] = {}
-    inputs: dict[str, str] = {}
-    for i, study in enumerate(studies):
-        _check_entry(i, study)
-        paths = study["image"].values() if isinstance(study["image"], dict) else [study["image"]]
-        inputs.update({os.path.realpath(p): p for p in paths})
-        for path in paths:
-            if out in (os.path.realpath(os.path.dirname(path)), os.path.realpath(path)):  # a file's or series' folder
-                raise DMAFDataError(f"output_dir {output_dir}: holds input {path}; choose a separate output folder")
-        target = output_path(study["case"], output_dir, output_postfix, output_ext, separate_folder)
-        targets = [target] + [
-            output_path(study["case"], output_dir, postfix, ext, separate_folder) for postfix, ext in extra_outputs
-        ]
-        for path in targets:
-            if os.path.realpath(path) in inputs:  # e.g. --separate_folder with the inputs in OUT/<case>/
-                raise DMAFDataError(
-                    f"{path}: would overwrite the input {inputs[os.path.realpath(path)]}; choose "
-                    "another --output_dir or --output_postfix"
-                )
-            key = os.path.relpath(path, output_dir).lower()
-            if key in owners:
-                raise DMAFDataError(
-                    f"{_source(owners[key], dataset_dir)} and {_source(study, dataset_dir)} would both be written to "
-                    f"{path}; rename one of them"
-                )
-            owners[key] = study
-        planned.extend(targets)
-        plan[study["case"]] = target
-    if not overwrite:
-        existing = [p for p in planned if os.path.lexists(p)]
-        if existing:
-            shown = ", ".join(os.path.basename(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
-            raise DMAFDataError(
-                f"output_dir {output_dir}: {len(existing)} result(s) exist already ({shown}); they are kept: pass "
-                "--overwrite true to replace them, or choose another --output_dir"
-            )
-    return plan
-
-
-def _check_entry(index: int, study: Any) -> None:
-    """One ``data`` entry: ``{"case": name, "image": path or {modality: path}}`` (one line naming the entry)."""
-    where = f"data[{index}]"
-    if not isinstance(study, Mapping):
-        raise DMAFDataError(f"{where}: expected {{'case': name, 'image': path or {{modality: path}}}}, got {study!r}")
-    if not isinstance(study.get("case"), str) or not study["case"]:
-        raise DMAFDataError(f"{where}: no 'case' name (it names the result file)")
-    image = study.get("image")
-    paths = list(image.values()) if isinstance(image, Mapping) else [image]
-    if STUDY_ERROR_KEY in study and not paths:  # a study found unusable: it is reported as failed, not read
-        return
-    if not paths or not all(isinstance(p, (str, os.PathLike)) and os.fspath(p) for p in paths):
-        raise DMAFDataError(f"{where} ({study['case']}): 'image' must be a path or {{modality: path}}, got {image!r}")
-
-
-def prepare_output_dir(output_dir: str) -> str:
-    """Create ``output_dir`` and check that a file can be written there (a temporary file, removed at once).
-
-    Raises:
-        DMAFDataError: one line naming the folder, when it cannot be created or written.
-    """
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".dmaf_write_test_", dir=output_dir)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        raise DMAFDataError(
-            f"output_dir {output_dir}: not writable ({type(exc).__name__}: {exc.strerror or exc})"
-        ) from None
-    return output_dir
 
 
 class StudyDataset(Dataset):

@@ -351,6 +351,7 @@ def test_output_folder_must_not_be_an_input_folder(weights, tmp_path):
 
 def test_read_only_output_folder_fails_before_any_study(weights, tmp_path, monkeypatch):
     import dmaf_components.inference as inference
+    import dmaf_components.outputs as outputs
 
     _study(tmp_path / "in" / "s", {"flair": "s_flair.nii.gz"})
     ro = tmp_path / "ro"
@@ -361,7 +362,7 @@ def test_read_only_output_folder_fails_before_any_study(weights, tmp_path, monke
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(inference.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
     computed = []
     monkeypatch.setattr(inference.StudyEvaluator, "_iteration", lambda self, engine, batch: computed.append(1))
     try:
