@@ -158,14 +158,14 @@ def test_synthetic_is_deterministic_and_heterogeneous(tmp_path):
 def test_brats_study_profile_hides_one_boundary_per_modality_on_the_same_shapes(monkeypatch):
     """The 3-D study's data (docs/accuracy.md): same labels as the demo profile; with the noise and bias fields off,
     T1ce shows no edema, FLAIR and T2 no enhancing rim, and T1ce shows the rim; skull-stripped."""
-    from dmaf_components.data import brats_case, synthetic
+    from dmaf_components.data import brats_case, phantoms
 
     demo, la = brats_case((64, 64, 40), seed=5)
     study, lb = brats_case((64, 64, 40), seed=5, profile="study")
     assert np.array_equal(la, lb)  # the same shapes: only the appearance differs
     assert np.array_equal(study["t1"] == 0, demo["t1"] == 0)  # the same brain mask, zero outside
-    monkeypatch.setattr(synthetic, "_BRATS_STUDY_NOISE", 0.0)
-    monkeypatch.setattr(synthetic, "_BRATS_STUDY_BIAS", 0.0)
+    monkeypatch.setattr(phantoms, "_BRATS_STUDY_NOISE", 0.0)
+    monkeypatch.setattr(phantoms, "_BRATS_STUDY_BIAS", 0.0)
     clean, _ = brats_case((64, 64, 40), seed=5, profile="study")
     mean = {m: {c: clean[m][lb == c].mean() for c in (2, 4)} for m in clean}
     white = clean["t1ce"][(lb == 0) & (clean["t1ce"] > 0.7 * mean["t1ce"][2])].mean()  # white matter and the like
