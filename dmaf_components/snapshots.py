@@ -30,7 +30,10 @@ and cropped to the box the network saw. Everything is drawn from arrays already 
 is resampled back to the input grid, and the network's input (the preprocessed image), of which only the displayed
 planes are sampled back onto the input grid (``grid_sample``); the percentiles come from a strided subsample.
 The file is written like the label map: planned and collision-checked by
-:func:`~dmaf_components.inference.plan_outputs`, never over an input, kept unless ``overwrite``, atomically.
+:func:`~dmaf_components.outputs.plan_outputs`, never over an input, kept unless ``overwrite``, atomically.
+
+One concept in one module (about 550 lines): the picture's slice geometry, its drawing and its saving change
+together, since a new row or panel touches all three.
 """
 
 from __future__ import annotations

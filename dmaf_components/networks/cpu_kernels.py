@@ -34,6 +34,9 @@ stay on oneDNN at any size). Both rely on how PyTorch behaves, so they
 are used only on the PyTorch versions in :data:`PRIVATE_OPS_TESTED`; on any other version the pieces use public
 operations only (``F.conv*d`` on channels-last tensors and autograd's backward: the same results, slower on the
 coarse levels), and ``tests/test_cpu_kernels.py`` fails when PyTorch stops behaving as described here.
+
+One concept in one module (about 550 lines): the four pieces share the layout helpers and the private-operation
+check, and :func:`apply_cpu_kernels` / :func:`remove_cpu_kernels` are the one place that swaps them in and out.
 """
 
 from __future__ import annotations
