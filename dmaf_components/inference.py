@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -170,9 +171,10 @@ class StudyEvaluator(SupervisedEvaluator):
     from untrained encoders); beside trained ones, such a modality is not used (its channel is dropped from the
     ``modality_mask``, the condition the network was trained in for it), with one warning line per study.
 
-    With :attr:`save_report` (set by :func:`run_inference`) each segmented study also gets ``<case>_report.json``
-    (:func:`~dmaf_components.quality.study_report` with :attr:`quality`, the model's quality table or None) and one
-    log line; a report that cannot be written fails the study.
+    With :attr:`save_report` (set by :func:`run_inference`) each segmented study also gets ``<case>_report.json``,
+    the report that the postprocessing's :class:`~dmaf_components.quality.StudyReportd` put in the sample (this
+    evaluator gives it, under :data:`~dmaf_components.quality.REPORT_CONTEXT_KEY`, the modalities dropped as never
+    trained and the label map's name), and one log line; a report that cannot be written fails the study.
 
     Args:
         modalities: canonical channel order, for the log lines.
@@ -196,6 +198,7 @@ class StudyEvaluator(SupervisedEvaluator):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.postprocessing = kwargs.get("postprocessing")  # (MONAI keeps it only inside an event handler)
         self.run_options = dict(run_options) if run_options is not None else None
         self._in_run = False
         self.modalities = tuple(modalities) if modalities is not None else None
@@ -208,8 +211,7 @@ class StudyEvaluator(SupervisedEvaluator):
         self.untrained: list[str] = []
         self.checkpoint: str | None = None
         self.save_report = False
-        self.quality: dict | None = None
-        self.quality_path: str | None = None
+        self.report_key = "result"
         self.overwrite = False
 
     def run(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -265,6 +267,14 @@ class StudyEvaluator(SupervisedEvaluator):
                 batchdata[CommonKeys.IMAGE][:, drop] = 0
                 never_used = {m: "never seen in training" for m in never}
                 logger.warning(f"study {case}: {', '.join(never)} never seen in training ({source}): not used")
+        if self.save_report:
+            from .quality import REPORT_CONTEXT_KEY
+
+            segmentation = output_path(
+                case, str(self.output_dir), self.output_postfix, self.output_ext, self.separate_folder
+            )
+            context = {"not_used": never_used, "never_trained": self.untrained}
+            batchdata[REPORT_CONTEXT_KEY] = [json.dumps({**context, "segmentation": os.path.basename(segmentation)})]
         try:
             output = super()._iteration(engine, batchdata)
         except Exception as exc:  # inference or writing of this study failed: report it, go on with the others
@@ -306,41 +316,33 @@ class StudyEvaluator(SupervisedEvaluator):
             target_map = os.path.join(folder, written) if written else "map not saved"
             logger.info(uncertainty_line(case, uncertainty, target_map))
         if self.save_report and self.output_dir:
-            found_names = list(names) if found == "4-D" else [m for m in found.split(",") if m]
-            available = batchdata.get(f"image{AVAILABLE_POSTFIX}")
-            zero = [] if available is None else [m for m in found_names if m not in self._names(available)]
             try:
-                self._write_report(
-                    case, found_names, used, {**{m: "all zero" for m in zero}, **never_used}, uncertainty
-                )
+                self._write_report(case, output)
             except Exception as exc:
                 return self._fail(case, describe_failure(exc))
         self.segmented.append(case)
         return output
 
-    def _write_report(
-        self, case: str, found: list[str], used: list[str], not_used: dict[str, str], uncertainty: dict | None = None
-    ) -> None:
-        from .quality import REPORT_POSTFIX, report_line, study_report, write_json_atomic
+    def _write_report(self, case: str, output: Any) -> None:
+        """Write the report that :class:`~dmaf_components.quality.StudyReportd` put in the postprocessed output."""
+        from .quality import REPORT_POSTFIX, report_line, write_json_atomic
 
+        items = output if isinstance(output, list) else [output]
+        report = next((i[self.report_key] for i in items if isinstance(i, Mapping) and self.report_key in i), None)
+        if not isinstance(report, Mapping) or "case" not in report:
+            raise DMAFDataError(f"study {case}: the postprocessing left no report under {self.report_key!r}")
         target = output_path(case, str(self.output_dir), REPORT_POSTFIX, ".json", self.separate_folder)
-        segmentation = output_path(
-            case, str(self.output_dir), self.output_postfix, self.output_ext, self.separate_folder
-        )
-        report = study_report(
-            case,
-            self.modalities or tuple(found),
-            found,
-            used,
-            self.quality,
-            not_used,
-            self.untrained,
-            os.path.basename(segmentation),
-            self.quality_path,
-            uncertainty,
-        )
-        write_json_atomic(report, target, self.overwrite)
+        write_json_atomic(dict(report), target, self.overwrite)
         logger.info(report_line(report, target))
+
+
+def _report_step(evaluator: SupervisedEvaluator) -> Any:
+    """The :class:`~dmaf_components.quality.StudyReportd` of ``evaluator``'s postprocessing, or None."""
+    from .quality import StudyReportd
+
+    post = getattr(evaluator, "postprocessing", None)
+    transforms = getattr(post, "transforms", [post])
+    return next((t for t in transforms if isinstance(t, StudyReportd)), None)
 
 
 def _uncertainty_summary(output: Any) -> dict | None:
@@ -444,8 +446,13 @@ def run_inference(
     except DMAFDataError as exc:
         raise BundleExit(str(exc)) from None
     if isinstance(evaluator, StudyEvaluator):
-        evaluator.save_report, evaluator.quality, evaluator.overwrite = report, table, overwrite
-        evaluator.quality_path = None if table is None else str(quality_table)
+        evaluator.save_report, evaluator.overwrite = report, overwrite
+        if report:
+            step = _report_step(evaluator)
+            if step is None:
+                raise BundleExit("save_report: the postprocessing has no StudyReportd step to compute the reports")
+            step.use_table(table)  # read and checked once, above
+            evaluator.report_key = step.report_key
     if checkpoint is not None and isinstance(evaluator, StudyEvaluator) and evaluator.modalities:
         never = untrained_modalities(checkpoint, evaluator.modalities)
         if never:

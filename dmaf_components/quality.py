@@ -58,6 +58,7 @@ __all__ = [
     "report_outputs",
     "study_report",
     "report_line",
+    "REPORT_CONTEXT_KEY",
     "StudyReportd",
 ]
 
@@ -67,6 +68,9 @@ logger = logging.getLogger(__name__)
 QUALITY_FORMAT_VERSION = 1
 #: version of the ``<study>_report.json`` layout
 REPORT_FORMAT_VERSION = 1
+#: key of what only the inference run knows about a study, as a JSON text: ``{"not_used": {modality: why},
+#: "never_trained": [modality], "segmentation": file name}`` (:class:`StudyReportd` reads it)
+REPORT_CONTEXT_KEY = "report_context"
 #: postfix of the per-study report: ``<study>_report.json``
 REPORT_POSTFIX = "report"
 #: expected Dice (in %) below which a region is flagged in the report
@@ -378,14 +382,16 @@ def report_line(report: Mapping[str, Any], target: str) -> str:
 class StudyReportd(MapTransform):
     """:func:`study_report` as the last postprocessing step: the report goes into the sample under ``report_key``.
 
-    MONAI Label answers an infer request with the label map and the JSON its writer finds under the sample's
-    ``result`` key, so with the default key the report reaches MONAI Label's clients. The bundle's own inference
-    writes ``<study>_report.json`` itself (:class:`~dmaf_components.inference.StudyEvaluator`, which also knows the
-    modalities it dropped as never seen in training); this step reads only the sample:
+    It is the one place a report is computed. MONAI Label answers an infer request with the label map and the JSON
+    its writer finds under the sample's ``result`` key, so with the default key the report reaches MONAI Label's
+    clients; the bundle's own inference (:class:`~dmaf_components.inference.StudyEvaluator`) writes the same report
+    as ``<study>_report.json``. The step reads only the sample:
 
     - found: the modalities of ``data["modalities_found"]`` (a study folder's files), or every channel of a 4-D
       image; used: ``data[mask_key]``; found but not used: "all zero";
-    - the uncertainty summary of :class:`~dmaf_components.uncertainty.SaveUncertaintyd`, when it ran.
+    - the uncertainty summary of :class:`~dmaf_components.uncertainty.SaveUncertaintyd`, when it ran;
+    - ``data[REPORT_CONTEXT_KEY]`` (:data:`REPORT_CONTEXT_KEY`), when the bundle's inference set it: the
+      modalities it dropped as never seen in training, and the label map's file name.
 
     Args:
         keys: the prediction key (a sample without it passes unchanged).
@@ -419,6 +425,11 @@ class StudyReportd(MapTransform):
         self.report_key, self.mask_key, self.name_key = report_key, mask_key, name_key
         self._table: dict | None = None
         self._loaded = False
+
+    def use_table(self, table: dict | None) -> None:
+        """Use ``table``, already loaded and checked (:func:`load_quality_table`) by the inference run, instead of
+        reading ``quality_table`` again at the first sample."""
+        self._table, self._loaded = table, True
 
     def _name(self, d: Mapping[str, Any], key: Any) -> str:
         if self.name_key in d:
@@ -457,7 +468,10 @@ class StudyReportd(MapTransform):
             if available is not None:
                 avail = torch.as_tensor(available).reshape(-1).bool().tolist()
                 zero = [m for m, f in zip(self.modalities, avail) if m in found and not f]
+            context = d.get(REPORT_CONTEXT_KEY)
+            context = json.loads(context) if isinstance(context, str) else {}
             not_used = {m: "all zero" if m in zero else "not used" for m in found if m not in used}
+            not_used.update(context.get("not_used", {}))
             report = study_report(
                 self._name(d, key),
                 self.modalities,
@@ -465,6 +479,8 @@ class StudyReportd(MapTransform):
                 used,
                 self._table,
                 not_used,
+                context.get("never_trained", ()),
+                context.get("segmentation"),
                 table_path=self.quality_table,
                 uncertainty=uncertainty if isinstance(uncertainty, Mapping) else None,
             )

@@ -234,6 +234,33 @@ def test_reports_give_the_tables_expectation_and_advice(studies, caplog):
     assert sorted(os.listdir(out)) == ["pair_seg.nii.gz", "single_seg.nii.gz"]
 
 
+def test_each_report_is_computed_once_from_one_reading_of_the_table(studies, monkeypatch):
+    """The file and the sample's ``result`` (MONAI Label's answer) are one report: one study_report call per study,
+    and the table read once, before any study."""
+    import dmaf_components.inference as inference
+    import dmaf_components.quality as quality
+
+    json.dump(_table(studies / "model.pt"), open(studies / "quality.json", "w"))
+    calls = {"report": 0, "table": 0}
+    report, table = quality.study_report, quality.load_quality_table
+
+    def counted_report(*a, **k):
+        calls["report"] += 1
+        return report(*a, **k)
+
+    def counted_table(*a, **k):
+        calls["table"] += 1
+        return table(*a, **k)
+
+    monkeypatch.setattr(quality, "study_report", counted_report)
+    monkeypatch.setattr(quality, "load_quality_table", counted_table)
+    monkeypatch.setattr(inference, "load_quality_table", counted_table, raising=False)
+    _infer(studies)
+    assert calls == {"report": 2, "table": 1}  # two studies
+    written = json.load(open(studies / "out" / "pair_report.json"))
+    assert written["segmentation"] == "pair_seg.nii.gz" and written["case"] == "pair"
+
+
 def test_a_table_of_another_model_stops_the_run_before_any_study(studies):
     """(c) one line naming the table and both hashes; nothing written."""
     table = _table(studies / "model.pt")
