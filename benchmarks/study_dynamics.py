@@ -89,10 +89,13 @@ def presence_rates(datalist: str, modalities: list[str]) -> list[float]:
 
 def lr_sum(record: dict, iterations: int) -> float:
     """Sum of the learning rate over the run's iterations (AdamW, PolynomialLR(power 0.9) stepped per epoch); NaN
-    when the study did not set ``max_epochs`` and ``learning_rate`` (the schedule is then not in the record)."""
-    if "max_epochs" not in record["overrides"] or "learning_rate" not in record["overrides"]:
+    when the study did not set ``epochs`` (``max_epochs`` in older records) and ``learning_rate`` (the schedule is then
+    not in the record)."""
+    overrides = record["overrides"]
+    epochs = overrides.get("epochs", overrides.get("max_epochs"))
+    if epochs is None or "learning_rate" not in overrides:
         return math.nan
-    epochs = int(record["overrides"]["max_epochs"])
+    epochs = int(epochs)
     base = float(record["overrides"]["learning_rate"])
     per_epoch = iterations // epochs
     return sum(base * (1 - e / epochs) ** 0.9 * per_epoch for e in range(epochs))

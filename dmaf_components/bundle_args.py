@@ -39,6 +39,7 @@ from typing import Any
 __all__ = [
     "DEPRECATED_KEYS",
     "canonical_key",
+    "canonical_overrides",
     "deprecated_overrides",
     "override_keys",
     "config_ids",
@@ -63,6 +64,11 @@ DEPRECATED_KEYS: dict[str, str] = {
 def canonical_key(key: str) -> str:
     """The model zoo's name of a config key (``max_epochs`` -> ``epochs``); other keys unchanged."""
     return DEPRECATED_KEYS.get(key, key)
+
+
+def canonical_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` under the model zoo's key names (records of older versions hold ``max_epochs``)."""
+    return {canonical_key(str(k)): v for k, v in overrides.items()}
 
 
 def deprecated_overrides(overrides: Mapping[str, Any]) -> list[str]:
@@ -199,6 +205,8 @@ def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
         messages = unknown_overrides(list(argv)[1:])
     except Exception as e:  # a command line this check cannot read must not stop the run: monai.bundle decides
         messages = [f"command-line keys not checked: {e}"]
+    unknown = {m.split(":", 1)[0] for m in messages}
+    old_names = [m for m in old_names if m.split(" ", 1)[0] not in unknown]  # a key no config has: ignored, not old
     for message in messages:
         warnings.warn(message, UserWarning, stacklevel=2)
     for message in old_names:

@@ -139,7 +139,7 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     in a ``.pt`` state dict, a training checkpoint or a TorchScript export."""
     digest = hashlib.sha256()
     for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+        tensor = state[name].detach().cpu().resolve_conj().resolve_neg().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

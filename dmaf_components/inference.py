@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from monai.data import Dataset
 from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose
 from monai.utils import CommonKeys
 
 from .checkpoints import is_torchscript, load_model_weights
@@ -341,7 +342,7 @@ def _report_step(evaluator: SupervisedEvaluator) -> Any:
     from .quality import StudyReportd
 
     post = getattr(evaluator, "postprocessing", None)
-    transforms = getattr(post, "transforms", [post])
+    transforms = post.flatten().transforms if isinstance(post, Compose) else [post]
     return next((t for t in transforms if isinstance(t, StudyReportd)), None)
 
 
@@ -424,6 +425,12 @@ def run_inference(
             except ValueError as exc:
                 raise DMAFDataError(str(exc)) from None
         report = report and (table is not None or uncertainty_on or not auto)
+        step = _report_step(evaluator) if isinstance(evaluator, StudyEvaluator) else None
+        if report and step is None:
+            if not auto:
+                raise DMAFDataError("save_report: the postprocessing has no StudyReportd step to compute the reports")
+            logger.warning("note: the postprocessing has no StudyReportd step: no reports are written")
+            report = False
         extra = weight_map_outputs() if as_bool(save_weights, "save_weights") else ()
         extra += snapshot_outputs() if as_bool(save_snapshot, "save_snapshot") else ()
         extra += uncertainty_outputs() if uncertainty_on else ()
@@ -447,11 +454,9 @@ def run_inference(
         raise BundleExit(str(exc)) from None
     if isinstance(evaluator, StudyEvaluator):
         evaluator.save_report, evaluator.overwrite = report, overwrite
-        if report:
-            step = _report_step(evaluator)
-            if step is None:
-                raise BundleExit("save_report: the postprocessing has no StudyReportd step to compute the reports")
-            step.use_table(table)  # read and checked once, above
+        if step is not None:  # this run's decision, and the table read and checked once, above
+            step.use_table(table)
+            step.enabled, step.auto = report, False
             evaluator.report_key = step.report_key
     if checkpoint is not None and isinstance(evaluator, StudyEvaluator) and evaluator.modalities:
         never = untrained_modalities(checkpoint, evaluator.modalities)

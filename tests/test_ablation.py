@@ -538,3 +538,13 @@ def test_a_summary_leaves_no_stale_files_of_an_earlier_summary(tmp_path):
     assert (tmp_path / "effects.csv").exists() and (tmp_path / "table3.png").exists()
     write_summary(summarize_records([r for r in records if r["setting"] == "baseline"]), str(tmp_path))
     assert not (tmp_path / "effects.csv").exists() and not (tmp_path / "table3.png").exists()
+
+
+def test_a_variants_changes_compare_old_and_new_key_names_as_one():
+    """A reference study's records of older versions say max_epochs, a variant's say epochs: the same budget, so
+    the summary lists only what the variant really changed."""
+    from dmaf_components.ablation.report import _override_changes
+
+    run = {"overrides": {"epochs": 80, "dtm_scaling": "none"}}
+    reference = {"overrides": {"max_epochs": 80}}
+    assert _override_changes([(run, reference)]) == {"dtm_scaling": "none (reference: default)"}

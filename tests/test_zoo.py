@@ -134,10 +134,13 @@ def test_zoo_key_names_and_aliases():
     assert parsed({"datalist": "/b.json"}, "datalist") == ["/b.json"]
     with open(os.path.join(BUNDLE, "configs", "train.json")) as f:
         train = json.load(f)
-    assert (
-        train["train"]["trainer"]["max_epochs"] == "@max_epochs"
-        and train["lr_scheduler"]["total_iters"] == "@max_epochs"
-    )
+    assert train["train"]["trainer"]["max_epochs"] == "@max_epochs"
+    # MONAI Label's training request sets train#trainer#max_epochs: the schedule and the checks follow it
+    assert parsed({"train#trainer#max_epochs": 10}, "lr_scheduler#total_iters", "train#handlers#1#max_epochs") == [
+        10,
+        10,
+    ]
+    assert train["lr_scheduler"]["total_iters"] == "@train#trainer#max_epochs"
     assert "checkpointloader" in train and train["checkpoint_loader"] == "@checkpointloader"
     assert "$@checkpoint_loader.attach(@train#trainer) if @resume_from else None" in train["run"]
     assert "@checkpointloader" not in json.dumps(train["run"])  # else --checkpoint_loader would be ignored
@@ -235,6 +238,9 @@ def test_old_key_names_warn_and_refuse_a_clash():
         assert warn_unknown_overrides(argv) == [
             "--datalist is the old name of --data_list_file_path; it still works, but use --data_list_file_path"
         ]
+    argv[3] = os.path.join(BUNDLE, "configs", "inference.json")  # no datalist there: unknown, not "still works"
+    (msg,) = warn_unknown_overrides(argv)
+    assert msg.startswith("--datalist: no config of this run defines this key")
 
 
 @pytest.mark.slow

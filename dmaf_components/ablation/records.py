@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..bundle_args import canonical_key
+from ..bundle_args import canonical_overrides
 from ..data.atomic import atomic_replace
 from ..data.constants import DMAFDataError
 from .settings import COMPONENT_KEYS, SETTINGS, setting_overrides
@@ -109,10 +109,6 @@ def check_identity(found: Mapping, want: Mapping, path: str, advice: str, compar
             raise DMAFDataError(f"{path}: made with other overrides: {diff}{advice}")
 
 
-def _canonical(overrides: Mapping) -> dict:
-    return {canonical_key(str(k)): v for k, v in overrides.items()}
-
-
 def _same(a: Any, b: Any) -> bool:
     """Equal as JSON values, with True not equal to 1 (a bool override is not a number override)."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -126,7 +122,7 @@ def override_diff(had: Mapping, asked: Mapping) -> str:
     """``--key had (now asked)`` for every override that differs, or ''; a key's old name (``max_epochs``, in records
     of older versions) counts as its model-zoo name (``epochs``)."""
     show = lambda v: v if v is _UNSET else repr(v)  # noqa: E731
-    had, asked = _canonical(had), _canonical(asked)
+    had, asked = canonical_overrides(had), canonical_overrides(asked)
     return ", ".join(
         f"--{k} {show(had.get(k, _UNSET))} (now {show(asked.get(k, _UNSET))})"
         for k in sorted(set(had) | set(asked))
@@ -143,7 +139,7 @@ def check_one_budget(
     for record in records:
         own = {
             k: v
-            for k, v in _canonical(record.get("overrides") or {}).items()
+            for k, v in canonical_overrides(record.get("overrides") or {}).items()
             if k not in setting_overrides(record["setting"])
         }
         if not common:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle_args import canonical_overrides
 from ..stats import PairedInterval, paired_bootstrap, seed_interval
 from .settings import COMPONENT_KEYS, COMPONENTS, SETTINGS, components
 
@@ -190,7 +191,8 @@ def _override_changes(pairs: Sequence[tuple[dict, dict]]) -> dict[str, str]:
     """What the runs' overrides set differently from their reference runs': ``{key: "value (reference: value)"}``."""
     changes: dict[str, set[str]] = {}
     for run, ref in pairs:
-        a, b = run.get("overrides") or {}, ref.get("overrides") or {}
+        # records of older versions name a key by its old name (max_epochs): compare the model zoo's names
+        a, b = canonical_overrides(run.get("overrides") or {}), canonical_overrides(ref.get("overrides") or {})
         for key in sorted(set(a) | set(b)):
             if a.get(key, "default") != b.get(key, "default"):
                 changes.setdefault(key, set()).add(f"{a.get(key, 'default')} (reference: {b.get(key, 'default')})")
