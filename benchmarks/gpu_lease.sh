@@ -72,7 +72,7 @@ if [ "$dry" = 1 ]; then
   study_cases=4 study_split=2,1,1 study_spacing=4 study_shape=16,16,16 gen_workers=1
   settings=${STUDY_SETTINGS:-baseline}  # one run: each bundle process costs seconds of imports
   seeds=${SEEDS:-[0]}
-  study_overrides=(--roi_size "[16,16,16]" --batch_size 1 --max_epochs 1 --val_interval 1 --learning_rate 0.001
+  study_overrides=(--roi_size "[16,16,16]" --batch_size 1 --epochs 1 --val_interval 1 --learning_rate 0.001
                    --num_workers 0 --cache_rate 1.0 --sw_batch_size 4 --patch_sampling uniform "${tiny[@]}")
   study_need=1490
 else
@@ -87,7 +87,7 @@ else
   study_cases=40 study_split=24,8,8 study_spacing=2 study_shape="" gen_workers=16
   settings=${STUDY_SETTINGS:-baseline,dmaf,full}
   seeds=${SEEDS:-[0,1]}
-  study_overrides=(--roi_size "[64,64,64]" --batch_size 1 --max_epochs 10 --val_interval 5 --learning_rate 0.001
+  study_overrides=(--roi_size "[64,64,64]" --batch_size 1 --epochs 10 --val_interval 5 --learning_rate 0.001
                    --num_workers 2 --cache_rate 1.0 --sw_batch_size 4 --patch_sampling uniform)
   study_need=180
 fi
@@ -265,19 +265,7 @@ sec_study() {
   # the voxels' checksums, so that the same data made elsewhere (another numpy/scipy) can be compared; in the
   # background, at low priority, while the runs start
   mkdir -p "$work_meta"
-  nice -n 10 "$py" - "$study_data" > "$work_meta/data_sha256.txt" 2>&1 <<'EOF' &
-import glob, hashlib, os, sys
-import nibabel as nib
-import numpy as np
-import scipy
-total = hashlib.sha256()
-print(f"numpy {np.__version__} scipy {scipy.__version__} nibabel {nib.__version__}")
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "*", "*.nii.gz"))):
-    digest = hashlib.sha256(np.ascontiguousarray(np.asarray(nib.load(path).dataobj)).tobytes()).hexdigest()
-    total.update(digest.encode())
-    print(digest, os.path.relpath(path, sys.argv[1]))
-print(total.hexdigest(), "all voxels")
-EOF
+  nice -n 10 "$py" "$root/benchmarks/data_sha256.py" "$study_data" > "$work_meta/data_sha256.txt" 2>&1 &
   local nsettings nseeds
   nsettings=$(echo "$settings" | tr ',' '\n' | grep -c .)
   nseeds=$("$py" -c "import sys, ast; s = ast.literal_eval(sys.argv[1]); print(len(s) if isinstance(s, list) else s)" \
