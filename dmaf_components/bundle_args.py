@@ -41,6 +41,7 @@ __all__ = [
     "canonical_key",
     "canonical_overrides",
     "deprecated_overrides",
+    "check_shadowed_overrides",
     "override_keys",
     "config_ids",
     "unknown_overrides",
@@ -174,6 +175,38 @@ def unknown_overrides(argv: Sequence[str]) -> list[str]:
     return messages
 
 
+def check_shadowed_overrides(argv: Sequence[str]) -> None:
+    """Refuse a new key name on the command line that a config would silently override: the engines read the old
+    name, so a config file that sets ``max_epochs`` to a value (not ``@epochs``) makes ``--epochs`` do nothing.
+
+    Args:
+        argv: the command line after ``python -m monai.bundle``.
+
+    Raises:
+        DMAFDataError: ``--epochs 10: the config sets max_epochs (its old name) to 100, ...``.
+    """
+    from monai.bundle import ConfigParser
+
+    from .data.constants import DMAFDataError
+
+    keys = override_keys(argv)
+    files = _config_files(keys.get("config_file"))
+    if not files or not any(new in keys and old not in keys for old, new in DEPRECATED_KEYS.items()):
+        return
+    try:
+        parser = ConfigParser()
+        parser.read_config(files)
+        config = parser.get()
+    except Exception:  # configs this check cannot read: monai.bundle reports them
+        return
+    for old, new in DEPRECATED_KEYS.items():
+        if new in keys and old not in keys and isinstance(config, dict) and config.get(old, f"@{new}") != f"@{new}":
+            raise DMAFDataError(
+                f"--{new} {keys[new]}: a config sets {old} (the old name of {new}) to {config[old]!r}, which the run "
+                f"would use instead; give --{old}, or set {new} in that config"
+            )
+
+
 def _is_bundle_command_line(argv: Sequence[str]) -> bool:
     """True when this process is ``python -m monai.bundle ...`` (also under torchrun), not a program that creates a
     workflow itself (a test, MONAI Label), whose command line has nothing to do with the bundle."""
@@ -194,13 +227,15 @@ def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
         the messages warned.
 
     Raises:
-        DMAFDataError: an old key name and its new name with different values.
+        DMAFDataError: an old key name and its new name with different values; a new name that a config's value of
+            the old name would override (:func:`check_shadowed_overrides`).
     """
     if argv is None:
         argv = sys.argv
         if not _is_bundle_command_line(argv):
             return []
     old_names = deprecated_overrides(override_keys(list(argv)[1:]))
+    check_shadowed_overrides(list(argv)[1:])
     try:
         messages = unknown_overrides(list(argv)[1:])
     except Exception as e:  # a command line this check cannot read must not stop the run: monai.bundle decides

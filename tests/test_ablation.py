@@ -548,3 +548,16 @@ def test_a_variants_changes_compare_old_and_new_key_names_as_one():
     run = {"overrides": {"epochs": 80, "dtm_scaling": "none"}}
     reference = {"overrides": {"max_epochs": 80}}
     assert _override_changes([(run, reference)]) == {"dtm_scaling": "none (reference: default)"}
+
+
+def test_a_reserved_key_is_refused_under_the_name_given(tiny_myops, tmp_path):
+    """--datalist (the old name of data_list_file_path) is the study's own: refused as the user wrote it."""
+    from dmaf_components.ablation import AblationStudy
+    from dmaf_components.data import build_datalist, write_datalist
+
+    dl = tmp_path / "dl.json"
+    write_datalist(build_datalist(str(tiny_myops), "myops", split=(3, 1, 1), seed=0), str(dl))
+    with pytest.raises(ValueError, match=r"overrides \['datalist'\]: set by the study itself"):
+        AblationStudy(
+            "myops", str(tiny_myops), str(tmp_path / "s"), "full", 1, datalist=str(dl), overrides={"datalist": "x"}
+        )

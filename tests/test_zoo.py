@@ -216,7 +216,7 @@ def test_unknown_override_keys_warn(tmp_path):
     assert "--max_epochs:" not in proc.stderr  # an old name is not an unknown key
 
 
-def test_old_key_names_warn_and_refuse_a_clash():
+def test_old_key_names_warn_and_refuse_a_clash(tmp_path):
     """The old names (max_epochs, datalist, checkpoint_loader) still reach the engines, warn, and are refused when the
     new name is given too with another value, since the run would silently use the old one's."""
     import json
@@ -241,6 +241,13 @@ def test_old_key_names_warn_and_refuse_a_clash():
     argv[3] = os.path.join(BUNDLE, "configs", "inference.json")  # no datalist there: unknown, not "still works"
     (msg,) = warn_unknown_overrides(argv)
     assert msg.startswith("--datalist: no config of this run defines this key")
+    # a user's config that sets the old name to a value would silently win over --epochs: refused
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"max_epochs": 100}')
+    files = f"['{os.path.join(BUNDLE, 'configs', 'train.json')}','{mine}']"
+    with pytest.raises(DMAFDataError, match=r"^--epochs 10: a config sets max_epochs .* to 100, which the run would"):
+        warn_unknown_overrides(["python", "run", "--config_file", files, "--epochs", "10"])
+    assert warn_unknown_overrides(["python", "run", "--config_file", files, "--max_epochs", "10"]) != []  # warns only
 
 
 @pytest.mark.slow

@@ -113,11 +113,11 @@ class AblationStudy:
         self.datalist = os.path.abspath(str(datalist) if datalist else os.path.join(self.data_dir, "datalist.json"))
         self._check_datalist()
         self.datalist_sha256 = rec.file_sha256(self.datalist)
+        # a variant study may change a component's option, e.g. --dtm_scaling none (refused under the name given)
+        check_reserved_overrides(overrides or {}, variant=self.reference is not None)
         # the model zoo's key names (--epochs for --max_epochs): records compare the same way under either name
         old_names = deprecated_overrides(overrides or {})
         self.overrides = {canonical_key(k): v for k, v in (overrides or {}).items()}
-        # a variant study may change a component's option, e.g. --dtm_scaling none
-        check_reserved_overrides(self.overrides, variant=self.reference is not None)
         self.bundle_dir = os.path.abspath(bundle_dir or BUNDLE_DIR)
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "train.json")):
             raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
