@@ -82,16 +82,16 @@ def deprecated_overrides(overrides: Mapping[str, Any]) -> list[str]:
         messages such as ``"--max_epochs is the old name of --epochs; it still works, but use --epochs"``.
 
     Raises:
-        DMAFDataError: an old name and its new name given with different values (the run would use the old one's).
+        DMAFConfigError: an old name and its new name given with different values (the run would use the old one's).
     """
-    from .data.constants import DMAFDataError
+    from .errors import DMAFConfigError
 
     messages = []
     for old, new in DEPRECATED_KEYS.items():
         if old not in overrides:
             continue
         if new in overrides and str(overrides[new]) != str(overrides[old]):
-            raise DMAFDataError(
+            raise DMAFConfigError(
                 f"--{old} {overrides[old]} and --{new} {overrides[new]} set the same key ({old} is the old name of "
                 f"{new}): give only --{new}"
             )
@@ -183,11 +183,11 @@ def check_shadowed_overrides(argv: Sequence[str]) -> None:
         argv: the command line after ``python -m monai.bundle``.
 
     Raises:
-        DMAFDataError: ``--epochs 10: the config sets max_epochs (its old name) to 100, ...``.
+        DMAFConfigError: ``--epochs 10: the config sets max_epochs (its old name) to 100, ...``.
     """
     from monai.bundle import ConfigParser
 
-    from .data.constants import DMAFDataError
+    from .errors import DMAFConfigError
 
     keys = override_keys(argv)
     files = _config_files(keys.get("config_file"))
@@ -201,7 +201,7 @@ def check_shadowed_overrides(argv: Sequence[str]) -> None:
         return
     for old, new in DEPRECATED_KEYS.items():
         if new in keys and old not in keys and isinstance(config, dict) and config.get(old, f"@{new}") != f"@{new}":
-            raise DMAFDataError(
+            raise DMAFConfigError(
                 f"--{new} {keys[new]}: a config sets {old} (the old name of {new}) to {config[old]!r}, which the run "
                 f"would use instead; give --{old}, or set {new} in that config"
             )
@@ -227,7 +227,7 @@ def warn_unknown_overrides(argv: Sequence[str] | None = None) -> list[str]:
         the messages warned.
 
     Raises:
-        DMAFDataError: an old key name and its new name with different values; a new name that a config's value of
+        DMAFConfigError: an old key name and its new name with different values; a new name that a config's value of
             the old name would override (:func:`check_shadowed_overrides`).
     """
     if argv is None:
@@ -259,7 +259,7 @@ def exit_on_data_errors(argv: Sequence[str] | None = None) -> bool:
 
     Installs a ``sys.excepthook``: an uncaught exception for which
     :func:`~dmaf_components.handlers.reliability.one_line_message` has a line (a
-    :class:`~dmaf_components.data.DMAFDataError` anywhere in its cause chain, e.g. under MONAI's ``Failed to
+    :class:`~dmaf_components.errors.DMAFError` anywhere in its cause chain, e.g. under MONAI's ``Failed to
     instantiate`` and ``applying transform`` errors) prints that line to stderr, and the process exits with status 1
     at once, after the log is flushed (skipping the interpreter's shutdown, which a loader thread still reading
     another case can abort); any other exception prints its traceback as before. Does nothing in other processes (a
@@ -301,12 +301,12 @@ def choice(key: str, value: Any, allowed: Sequence[str]) -> str:
     """A config value that must be one of ``allowed``; else a one-line error naming the key.
 
     Raises:
-        DMAFDataError: ``--key: expected one of [...], got ...``.
+        DMAFConfigError: ``--key: expected one of [...], got ...``.
     """
-    from .data.constants import DMAFDataError
+    from .errors import DMAFConfigError
 
     if not isinstance(value, str) or value not in allowed:
-        raise DMAFDataError(f"--{key}: expected one of {list(allowed)}, got {value!r}")
+        raise DMAFConfigError(f"--{key}: expected one of {list(allowed)}, got {value!r}")
     return value
 
 
@@ -314,12 +314,12 @@ def fraction(key: str, value: Any) -> float:
     """A config value that must be a number in [0, 1]; else a one-line error naming the key.
 
     Raises:
-        DMAFDataError: ``--key: expected a number in [0, 1], got ...``.
+        DMAFConfigError: ``--key: expected a number in [0, 1], got ...``.
     """
-    from .data.constants import DMAFDataError
+    from .errors import DMAFConfigError
 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise DMAFDataError(f"--{key}: expected a number in [0, 1], got {value!r}")
+        raise DMAFConfigError(f"--{key}: expected a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -328,7 +328,7 @@ def switch(key: str, value: Any) -> bool:
     as a command line gives them); else a one-line error naming the key.
 
     Raises:
-        DMAFDataError: ``--key: expected true or false, got ...``.
+        DMAFConfigError: ``--key: expected true or false, got ...``.
     """
     from .errors import as_bool
 

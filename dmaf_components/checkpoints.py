@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.constants import DMAFDataError
+from .errors import DMAFCheckpointError
 
 __all__ = [
     "load_model_weights",
@@ -89,30 +89,30 @@ def read_checkpoint(path: str, map_location: Any = None, mmap: bool = False) -> 
         mmap: map the file instead of reading it (to look at its keys and shapes only).
 
     Raises:
-        DMAFDataError: one line naming the file: not found, a folder, empty, truncated or not a PyTorch file, or
+        DMAFCheckpointError: one line naming the file: not found, a folder, empty, truncated or not a PyTorch file, or
             holding objects other than tensors.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DMAFDataError(f"{path}: checkpoint not found")
+        raise DMAFCheckpointError(f"{path}: checkpoint not found")
     if os.path.isdir(path):
-        raise DMAFDataError(f"{path}: checkpoint is a folder, expected a .pt file")
+        raise DMAFCheckpointError(f"{path}: checkpoint is a folder, expected a .pt file")
     if os.path.getsize(path) == 0:
-        raise DMAFDataError(f"{path}: checkpoint is empty (0 bytes)")
+        raise DMAFCheckpointError(f"{path}: checkpoint is empty (0 bytes)")
     try:  # (only a complete zip-format file can be mapped; any other is read, and its fault reported)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # zip reader, unpickler and weights-only refusals
         text = str(exc)
         torn = "failed finding central directory" in text or "failed reading" in text or isinstance(exc, EOFError)
         if torn or _is_torn_zip(path):
-            raise DMAFDataError(f"{path}: checkpoint is truncated or corrupt ({_first_line(exc)})") from None
+            raise DMAFCheckpointError(f"{path}: checkpoint is truncated or corrupt ({_first_line(exc)})") from None
         if "Weights only load failed" in text and "Unsupported global" in text:
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{path}: checkpoint holds Python objects other than tensors; refused by torch.load(weights_only=True)"
             ) from None
         reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
         detail = f"unpickling failed: {reason.group(1).strip()}" if reason else _first_line(exc)
-        raise DMAFDataError(f"{path}: not a PyTorch checkpoint ({detail})") from None
+        raise DMAFCheckpointError(f"{path}: not a PyTorch checkpoint ({detail})") from None
 
 
 def is_torchscript(path: str) -> bool:
@@ -130,7 +130,7 @@ def _torchscript_state(path: str, map_location: Any = None) -> dict[str, torch.T
     try:
         module = torch.jit.load(path, map_location=map_location)
     except Exception as exc:  # a torn archive, code of another torch version
-        raise DMAFDataError(f"{path}: TorchScript file cannot be loaded ({_first_line(exc)})") from None
+        raise DMAFCheckpointError(f"{path}: TorchScript file cannot be loaded ({_first_line(exc)})") from None
     return {str(k): v.detach() for k, v in module.state_dict().items()}
 
 
@@ -155,7 +155,7 @@ def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tens
     is removed.
 
     Raises:
-        DMAFDataError: one line naming the file: as :func:`read_checkpoint`, a TorchScript file that cannot be
+        DMAFCheckpointError: one line naming the file: as :func:`read_checkpoint`, a TorchScript file that cannot be
             loaded, or a file holding no state dict.
     """
     path = os.fspath(path)
@@ -166,13 +166,13 @@ def read_state_dict(path: str, map_location: Any = None) -> dict[str, torch.Tens
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         key = next((k for k in MODEL_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{path}: holds a dict without network weights (keys {sorted(map(str, obj))[:8]}; expected a state "
                 f"dict or a training checkpoint with a {'/'.join(MODEL_KEYS)} entry)"
             )
         state = obj[key]
     if not isinstance(state, Mapping) or not _is_state_dict(state):
-        raise DMAFDataError(f"{path}: holds a {type(obj).__name__}, not network weights (a state dict)")
+        raise DMAFCheckpointError(f"{path}: holds a {type(obj).__name__}, not network weights (a state dict)")
     return {re.sub(r"^module\.", "", str(k)): v for k, v in state.items()}
 
 
@@ -258,7 +258,7 @@ def _mismatch(path: str, state: Mapping[str, torch.Tensor], expected: Mapping[st
 
 
 def check_state_fits(network: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
-    """Raise a one-line :class:`DMAFDataError` unless ``state`` has exactly the tensor names and shapes of
+    """Raise a one-line :class:`DMAFCheckpointError` unless ``state`` has exactly the tensor names and shapes of
     ``network``'s state dict (a DDP/DataParallel wrapper is looked through; a ``module.`` prefix is removed).
 
     The line names ``path`` and, for a DMAF-Net of other hyper-parameters, the fields that differ and the bundle
@@ -270,7 +270,7 @@ def check_state_fits(network: nn.Module, state: Mapping[str, torch.Tensor], path
     expected = module.state_dict()
     fits = set(state) == set(expected) and all(tuple(state[k].shape) == tuple(expected[k].shape) for k in expected)
     if not fits:
-        raise DMAFDataError(_mismatch(path, state, expected))
+        raise DMAFCheckpointError(_mismatch(path, state, expected))
 
 
 def load_model_weights(network: nn.Module, path: str, map_location: Any = None) -> nn.Module:
@@ -286,7 +286,7 @@ def load_model_weights(network: nn.Module, path: str, map_location: Any = None) 
         the network, with the weights loaded.
 
     Raises:
-        DMAFDataError: one line naming the file: missing, truncated or foreign file (:func:`read_state_dict`);
+        DMAFCheckpointError: one line naming the file: missing, truncated or foreign file (:func:`read_state_dict`);
             non-finite weights; weights of another architecture, saying which fields differ (channels, number of
             modalities, fusion, layers, token grid, classes) and the override that makes the network fit.
     """
@@ -294,7 +294,7 @@ def load_model_weights(network: nn.Module, path: str, map_location: Any = None) 
     state = read_state_dict(path, map_location)
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise DMAFDataError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN/inf values (e.g. '{bad[0]}')")
+        raise DMAFCheckpointError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN/inf values (e.g. '{bad[0]}')")
     check_state_fits(module, state, path)
     module.load_state_dict(state, strict=True)
     logger.info(f"loaded {len(state)} tensors from {path}")

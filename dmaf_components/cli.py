@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from .command_parser import UsageError, bind_arguments, command_parser, suggest
 from .data.constants import DMAFDataError
+from .errors import DMAFError
 
 __all__ = ["main", "DMAF", "UsageError"]
 
@@ -349,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(command_parser(getattr(DMAF, command), command, rest)[0].format_help())
             return
         getattr(DMAF(), command)(**bind_arguments(getattr(DMAF, command), command, rest))
-    except DMAFDataError as exc:
+    except DMAFError as exc:
         print(f"dmaf: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
 

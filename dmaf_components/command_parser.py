@@ -27,13 +27,13 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from .data.constants import DMAFDataError
-from .errors import as_bool
+
+from .errors import DMAFConfigError, DMAFError, as_bool
 
 __all__ = ["UsageError", "command_parser", "bind_arguments", "suggest"]
 
 
-class UsageError(DMAFDataError):
+class UsageError(DMAFConfigError):
     """A command line that does not fit the command: unknown command or flag, missing or extra argument."""
 
 
@@ -79,7 +79,7 @@ class _Once(argparse.Action):
             raise argparse.ArgumentError(None, f"--{self.dest} given twice")
         try:
             value = self.parse(values, self.dest)
-        except DMAFDataError as exc:
+        except DMAFError as exc:
             raise argparse.ArgumentError(None, str(exc)) from None
         namespace._given.append(self.dest)
         setattr(namespace, self.dest, value)

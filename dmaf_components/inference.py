@@ -36,7 +36,7 @@ from monai.transforms import Compose
 from monai.utils import CommonKeys
 
 from .checkpoints import is_torchscript, load_model_weights
-from .errors import BundleExit, as_bool, describe_failure, exit_on_data_error
+from .errors import DMAFError, BundleExit, as_bool, describe_failure, exit_on_data_error
 from .outputs import (
     OUTPUT_EXTENSIONS,
     AtomicSaveImaged,
@@ -89,7 +89,7 @@ def discover_studies(
     modality, ends the run (:class:`BundleExit`)."""
     try:
         studies = find_studies(dataset_dir, modalities, modality_map=modality_map)
-    except DMAFDataError as exc:
+    except DMAFError as exc:
         raise BundleExit(str(exc)) from None
     if output_dir is not None:  # an earlier run's output folder inside dataset_dir: results, not a study
         out = os.path.realpath(output_dir)
@@ -450,7 +450,7 @@ def run_inference(
                 raise DMAFDataError(f"{checkpoint}: no network given to load the checkpoint into")
             load_model_weights(base_network(network), checkpoint, map_location)
         prepare_output_dir(output_dir)
-    except DMAFDataError as exc:
+    except DMAFError as exc:
         raise BundleExit(str(exc)) from None
     if isinstance(evaluator, StudyEvaluator):
         evaluator.save_report, evaluator.overwrite = report, overwrite

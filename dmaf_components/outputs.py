@@ -38,7 +38,7 @@ from .data.constants import DMAFDataError
 from .data.names import is_nifti
 from .data.readers import first_line, itk_reason
 from .data.studies import STUDY_ERROR_KEY
-from .errors import as_bool, describe_failure
+from .errors import DMAFError, as_bool, describe_failure
 
 __all__ = [
     "plan_outputs",
@@ -121,7 +121,7 @@ def atomic_write(
         raise DMAFDataError(f"{target}: exists already; kept (pass --overwrite true to replace it)")
     try:
         atomic_replace(target, write, binary=binary)
-    except DMAFDataError:
+    except DMAFError:
         raise
     except Exception as exc:
         raise DMAFDataError(f"{target}: cannot write {what or 'the file'} ({_reason(exc)})") from None

@@ -39,7 +39,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from .data.constants import DMAFDataError
-from .errors import BundleExit, as_bool
+from .errors import DMAFError, BundleExit, as_bool
 from .outputs import float_map_saver, output_path
 
 __all__ = [
@@ -276,7 +276,7 @@ def uncertainty_network(network: nn.Module, enabled: Any = False, measure: str =
         if not as_bool(enabled, "save_uncertainty") or check_measure(measure) in LOGIT_MEASURES:
             return network
         return UncertaintyNet(network, measure)
-    except (ValueError, DMAFDataError) as exc:
+    except (ValueError, DMAFError) as exc:
         raise BundleExit(str(exc)) from None
 
 

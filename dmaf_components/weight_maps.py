@@ -41,7 +41,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from .data.constants import DMAFDataError
-from .errors import BundleExit, as_bool
+from .errors import DMAFError, BundleExit, as_bool
 from .outputs import _dotted, atomic_write, float_map_saver, output_path
 
 __all__ = [
@@ -160,7 +160,7 @@ def modality_weights_network(network: nn.Module, enabled: Any = False, level: in
         if not as_bool(enabled, "save_weights"):
             return network
         return ModalityWeightsNet(network, level)
-    except (ValueError, DMAFDataError) as exc:
+    except (ValueError, DMAFError) as exc:
         raise BundleExit(str(exc)) from None
 
 

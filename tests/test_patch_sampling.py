@@ -58,7 +58,7 @@ def test_foreground_patches_at_the_asked_rate_uniform_by_default():
     ],
 )
 def test_bad_values_are_one_line_errors(overrides, message):
-    from dmaf_components.data import DMAFDataError
+    from dmaf_components.errors import DMAFConfigError
 
     with pytest.raises(Exception) as info:
         _augmentation(**overrides)
@@ -66,7 +66,7 @@ def test_bad_values_are_one_line_errors(overrides, message):
     while exc is not None:
         chain.append(exc)
         exc = exc.__cause__ or exc.__context__
-    assert any(isinstance(e, DMAFDataError) for e in chain)
+    assert any(isinstance(e, DMAFConfigError) for e in chain)  # a setting, not data
     assert any(re.search(message, str(e)) for e in chain)
 
 

@@ -235,8 +235,10 @@ def test_checkpoint_problems_are_one_line_and_name_the_fix(weights, tmp_path):
         r"--channels \"\[8,16,32,64,128\]\" --num_layers 4",
         "nan.pt": r"nan.pt: 1 of \d+ tensors hold NaN/inf values",
     }
+    from dmaf_components.errors import DMAFCheckpointError
+
     for name, message in cases.items():
-        with pytest.raises(DMAFDataError, match=message) as err:
+        with pytest.raises(DMAFCheckpointError, match=message) as err:  # the checkpoint kind of DMAFError
             load_model_weights(_net(), str(tmp_path / name), "cpu")
         assert "\n" not in str(err.value), str(err.value)
 

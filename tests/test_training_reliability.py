@@ -476,3 +476,29 @@ def test_a_refused_or_failed_start_writes_no_final_checkpoint(tmp_path):
     with pytest.raises(ZeroDivisionError):
         engine.run([0], max_epochs=1)
     assert os.listdir(tmp_path) == ["final.pt"]
+
+
+def test_every_kind_of_error_ends_in_its_one_line():
+    """The four kinds (data, config, checkpoint, run) are DMAFErrors: each is the one line of a wrapped failure,
+    also when a loader worker passed it on as text, and the CLI and the bundle catch them all."""
+    from dmaf_components.errors import (
+        DMAFCheckpointError,
+        DMAFConfigError,
+        DMAFDataError,
+        DMAFError,
+        DMAFRunError,
+        one_line_message,
+    )
+
+    for kind in (DMAFDataError, DMAFConfigError, DMAFCheckpointError, DMAFRunError):
+        assert issubclass(kind, DMAFError)
+        try:
+            try:
+                raise kind("m.pt: the cause")
+            except DMAFError as inner:
+                raise RuntimeError("applying transform") from inner
+        except RuntimeError as wrapped:
+            assert one_line_message(wrapped) == "m.pt: the cause"
+        text = RuntimeError(f"Caught in DataLoader worker process 0.\nTraceback...\n{kind.__name__}: m.pt: the cause")
+        assert one_line_message(text) == "m.pt: the cause"
+    assert not issubclass(DMAFCheckpointError, DMAFDataError)  # a checkpoint is not data

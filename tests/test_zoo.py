@@ -222,7 +222,7 @@ def test_old_key_names_warn_and_refuse_a_clash(tmp_path):
     import json
 
     from dmaf_components.bundle_args import DEPRECATED_KEYS, deprecated_overrides, warn_unknown_overrides
-    from dmaf_components.data import DMAFDataError
+    from dmaf_components.errors import DMAFConfigError
 
     train = json.load(open(os.path.join(BUNDLE, "configs", "train.json")))
     for old, new in DEPRECATED_KEYS.items():  # the old name refers to the new one, so an override of either counts
@@ -231,7 +231,7 @@ def test_old_key_names_warn_and_refuse_a_clash(tmp_path):
     assert deprecated_overrides({"max_epochs": 3, "epochs": "3"}) == [
         "--max_epochs is the old name of --epochs; it still works, but use --epochs"
     ]
-    with pytest.raises(DMAFDataError, match=r"^--max_epochs 5 and --epochs 3 set the same key .*give only --epochs$"):
+    with pytest.raises(DMAFConfigError, match=r"^--max_epochs 5 and --epochs 3 set the same key .*give only --epochs$"):
         deprecated_overrides({"max_epochs": 5, "epochs": 3})
     argv = ["python", "run", "--config_file", os.path.join(BUNDLE, "configs", "train.json"), "--datalist", "d.json"]
     with pytest.warns(FutureWarning, match="--datalist is the old name of --data_list_file_path"):
@@ -245,7 +245,7 @@ def test_old_key_names_warn_and_refuse_a_clash(tmp_path):
     mine = tmp_path / "mine.json"
     mine.write_text('{"max_epochs": 100}')
     files = f"['{os.path.join(BUNDLE, 'configs', 'train.json')}','{mine}']"
-    with pytest.raises(DMAFDataError, match=r"^--epochs 10: a config sets max_epochs .* to 100, which the run would"):
+    with pytest.raises(DMAFConfigError, match=r"^--epochs 10: a config sets max_epochs .* to 100, which the run would"):
         warn_unknown_overrides(["python", "run", "--config_file", files, "--epochs", "10"])
     assert warn_unknown_overrides(["python", "run", "--config_file", files, "--max_epochs", "10"]) != []  # warns only
 

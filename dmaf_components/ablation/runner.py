@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..data.atomic import atomic_replace
-from ..data.constants import DMAFDataError
+from ..errors import DMAFRunError
 from ..data.loader import available_cpus
 from .records import read_json
 from .settings import bundle_args, config_files
@@ -36,7 +36,7 @@ from .settings import bundle_args, config_files
 __all__ = ["AblationRunError", "BundleRunner", "latest_checkpoint", "run_in_slots"]
 
 
-class AblationRunError(DMAFDataError):
+class AblationRunError(DMAFRunError):
     """Runs of a study failed (the others finished and were summarised): one line naming the first failure and its
     log; ``dmaf`` exits with status 1."""
 
@@ -206,7 +206,7 @@ class BundleRunner:
         theirs = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
         ours = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if theirs != ours:
-            raise DMAFDataError(
+            raise DMAFRunError(
                 "the bundle's processes import dmaf_components from "
                 f"{theirs or '(nowhere: ' + out.stderr.strip()[-200:] + ')'}"
                 f", this runner from {ours}: records would name the wrong code. Start the runner so that both import "
@@ -299,7 +299,7 @@ def _cause(log_path: str) -> str:
     starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]  # each process's command line
     lines = lines[starts[-1] + 1 :] if starts else lines  # the failed process is the last one
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line)]
-    own = [line for line in errors if "DMAFDataError" in line]
+    own = [line for line in errors if re.search(r"\bDMAF(Data|Config|Checkpoint|Run)?Error\b", line)]
     return (own or errors or lines or ["(no output)"])[-1]
 
 

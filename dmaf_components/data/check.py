@@ -47,6 +47,7 @@ from .io import (
     resolve_entry,
 )
 from .readers import ImageReader
+from ..errors import DMAFError
 
 __all__ = [
     "MYOPS_RAW_LABEL_VALUES",
@@ -189,7 +190,7 @@ def check_case(
     for role, path in files:
         try:
             geometry = _check_file(reader, case, role, path, modalities, allowed, myops)
-        except DMAFDataError as exc:
+        except DMAFError as exc:
             case.add(path, str(exc))
             continue
         if geometry is not None:
@@ -258,7 +259,7 @@ def _check_file(reader: ImageReader, case: _Case, role: str, path: str, modaliti
     if role == "label":
         try:
             check_label_values(path, img, allowed)
-        except DMAFDataError as exc:  # reported; the label's grid is still compared
+        except DMAFError as exc:  # reported; the label's grid is still compared
             case.add(path, str(exc))
     else:
         names = modalities if role == "image" else (role,)
@@ -398,7 +399,7 @@ def check_datalist(
                 try:
                     entries.append(resolve_entry(entry, base))
                     continue
-                except DMAFDataError as exc:
+                except DMAFError as exc:
                     bad = [str(exc)]
             problems += [CheckProblem(case or where, name, f"{where}: {message}") for message in bad]
     if not listed:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from ..errors import DMAFDataError  # (the errors' home is errors.py, below every module; re-exported here)
+
 __all__ = [
     "DMAFDataError",
     "BRATS_MODALITIES",
@@ -23,10 +25,6 @@ __all__ = [
     "MODALITY_ALIASES",
     "LABEL_FILE_MARKERS",
 ]
-
-
-class DMAFDataError(ValueError):
-    """Bad input data: the message is one line naming the case, file or field and what is wrong."""
 
 
 #: canonical channel order for BraTS (the MSD Task01 order)

@@ -26,8 +26,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import CommonKeys
 from torch import nn
 
-from ..data.constants import DMAFDataError
-from ..errors import BundleExit, NonFiniteError, as_bool, one_line_message
+from ..errors import DMAFError, BundleExit, NonFiniteError, as_bool, one_line_message
 from ..outputs import atomic_write
 
 if TYPE_CHECKING:
@@ -204,7 +203,7 @@ class FiniteCheckpointSaver(CheckpointSaver):
         super().completed(engine)
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        if isinstance(e, (NonFiniteError, DMAFDataError, SystemExit)) or non_finite_entries(self.save_dict):
+        if isinstance(e, (NonFiniteError, DMAFError, SystemExit)) or non_finite_entries(self.save_dict):
             self.logger.error(f"Not saving a final checkpoint after this exception: {e}")
             raise e
         super().exception_raised(engine, e)
@@ -396,7 +395,7 @@ class TrainingPreflight:
 
         try:
             overwrite = as_bool(self.overwrite, "overwrite")
-        except DMAFDataError as exc:
+        except DMAFError as exc:
             raise BundleExit(str(exc)) from None
         epochs = self.max_epochs
         if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):

@@ -43,7 +43,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Dataset, Sampler
 
 from ..checkpoints import _first_line, check_state_fits, read_checkpoint
-from ..data.constants import DMAFDataError
+from ..errors import DMAFCheckpointError, DMAFError
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -244,7 +244,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
     schedule, tells where training resumes, and loads older checkpoints.
 
     Before anything is restored, the checkpoint is compared with the run; each refusal is one
-    :class:`~dmaf_components.data.DMAFDataError` line naming the file (with
+    :class:`~dmaf_components.errors.DMAFCheckpointError` line naming the file (with
     :class:`~dmaf_components.handlers.reliability.OneLineExit` attached, the run's last line):
 
     - a file that is missing, truncated or not a PyTorch file, or that holds no training state (e.g. the plain
@@ -285,7 +285,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 what = f"keys {sorted(map(str, checkpoint))[:8]}"
             else:
                 what = f"a {type(checkpoint).__name__}"
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{path}: not a training checkpoint: it holds {what}; --resume_from takes a models/checkpoint_*.pt, "
                 f"which holds {', '.join(full)}"
             )
@@ -298,7 +298,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
             return
         length, now = trainer.get("epoch_length"), engine.state.epoch_length
         if length and now and int(length) != int(now):
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{path}: its epochs have {int(length)} iterations, this run's {int(now)} (another datalist, "
                 "batch_size or number of processes): the position in the epoch cannot be restored; resume with the "
                 "settings the checkpoint was trained with"
@@ -306,7 +306,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
         iteration, max_epochs = int(trainer.get("iteration", 0)), engine.state.max_epochs
         epoch = iteration // int(length) if length else int(trainer.get("epoch", 0))
         if max_epochs is not None and epoch > max_epochs:
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{path}: epochs {max_epochs} is below the {epoch} epochs the checkpoint has trained "
                 f"(epochs {trainer.get('max_epochs')} when it was saved); pass --epochs {epoch + 1} or more to train on"
             )
@@ -355,7 +355,7 @@ class ResumeCheckpointLoader(CheckpointLoader):
             closed = getattr(obj, "_get_closed_form_lr", None)
             if closed is None:
                 first = changes[0]
-                raise DMAFDataError(
+                raise DMAFCheckpointError(
                     f"{path}: {what}: {type(obj).__name__} cannot recompute its rate for the new setting; resume with "
                     f"--{first[0]} {first[1]}"
                 )
@@ -382,10 +382,10 @@ class ResumeCheckpointLoader(CheckpointLoader):
         before = self._settings()
         try:
             super().__call__(engine)
-        except DMAFDataError:
+        except DMAFError:
             raise
         except Exception as exc:  # an optimizer of other parameter groups, a loss of other terms...
-            raise DMAFDataError(
+            raise DMAFCheckpointError(
                 f"{self.load_path}: the training state does not fit this run ({_first_line(exc)}); resume with the "
                 "settings the checkpoint was trained with"
             ) from None

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BundleExit, DMAFDataError, as_bool
+from ..errors import DMAFError, BundleExit, as_bool
 from .cpu_kernels import remove_cpu_kernels
 from .fusion import ConcatFusion, DMAFFusion
 
@@ -179,6 +179,6 @@ def compiled_network(network: nn.Module, enabled: Any = False, mode: str | None 
     try:
         if not as_bool(enabled, "--compile"):
             return network
-    except DMAFDataError as exc:
+    except DMAFError as exc:
         raise BundleExit(str(exc)) from None
     return compile_network(network, mode=mode)
