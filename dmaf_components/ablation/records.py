@@ -31,6 +31,7 @@ from typing import Any
 from ..bundle_args import canonical_overrides
 from ..data.atomic import atomic_replace
 from ..data.constants import DMAFDataError
+from ..errors import DMAFRunError
 from .settings import COMPONENT_KEYS, SETTINGS, setting_overrides
 
 __all__ = [
@@ -102,11 +103,11 @@ def check_identity(found: Mapping, want: Mapping, path: str, advice: str, compar
     unless ``compare_overrides``. ``advice`` ends the message."""
     for key in ("setting", "seed", "dataset", "datalist_sha256"):
         if key in found and not _same(found[key], want[key]):
-            raise DMAFDataError(f"{path}: made with {key} {found[key]!r}, but this study asks {want[key]!r}{advice}")
+            raise DMAFRunError(f"{path}: made with {key} {found[key]!r}, but this study asks {want[key]!r}{advice}")
     if "overrides" in found and compare_overrides:
         diff = override_diff(found["overrides"] or {}, want["overrides"])
         if diff:
-            raise DMAFDataError(f"{path}: made with other overrides: {diff}{advice}")
+            raise DMAFRunError(f"{path}: made with other overrides: {diff}{advice}")
 
 
 def _same(a: Any, b: Any) -> bool:

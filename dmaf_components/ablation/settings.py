@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..data.constants import DMAFDataError
+from ..errors import DMAFConfigError
 
 __all__ = [
     "SETTINGS",
@@ -72,7 +72,7 @@ def setting_overrides(name: str) -> dict[str, Any]:
     """Bundle overrides of one Table-3 setting (the components off are: concatenation fusion as in mmFormer/RFNet,
     no L_rel/L_proto, DTM monitoring only)."""
     if name not in SETTINGS:
-        raise DMAFDataError(f"--settings: unknown setting {name!r}; expected table3 or some of {list(SETTINGS)}")
+        raise DMAFConfigError(f"--settings: unknown setting {name!r}; expected table3 or some of {list(SETTINGS)}")
     dmaf, distill, dtm = SETTINGS[name]
     return {
         "fusion": "dmaf" if dmaf else "concat",
@@ -92,7 +92,7 @@ def resolve_settings(spec: str | Sequence[str], with_baseline: bool = True) -> l
     for name in names:
         setting_overrides(name)
     if not names:
-        raise DMAFDataError("--settings: no setting named")
+        raise DMAFConfigError("--settings: no setting named")
     chosen = set(names) | ({"baseline"} if with_baseline else set())
     return [s for s in SETTINGS if s in chosen]
 
@@ -103,7 +103,7 @@ def parse_seeds(seeds: Any) -> list[int]:
         seeds = int(seeds)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if seeds < 1:
-            raise DMAFDataError(f"--seeds: need at least one seed, got {seeds} (seed 0 alone: --seeds [0])")
+            raise DMAFConfigError(f"--seeds: need at least one seed, got {seeds} (seed 0 alone: --seeds [0])")
         return list(range(seeds))
     if (
         isinstance(seeds, (list, tuple))
@@ -111,9 +111,11 @@ def parse_seeds(seeds: Any) -> list[int]:
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         if len(set(seeds)) != len(seeds):
-            raise DMAFDataError(f"--seeds: seed given twice in {list(seeds)}")
+            raise DMAFConfigError(f"--seeds: seed given twice in {list(seeds)}")
         return list(seeds)
-    raise DMAFDataError(f"--seeds: need a count (e.g. 3) or a list of distinct seeds >= 0 (e.g. [0,2]), got {seeds!r}")
+    raise DMAFConfigError(
+        f"--seeds: need a count (e.g. 3) or a list of distinct seeds >= 0 (e.g. [0,2]), got {seeds!r}"
+    )
 
 
 def run_overrides(setting: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,7 +161,7 @@ def check_reserved_overrides(overrides: Mapping[str, Any], variant: bool) -> Non
     reserved = _STUDY_KEYS | (set() if variant else _SETTING_KEYS)
     clash = sorted(reserved & set(overrides))
     if clash:
-        raise DMAFDataError(
+        raise DMAFConfigError(
             f"overrides {clash}: set by the study itself (settings, seeds, paths)"
             + ("" if variant else "; a variant study with --reference may set the settings' keys")
         )
@@ -180,7 +182,7 @@ def check_override_keys(bundle_dir: str, dataset: str, overrides: Mapping[str, A
         if key not in parser:
             close = difflib.get_close_matches(key, [k for k in parser.get() if isinstance(k, str)], n=1)
             hint = f"; did you mean --{close[0]}?" if close else ""
-            raise DMAFDataError(f"--{key}: not a key of the bundle's configs{hint}")
+            raise DMAFConfigError(f"--{key}: not a key of the bundle's configs{hint}")
         default = parser.get(key)
         for _ in range(8):  # a plain reference ("max_epochs": "@epochs") has its target's kind
             if not (isinstance(default, str) and default.startswith("@") and default[1:] in parser):
@@ -206,4 +208,4 @@ def _check_value(key: str, value: Any, default: Any) -> None:
     else:
         return
     if not ok:
-        raise DMAFDataError(f"--{key}: expected {kind} (the bundle's default is {default!r}), got {value!r}")
+        raise DMAFConfigError(f"--{key}: expected {kind} (the bundle's default is {default!r}), got {value!r}")

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..bundle_args import canonical_key, deprecated_overrides
 from ..data.constants import DMAFDataError
+from ..errors import DMAFConfigError
 from ..data.io import read_datalist
 from . import records as rec
 from .report import summarize_records, write_summary
@@ -96,18 +97,18 @@ class AblationStudy:
     ) -> None:
         self.dataset = dataset.lower()
         if self.dataset not in DATASET_CONFIGS:
-            raise DMAFDataError(f"dataset: expected one of {sorted(DATASET_CONFIGS)}, got {dataset!r}")
+            raise DMAFConfigError(f"dataset: expected one of {sorted(DATASET_CONFIGS)}, got {dataset!r}")
         self.data_dir = os.path.abspath(str(data_dir))  # (python-fire passes a name such as 1 as an int)
         if not os.path.isdir(self.data_dir):
             raise DMAFDataError(f"{data_dir}: dataset folder not found")
         self.out = os.path.abspath(str(out))
         if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise DMAFDataError(f"--out {out}: is a file, not a study folder")
+            raise DMAFConfigError(f"--out {out}: is a file, not a study folder")
         self.reference = os.path.abspath(str(reference)) if reference else None
         if self.reference is not None and not os.path.isdir(os.path.join(self.reference, "runs")):
-            raise DMAFDataError(f"--reference {reference}: not a study folder (no runs/ inside)")
+            raise DMAFConfigError(f"--reference {reference}: not a study folder (no runs/ inside)")
         if self.reference == self.out:
-            raise DMAFDataError(f"--reference {reference}: is the study's own folder")
+            raise DMAFConfigError(f"--reference {reference}: is the study's own folder")
         self.settings = resolve_settings(settings, with_baseline=self.reference is None)
         self.seeds = parse_seeds(seeds)
         self.datalist = os.path.abspath(str(datalist) if datalist else os.path.join(self.data_dir, "datalist.json"))
@@ -120,7 +121,7 @@ class AblationStudy:
         self.overrides = {canonical_key(k): v for k, v in (overrides or {}).items()}
         self.bundle_dir = os.path.abspath(bundle_dir or BUNDLE_DIR)
         if not os.path.isfile(os.path.join(self.bundle_dir, "configs", "train.json")):
-            raise DMAFDataError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
+            raise DMAFConfigError(f"{self.bundle_dir}: not a DMAF-Net bundle (no configs/train.json)")
         check_override_keys(self.bundle_dir, self.dataset, self.overrides)
         self.reference_records()  # a reference on other data is refused now, not after the study has trained
         self.python = python or sys.executable
@@ -129,7 +130,7 @@ class AblationStudy:
             self.log(f"ablation: {message}")
         self.jobs = int(jobs)
         if self.jobs < 1:
-            raise DMAFDataError(f"--jobs: need at least 1, got {jobs}")
+            raise DMAFConfigError(f"--jobs: need at least 1, got {jobs}")
         self.runner = BundleRunner(self.python, self.bundle_dir, self.dataset, self.data_dir, self.datalist, self.log)
 
     def _check_datalist(self) -> None:
